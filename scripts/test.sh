@@ -1,0 +1,10 @@
+#!/usr/bin/env bash
+# The whole test suite, on a fresh Debian 12 machine, as root. Sets up what the tests need
+# (Debian packages, two registries on 127.0.0.1, an unprivileged user with subordinate IDs, base
+# images built by shmocker itself), then runs every test. Extra arguments go to cargo nextest.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+tests/env/setup.sh
+cargo build --locked --bin shmocker
+SHMOCKER_BIN="$PWD/target/debug/shmocker" tests/env/setup.sh
+cargo nextest run --locked --no-fail-fast "$@"

@@ -1,0 +1,349 @@
+//! Writing a layer from an overlay upper dir or a plain tree (format: see the module doc of
+//! `layer`).
+
+use std::collections::HashMap;
+use std::ffi::OsString;
+use std::fs::{self, File, Metadata};
+use std::io::{self, BufWriter, Read, Write};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt};
+use std::path::Path;
+
+use flate2::write::GzEncoder;
+use sha2::{Digest as _, Sha256};
+
+use super::tarfmt::{self, AppendError, EntryHeader, TarWriter};
+use super::{DiffOptions, LayerBlob, LayerError, MEDIA_TYPE_OCI_LAYER_GZIP};
+use crate::store::{BlobWriter, Store};
+
+/// Writes the changes recorded in an overlay upper dir as a gzip-compressed OCI layer into the
+/// store, streamed: tar -> sha256 (diff_id) -> gzip -> [`BlobWriter`] (digest). Always writes a
+/// layer, even for an empty upper dir (see [`is_empty_upper`]); the caller decides.
+///
+/// Whiteouts (0/0 character devices) and opaque directories (`overlay.opaque` xattr) become OCI
+/// whiteout entries; an entry with an `overlay.redirect` or `overlay.metacopy` xattr is an error.
+pub fn diff_upper_to_blob(
+    upper: &Path,
+    store: &Store,
+    opts: &DiffOptions,
+) -> Result<LayerBlob, LayerError> {
+    write_blob(upper, store, opts, Mode::Upper)
+}
+
+/// The same for a plain directory tree (a whole rootfs, a `FROM scratch` style layer): everything
+/// is written as found; character devices 0/0 and overlay xattrs mean nothing special.
+pub fn dir_to_blob(dir: &Path, store: &Store, opts: &DiffOptions) -> Result<LayerBlob, LayerError> {
+    write_blob(dir, store, opts, Mode::Plain)
+}
+
+/// True if the upper dir records no change at all (no entries, not even a whiteout).
+pub fn is_empty_upper(upper: &Path) -> Result<bool, LayerError> {
+    let mut rd = fs::read_dir(upper).map_err(|e| LayerError::Io {
+        op: "listing",
+        path: upper.to_path_buf(),
+        source: e,
+    })?;
+    Ok(rd.next().is_none())
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    Upper,
+    Plain,
+}
+
+struct HashWriter<W> {
+    inner: W,
+    hasher: Sha256,
+}
+
+impl<W: Write> Write for HashWriter<W> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let n = self.inner.write(buf)?;
+        self.hasher.update(&buf[..n]);
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.inner.flush()
+    }
+}
+
+type Sink = BufWriter<HashWriter<GzEncoder<BlobWriter>>>;
+
+fn write_err(source: io::Error) -> LayerError {
+    LayerError::Write { source }
+}
+
+fn write_blob(
+    root: &Path,
+    store: &Store,
+    opts: &DiffOptions,
+    mode: Mode,
+) -> Result<LayerBlob, LayerError> {
+    let blob = store.blob_writer()?;
+    let gz = GzEncoder::new(blob, flate2::Compression::default());
+    let sink: Sink = BufWriter::with_capacity(
+        128 * 1024,
+        HashWriter {
+            inner: gz,
+            hasher: Sha256::new(),
+        },
+    );
+    let mut walker = Walker {
+        mode,
+        opts,
+        tar: TarWriter::new(sink),
+        links: HashMap::new(),
+        warnings: Vec::new(),
+    };
+    let md = fs::symlink_metadata(root).map_err(|e| LayerError::Io {
+        op: "lstat",
+        path: root.to_path_buf(),
+        source: e,
+    })?;
+    if !md.is_dir() {
+        return Err(LayerError::Io {
+            op: "archiving",
+            path: root.to_path_buf(),
+            source: io::Error::other("not a directory"),
+        });
+    }
+    walker.walk_dir(root, b"")?;
+
+    let Walker { tar, warnings, .. } = walker;
+    let sink = tar.finish().map_err(write_err)?;
+    let hashing = sink.into_inner().map_err(|e| write_err(e.into_error()))?;
+    let diff_id = format!("sha256:{}", hex::encode(hashing.hasher.finalize()));
+    let blob = hashing.inner.finish().map_err(write_err)?;
+    let (digest, size) = blob.commit(None)?;
+    Ok(LayerBlob {
+        digest,
+        diff_id,
+        size,
+        media_type: MEDIA_TYPE_OCI_LAYER_GZIP.to_string(),
+        warnings,
+    })
+}
+
+struct Walker<'a> {
+    mode: Mode,
+    opts: &'a DiffOptions,
+    tar: TarWriter<Sink>,
+    /// (dev, ino) of non-directories with more than one link -> the first layer path written.
+    links: HashMap<(u64, u64), Vec<u8>>,
+    warnings: Vec<String>,
+}
+
+fn io_err<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> LayerError + 'a {
+    move |source| LayerError::Io {
+        op,
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// Looks at the overlay xattrs of an upper entry: errors on redirect/metacopy, returns whether
+/// it is an opaque directory.
+fn overlay_xattrs(path: &Path, is_dir: bool) -> Result<bool, LayerError> {
+    let names = match xattr::list(path) {
+        Ok(names) => names,
+        Err(e) if e.kind() == io::ErrorKind::Unsupported => return Ok(false),
+        Err(e) => return Err(io_err("listing xattrs of", path)(e)),
+    };
+    let mut opaque = false;
+    for name in names {
+        let n = name.as_bytes();
+        let Some(key) = n
+            .strip_prefix(b"user.overlay.")
+            .or_else(|| n.strip_prefix(b"trusted.overlay."))
+        else {
+            continue;
+        };
+        match key {
+            b"redirect" | b"metacopy" => {
+                return Err(LayerError::UnsupportedOverlayFeature {
+                    path: path.to_path_buf(),
+                    xattr: name.to_string_lossy().into_owned(),
+                });
+            }
+            b"opaque" if is_dir => {
+                let v = xattr::get(path, &name).map_err(io_err("reading xattr of", path))?;
+                if v.as_deref() == Some(b"y") {
+                    opaque = true;
+                }
+            }
+            _ => {}
+        }
+    }
+    Ok(opaque)
+}
+
+fn join(parent: &[u8], name: &[u8]) -> Vec<u8> {
+    let mut v = Vec::with_capacity(parent.len() + 1 + name.len());
+    if !parent.is_empty() {
+        v.extend_from_slice(parent);
+        v.push(b'/');
+    }
+    v.extend_from_slice(name);
+    v
+}
+
+impl Walker<'_> {
+    fn clamp(&self, t: i64) -> i64 {
+        let t = t.max(0);
+        match self.opts.source_date_epoch {
+            Some(e) if t > e => e.max(0),
+            _ => t,
+        }
+    }
+
+    fn header(&self, name: Vec<u8>, typeflag: u8, md: &Metadata) -> EntryHeader {
+        EntryHeader {
+            name,
+            typeflag,
+            mode: md.mode() & 0o7777,
+            uid: md.uid() as u64,
+            gid: md.gid() as u64,
+            size: 0,
+            mtime: self.clamp(md.mtime()),
+            ..Default::default()
+        }
+    }
+
+    /// An empty regular file with fixed metadata: whiteouts and opaque markers.
+    fn marker(&self, name: Vec<u8>) -> EntryHeader {
+        EntryHeader {
+            name,
+            typeflag: tarfmt::TYPE_REG,
+            mtime: self.clamp(self.opts.source_date_epoch.unwrap_or(0)),
+            ..Default::default()
+        }
+    }
+
+    fn append(
+        &mut self,
+        path: &Path,
+        h: &EntryHeader,
+        data: Option<&mut dyn Read>,
+    ) -> Result<(), LayerError> {
+        self.tar.append(h, data).map_err(|e| match e {
+            AppendError::Header(reason) => LayerError::Unrepresentable {
+                path: path.to_path_buf(),
+                reason,
+            },
+            AppendError::ShortRead { actual } => LayerError::FileChanged {
+                path: path.to_path_buf(),
+                expected: h.size,
+                actual,
+            },
+            AppendError::Source(e) => io_err("reading", path)(e),
+            AppendError::Write(e) => write_err(e),
+        })
+    }
+
+    fn walk_dir(&mut self, dir: &Path, rel: &[u8]) -> Result<(), LayerError> {
+        let mut names: Vec<OsString> = fs::read_dir(dir)
+            .map_err(io_err("listing", dir))?
+            .map(|e| e.map(|e| e.file_name()))
+            .collect::<Result<_, _>>()
+            .map_err(io_err("listing", dir))?;
+        names.sort_by(|a, b| a.as_bytes().cmp(b.as_bytes()));
+
+        for name in names {
+            let path = dir.join(&name);
+            let name = name.as_bytes();
+            if name.starts_with(b".wh.") {
+                return Err(LayerError::WhiteoutName { path });
+            }
+            let rel_child = join(rel, name);
+            let md = fs::symlink_metadata(&path).map_err(io_err("lstat", &path))?;
+            let ft = md.file_type();
+
+            let mut opaque = false;
+            if self.mode == Mode::Upper {
+                if ft.is_char_device() && md.rdev() == 0 {
+                    let mut wh = b".wh.".to_vec();
+                    wh.extend_from_slice(name);
+                    let h = self.marker(join(rel, &wh));
+                    self.append(&path, &h, None)?;
+                    continue;
+                }
+                opaque = overlay_xattrs(&path, ft.is_dir())?;
+            }
+
+            if ft.is_dir() {
+                let mut dname = rel_child.clone();
+                dname.push(b'/');
+                let h = self.header(dname, tarfmt::TYPE_DIR, &md);
+                self.append(&path, &h, None)?;
+                if opaque {
+                    let h = self.marker(join(&rel_child, b".wh..wh..opq"));
+                    self.append(&path, &h, None)?;
+                }
+                self.walk_dir(&path, &rel_child)?;
+                continue;
+            }
+            if ft.is_socket() {
+                self.warnings.push(format!(
+                    "left out {}: sockets can't be stored in a layer",
+                    path.display()
+                ));
+                continue;
+            }
+
+            if md.nlink() > 1 {
+                let key = (md.dev(), md.ino());
+                if let Some(first) = self.links.get(&key) {
+                    let mut h = self.header(rel_child, tarfmt::TYPE_LINK, &md);
+                    h.linkname = first.clone();
+                    self.append(&path, &h, None)?;
+                    continue;
+                }
+                self.links.insert(key, rel_child.clone());
+            }
+
+            if ft.is_file() {
+                let mut h = self.header(rel_child, tarfmt::TYPE_REG, &md);
+                h.size = md.len();
+                let mut file = File::options()
+                    .read(true)
+                    .custom_flags(nix::fcntl::OFlag::O_NOFOLLOW.bits())
+                    .open(&path)
+                    .map_err(io_err("opening", &path))?;
+                self.append(&path, &h, Some(&mut file))?;
+                // A file that grew while it was read would not match its header either.
+                let mut extra = [0u8; 1];
+                if file.read(&mut extra).map_err(io_err("reading", &path))? != 0 {
+                    return Err(LayerError::FileChanged {
+                        path,
+                        expected: h.size,
+                        actual: h.size + 1,
+                    });
+                }
+            } else if ft.is_symlink() {
+                let target = fs::read_link(&path).map_err(io_err("readlink", &path))?;
+                let mut h = self.header(rel_child, tarfmt::TYPE_SYMLINK, &md);
+                h.linkname = target.as_os_str().as_bytes().to_vec();
+                self.append(&path, &h, None)?;
+            } else if ft.is_fifo() {
+                let h = self.header(rel_child, tarfmt::TYPE_FIFO, &md);
+                self.append(&path, &h, None)?;
+            } else if ft.is_char_device() || ft.is_block_device() {
+                let flag = if ft.is_char_device() {
+                    tarfmt::TYPE_CHAR
+                } else {
+                    tarfmt::TYPE_BLOCK
+                };
+                let mut h = self.header(rel_child, flag, &md);
+                h.devmajor = nix::sys::stat::major(md.rdev());
+                h.devminor = nix::sys::stat::minor(md.rdev());
+                self.append(&path, &h, None)?;
+            } else {
+                self.warnings
+                    .push(format!("left out {}: unknown file type", path.display()));
+            }
+        }
+        Ok(())
+    }
+}

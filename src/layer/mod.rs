@@ -1,0 +1,280 @@
+//! Image layers: unpacking layer tarballs into snapshot directories, and producing a layer
+//! tarball from the upper directory of an overlay mount.
+//!
+//! All of this runs inside the build's user namespace as "root": the uids and gids read and
+//! written here are container IDs.
+//!
+//! # Unpacking ([`apply_layer`])
+//!
+//! Each layer is unpacked into its own empty directory, which later becomes one `lowerdir` of a
+//! kernel overlayfs mount (`userxattr`). OCI whiteouts become overlay whiteouts:
+//!
+//! * `dir/.wh.name` becomes a character device 0/0 at `dir/name`;
+//! * `dir/.wh..wh..opq` sets the xattr `user.overlay.opaque=y` on `dir` (or `trusted.overlay.opaque`
+//!   with [`OverlayXattrs::Trusted`]);
+//! * other `.wh..wh.*` names (aufs metadata) are skipped with a warning.
+//!
+//! Entries: regular files (content streamed), directories, symlinks (target stored as is, never
+//! followed), hardlinks, FIFOs, and character/block devices (skipped with a warning where mknod
+//! is not permitted, as in a user namespace). Owner (numeric, PAX `uid`/`gid` honoured) is set
+//! with lchown unless [`ApplyOptions::chown`] is off; an ID the namespace does not map is an error
+//! naming the path and the ID. Mode (with setuid/setgid/sticky) is set after the owner, since
+//! chown clears setuid. Mtimes (PAX `mtime` with its fraction honoured) are set on everything
+//! but hardlinks; directories get their mode and mtime last, deepest first, after their contents
+//! are written. An entry whose name exists already replaces it (removed first, recursively for a
+//! directory), except a directory over a directory, which is kept and takes the new metadata.
+//! Global PAX headers are ignored; other entry types are skipped with a warning.
+//!
+//! Every parent directory is resolved from the destination's directory file descriptor, one
+//! component at a time with `openat(O_NOFOLLOW | O_DIRECTORY)`, creating missing ones (mode 0755);
+//! a symlink or a non-directory among the parents is an error, so no entry can reach outside the
+//! destination. Names are cleaned first: a leading `/` is stripped (with a warning), `.` and empty
+//! components are dropped, and a `..` component is an error. Hardlink targets go through the same
+//! checks and must name an entry already unpacked in this layer. Xattrs stored in the tar (PAX
+//! `SCHILY.xattr.*`) are NOT restored for now: file capabilities (`security.capability`) are lost.
+//!
+//! # Producing ([`diff_upper_to_blob`], [`dir_to_blob`])
+//!
+//! The layer is a gzip-compressed tar (`application/vnd.oci.image.layer.v1.tar+gzip`), written
+//! in one stream: tar bytes are hashed (the diff_id) and then compressed (flate2 `GzEncoder`,
+//! default level 6, gzip header with mtime 0, no file name, OS byte 255) into a
+//! [`BlobWriter`](crate::store::BlobWriter) that hashes the compressed bytes (the digest).
+//!
+//! The tar format, which the reproducibility tests rely on:
+//!
+//! * **Order**: depth-first; the names inside each directory sorted by their bytes; a directory's
+//!   entry comes before its contents. The root directory itself has no entry. Example:
+//!   `a/`, `a/x`, `a-b` (not full-path byte order).
+//! * **Names**: relative, no leading `./` or `/`; directories end with `/`. Hardlink and symlink
+//!   targets are written as found (hardlink targets are layer paths without a trailing `/`).
+//! * **Headers** (as Go's `archive/tar` writes them for BuildKit/containerd): USTAR
+//!   (`ustar\0` + `00`), numeric octal fields zero-padded and NUL-terminated, uid/gid numeric with
+//!   empty uname/gname, devmajor/devminor always written (`0000000`), checksum as six octal digits,
+//!   NUL, space. A name longer than 100 bytes is split into the USTAR prefix/name fields when it
+//!   can be; only when a value cannot be represented in USTAR (a non-ASCII or unsplittable long
+//!   name, a non-ASCII or >100-byte link target, uid/gid > 0o7777777, size or mtime > 0o77777777777)
+//!   a PAX extended header (`x`, named `<dir>/PaxHeaders.0/<file>`, mode/uid/gid/mtime 0) with just
+//!   those records, sorted by key, precedes the entry. No GNU headers, no other PAX records (no
+//!   atime/ctime, no xattrs).
+//! * **Mode**: permission bits plus setuid/setgid/sticky, WITHOUT the `S_IF*` file type bits
+//!   (Go's `tar.FileInfoHeader` has not written those since Go 1.10; the type is in the type flag).
+//! * **Types**: directories `5`, regular files `0` with their content, symlinks `2`, hardlinks `1`
+//!   (size 0, target = the first path in walk order with the same device and inode; any non-directory
+//!   type), FIFOs `6`, character/block devices `3`/`4` with their major/minor. Sockets are skipped
+//!   with a warning.
+//! * **Mtime**: whole seconds (sub-second part truncated); negative times become 0; with
+//!   [`DiffOptions::source_date_epoch`] every mtime later than it is clamped to it.
+//! * **Whiteouts** (upper dirs only): an overlay whiteout (character device 0/0) `dir/name` is
+//!   written, in the place of `name`, as an empty regular file `dir/.wh.name` with mode 0, uid/gid
+//!   0 and mtime 0 (or the source_date_epoch when set). A directory whose `user.overlay.opaque` or
+//!   `trusted.overlay.opaque` xattr is `y` is written, then immediately `dir/.wh..wh..opq` (same
+//!   fixed metadata as a whiteout), then its contents.
+//! * **Xattrs**: none are written. An upper entry carrying `overlay.redirect` or `overlay.metacopy`
+//!   (user. or trusted.) is an error: those overlay features must be off on our mounts.
+//! * A file in the tree whose own name begins with `.wh.` is an error: it would read as a whiteout.
+//! * The archive ends with two zero blocks (1024 bytes), no padding to a record size.
+
+mod apply;
+mod diff;
+mod tarfmt;
+
+#[cfg(test)]
+mod tests;
+
+use std::io;
+use std::path::PathBuf;
+
+pub use apply::apply_layer;
+pub use diff::{diff_upper_to_blob, dir_to_blob, is_empty_upper};
+
+use crate::store::StoreError;
+
+/// Media type of the layers this module writes.
+pub const MEDIA_TYPE_OCI_LAYER_GZIP: &str = "application/vnd.oci.image.layer.v1.tar+gzip";
+
+/// How a layer blob is compressed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Compression {
+    None,
+    Gzip,
+}
+
+impl Compression {
+    /// The compression of a layer with this media type (OCI and Docker schema 2 layer types).
+    pub fn from_media_type(media_type: &str) -> Result<Self, LayerError> {
+        // Media types may carry parameters (`; foo=bar`); they don't change the compression.
+        let base = media_type.split(';').next().unwrap_or("").trim();
+        match base {
+            "application/vnd.oci.image.layer.v1.tar"
+            | "application/vnd.oci.image.layer.nondistributable.v1.tar"
+            | "application/vnd.docker.image.rootfs.diff.tar" => Ok(Compression::None),
+            "application/vnd.oci.image.layer.v1.tar+gzip"
+            | "application/vnd.oci.image.layer.nondistributable.v1.tar+gzip"
+            | "application/vnd.docker.image.rootfs.diff.tar.gzip"
+            | "application/vnd.docker.image.rootfs.foreign.diff.tar.gzip" => Ok(Compression::Gzip),
+            t if t.ends_with("+zstd") || t.ends_with(".zstd") => {
+                Err(LayerError::UnsupportedMediaType {
+                    media_type: media_type.to_string(),
+                    hint: "zstd-compressed layers are not supported yet; use an image variant with gzip layers",
+                })
+            }
+            _ => Err(LayerError::UnsupportedMediaType {
+                media_type: media_type.to_string(),
+                hint: "expected an OCI or Docker layer media type (tar or tar+gzip)",
+            }),
+        }
+    }
+}
+
+/// Which xattr namespace overlayfs uses for its metadata on the mounts these layers serve.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum OverlayXattrs {
+    /// `user.overlay.*`: mounts with `userxattr` (always the case inside a user namespace).
+    #[default]
+    User,
+    /// `trusted.overlay.*`: mounts made by real root without `userxattr`.
+    Trusted,
+}
+
+impl OverlayXattrs {
+    fn opaque(self) -> &'static str {
+        match self {
+            OverlayXattrs::User => "user.overlay.opaque",
+            OverlayXattrs::Trusted => "trusted.overlay.opaque",
+        }
+    }
+}
+
+/// How [`apply_layer`] unpacks.
+#[derive(Debug, Clone)]
+pub struct ApplyOptions {
+    /// Set each entry's owner from the tar. False when the user namespace maps a single ID
+    /// (everything then stays owned by the namespace's root).
+    pub chown: bool,
+    /// Where to write opaque-directory markers.
+    pub overlay_xattrs: OverlayXattrs,
+}
+
+impl Default for ApplyOptions {
+    fn default() -> Self {
+        ApplyOptions {
+            chown: true,
+            overlay_xattrs: OverlayXattrs::User,
+        }
+    }
+}
+
+/// What [`apply_layer`] did.
+#[derive(Debug, Clone, Default)]
+pub struct ApplyReport {
+    /// Entries skipped or changed, one sentence each (devices that could not be created, absolute
+    /// names made relative, unknown entry types, ...).
+    pub warnings: Vec<String>,
+    /// Tar entries read (every member, including whiteouts and skipped ones; not counting the
+    /// PAX/GNU extension headers that belong to a member).
+    pub entries: u64,
+    /// `sha256:<hex>` of the uncompressed tar stream, read to its end: compare it with the image
+    /// config's `rootfs.diff_ids`.
+    pub diff_id: String,
+}
+
+/// A layer written into the store.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LayerBlob {
+    /// `sha256:<hex>` of the compressed blob (its name in the store).
+    pub digest: String,
+    /// `sha256:<hex>` of the uncompressed tar.
+    pub diff_id: String,
+    /// Size of the compressed blob in bytes.
+    pub size: u64,
+    pub media_type: String,
+    /// Things left out of the layer (sockets), one sentence each.
+    pub warnings: Vec<String>,
+}
+
+/// How [`diff_upper_to_blob`] and [`dir_to_blob`] write.
+#[derive(Debug, Clone, Default)]
+pub struct DiffOptions {
+    /// When set, every mtime later than this (seconds since the epoch) is clamped to it, and
+    /// whiteouts get this mtime instead of 0.
+    pub source_date_epoch: Option<i64>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum LayerError {
+    #[error("unsupported layer media type {media_type:?}: {hint}")]
+    UnsupportedMediaType {
+        media_type: String,
+        hint: &'static str,
+    },
+    #[error("{op} {}: {source}", path.display())]
+    Io {
+        op: &'static str,
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error(
+        "reading the layer tar stream: {source}; the blob is corrupt, truncated or not a tar of the declared compression"
+    )]
+    Read {
+        #[source]
+        source: io::Error,
+    },
+    #[error("writing the layer: {source}")]
+    Write {
+        #[source]
+        source: io::Error,
+    },
+    #[error(
+        "layer entry {path:?} is unsafe: {reason}; refusing to unpack it (the image is broken or hostile)"
+    )]
+    UnsafePath { path: String, reason: &'static str },
+    #[error(
+        "layer entry {path:?}: {component:?} on its way is a symlink or not a directory; refusing to follow it out of the layer (the image is broken or hostile)"
+    )]
+    NotADirectory { path: String, component: String },
+    #[error(
+        "layer entry {path:?} is a hardlink to {target:?}, which is not an earlier entry of this layer: {source}"
+    )]
+    HardlinkTarget {
+        path: String,
+        target: String,
+        #[source]
+        source: io::Error,
+    },
+    #[error(
+        "cannot give {} the owner {uid}:{gid}: {source}; the ID is probably outside this user namespace's ID map: configure subordinate IDs for the user in /etc/subuid and /etc/subgid that cover it, or unpack without chown (single-ID mode)",
+        path.display()
+    )]
+    Chown {
+        path: PathBuf,
+        uid: u64,
+        gid: u64,
+        #[source]
+        source: io::Error,
+    },
+    #[error(
+        "{} has the overlay xattr {xattr}: overlay redirect_dir and metacopy must be off on build mounts; this upper dir cannot be turned into a layer",
+        path.display()
+    )]
+    UnsupportedOverlayFeature { path: PathBuf, xattr: String },
+    #[error(
+        "{} is named like a whiteout (.wh. prefix): it cannot be stored in a layer, since unpacking would read it as a deletion; rename it",
+        path.display()
+    )]
+    WhiteoutName { path: PathBuf },
+    #[error(
+        "{} changed size while it was being archived (expected {expected} bytes, read {actual}); is something still writing to the build's files?",
+        path.display()
+    )]
+    FileChanged {
+        path: PathBuf,
+        expected: u64,
+        actual: u64,
+    },
+    #[error("{} cannot be written in a tar header: {reason}", path.display())]
+    Unrepresentable { path: PathBuf, reason: String },
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}

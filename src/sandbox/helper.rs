@@ -1,0 +1,534 @@
+//! The sandbox helper: `shmocker __sandbox SPEC STATUS`, a fresh single-threaded process inside the
+//! build's user namespace that runs one step (see the module docs of `sandbox`).
+//!
+//! Process tree of a RUN step:
+//!
+//! ```text
+//! helper (own mount ns; mounts the overlay; removes mount-point stubs afterwards)
+//! └── init: pid 1 of a new pid + UTS + mount namespace; mounts /proc, /dev, /sys, hosts files,
+//!     │     pivots into the overlay, reaps orphans
+//!     └── the step's command, as the step's user
+//! ```
+//!
+//! Errors before the command starts travel back over a `report` pipe that closes on exec, so the
+//! helper can tell "the command failed" from "the sandbox could not be set up".
+
+use std::ffi::CString;
+use std::fs::{self, File};
+use std::io::{Read, Write};
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use nix::errno::Errno;
+use nix::fcntl::OFlag;
+use nix::mount::{MntFlags, MsFlags, mount, umount2};
+use nix::sched::{CloneFlags, unshare};
+use nix::sys::wait::{WaitStatus, waitpid};
+use nix::unistd::{ForkResult, Gid, Pid, Uid, chdir, execve, fork, pipe2, pivot_root};
+
+use super::rootfs;
+use super::{Action, ProcessSpec, SandboxError, StepSpec, StepStatus};
+
+pub const SUBCOMMAND: &str = "__sandbox";
+
+/// Entry point of the helper process. Always writes a status file; exits 0 unless even that fails.
+pub fn main(spec_path: &Path, status_path: &Path) -> ExitCode {
+    let status = match read_spec(spec_path).and_then(|spec| run(&spec)) {
+        Ok(status) => status,
+        Err(e) => StepStatus::Failed(e.to_string()),
+    };
+    let json = serde_json::to_vec(&status).unwrap_or_default();
+    match fs::write(status_path, json) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!(
+                "shmocker sandbox: cannot write {}: {e}",
+                status_path.display()
+            );
+            ExitCode::from(125)
+        }
+    }
+}
+
+fn read_spec(path: &Path) -> Result<StepSpec, SandboxError> {
+    let bytes = fs::read(path).map_err(|e| SandboxError::io(path, e))?;
+    serde_json::from_slice(&bytes).map_err(|e| SandboxError::Setup(format!("bad step spec: {e}")))
+}
+
+fn run(spec: &StepSpec) -> Result<StepStatus, SandboxError> {
+    unshare(CloneFlags::CLONE_NEWNS)
+        .map_err(|e| SandboxError::sys("unshare(CLONE_NEWNS) for the step", e))?;
+    mount(
+        None::<&str>,
+        "/",
+        None::<&str>,
+        MsFlags::MS_REC | MsFlags::MS_PRIVATE,
+        None::<&str>,
+    )
+    .map_err(|e| SandboxError::sys("making mounts private", e))?;
+    mount_overlay(spec)?;
+    let root = spec.merged.as_path();
+    match &spec.action {
+        Action::Copy(copy) => {
+            rootfs::copy_into(root, copy)?;
+            Ok(StepStatus::Exited(0))
+        }
+        Action::Mkdir { path, user } => {
+            let owner = match user {
+                Some(u) if !u.is_empty() => {
+                    let u = rootfs::resolve_user(root, u)?;
+                    (u.uid, u.gid)
+                }
+                _ => (0, 0),
+            };
+            rootfs::mkdir_all(root, path, owner)?;
+            Ok(StepStatus::Exited(0))
+        }
+        Action::Run(process) => {
+            let stubs = make_mount_points(root)?;
+            let status = run_process(root, process);
+            // The overlay must be gone before its upper dir is edited directly.
+            umount2(root, MntFlags::MNT_DETACH)
+                .map_err(|e| SandboxError::sys("unmounting the step's overlay", e))?;
+            remove_stubs(spec, &stubs)?;
+            status
+        }
+    }
+}
+
+fn mount_overlay(spec: &StepSpec) -> Result<(), SandboxError> {
+    let lower: Vec<String> = if spec.lower.is_empty() {
+        vec![escape_overlay_path(&spec.empty_dir)]
+    } else {
+        spec.lower.iter().map(|p| escape_overlay_path(p)).collect()
+    };
+    let opts = format!(
+        "lowerdir={},upperdir={},workdir={},userxattr",
+        lower.join(":"),
+        escape_overlay_path(&spec.upper),
+        escape_overlay_path(&spec.work)
+    );
+    mount(
+        Some("overlay"),
+        &spec.merged,
+        Some("overlay"),
+        MsFlags::empty(),
+        Some(opts.as_str()),
+    )
+    .map_err(|e| {
+        SandboxError::Setup(format!(
+            "mounting overlayfs on {} failed: {e} ({} lower layers, options {} bytes); the kernel may not allow overlayfs in a user namespace (needs Linux >= 5.11) or the store may be on a filesystem overlayfs cannot use as upper (overlay, some network filesystems): run `shmocker detect`",
+            spec.merged.display(),
+            spec.lower.len(),
+            opts.len()
+        ))
+    })
+}
+
+/// Overlayfs splits its options at `,` and lower dirs at `:`; both must be escaped in paths.
+fn escape_overlay_path(p: &Path) -> String {
+    p.to_string_lossy()
+        .replace('\\', "\\\\")
+        .replace(':', "\\:")
+        .replace(',', "\\,")
+}
+
+/// A mount point this helper had to create in the rootfs, to be removed from the upper dir later.
+#[derive(Debug)]
+struct Stub {
+    rel: PathBuf,
+    dir: bool,
+}
+
+const MOUNT_DIRS: [&str; 3] = ["proc", "dev", "sys"];
+const HOSTS_FILES: [&str; 2] = ["etc/hosts", "etc/resolv.conf"];
+
+fn make_mount_points(root: &Path) -> Result<Vec<Stub>, SandboxError> {
+    let mut stubs = Vec::new();
+    for d in MOUNT_DIRS {
+        let p = root.join(d);
+        if fs::symlink_metadata(&p).is_err() {
+            fs::create_dir(&p).map_err(|e| SandboxError::io(&p, e))?;
+            fs::set_permissions(&p, fs::Permissions::from_mode(0o755))
+                .map_err(|e| SandboxError::io(&p, e))?;
+            stubs.push(Stub {
+                rel: d.into(),
+                dir: true,
+            });
+        }
+    }
+    let etc = root.join("etc");
+    match fs::symlink_metadata(&etc) {
+        Ok(m) if m.is_dir() => {}
+        Ok(_) => return Ok(stubs), // /etc is a link or a file: leave the image's files alone
+        Err(_) => {
+            fs::create_dir(&etc).map_err(|e| SandboxError::io(&etc, e))?;
+            fs::set_permissions(&etc, fs::Permissions::from_mode(0o755))
+                .map_err(|e| SandboxError::io(&etc, e))?;
+            stubs.push(Stub {
+                rel: "etc".into(),
+                dir: true,
+            });
+        }
+    }
+    for f in HOSTS_FILES {
+        let p = root.join(f);
+        if fs::symlink_metadata(&p).is_err() {
+            File::create(&p).map_err(|e| SandboxError::io(&p, e))?;
+            fs::set_permissions(&p, fs::Permissions::from_mode(0o644))
+                .map_err(|e| SandboxError::io(&p, e))?;
+            stubs.push(Stub {
+                rel: f.into(),
+                dir: false,
+            });
+        }
+    }
+    Ok(stubs)
+}
+
+/// Removes the mount points made by [`make_mount_points`] from the upper dir, so the layer holds
+/// only what the command did. A directory that the command wrote into stays. A directory of the
+/// image that was copied up only because a stub was created in it is dropped again when it is
+/// empty and its owner and mode are unchanged.
+fn remove_stubs(spec: &StepSpec, stubs: &[Stub]) -> Result<(), SandboxError> {
+    let upper = &spec.upper;
+    for stub in stubs.iter().rev() {
+        let p = upper.join(&stub.rel);
+        let Ok(m) = fs::symlink_metadata(&p) else {
+            continue;
+        };
+        let removable = if stub.dir {
+            m.is_dir() && dir_is_empty(&p)
+        } else {
+            m.is_file() && m.len() == 0
+        };
+        if removable {
+            if stub.dir {
+                fs::remove_dir(&p)
+            } else {
+                fs::remove_file(&p)
+            }
+            .map_err(|e| SandboxError::io(&p, e))?;
+        }
+    }
+    // Copied-up parents of file stubs (only /etc today).
+    for stub in stubs.iter().filter(|s| !s.dir) {
+        let Some(parent) = stub.rel.parent() else {
+            continue;
+        };
+        if parent.as_os_str().is_empty() || stubs.iter().any(|s| s.dir && s.rel == parent) {
+            continue;
+        }
+        let up = upper.join(parent);
+        let (Ok(m), Some(lower)) = (
+            fs::symlink_metadata(&up),
+            spec.lower
+                .iter()
+                .find_map(|l| fs::symlink_metadata(l.join(parent)).ok()),
+        ) else {
+            continue;
+        };
+        if m.is_dir()
+            && dir_is_empty(&up)
+            && !is_opaque(&up)
+            && m.mode() == lower.mode()
+            && m.uid() == lower.uid()
+            && m.gid() == lower.gid()
+        {
+            fs::remove_dir(&up).map_err(|e| SandboxError::io(&up, e))?;
+        }
+    }
+    Ok(())
+}
+
+fn dir_is_empty(p: &Path) -> bool {
+    fs::read_dir(p)
+        .map(|mut d| d.next().is_none())
+        .unwrap_or(false)
+}
+
+fn is_opaque(p: &Path) -> bool {
+    ["user.overlay.opaque", "trusted.overlay.opaque"]
+        .iter()
+        .any(|name| matches!(xattr::get(p, name), Ok(Some(v)) if v == b"y"))
+}
+
+fn run_process(root: &Path, process: &ProcessSpec) -> Result<StepStatus, SandboxError> {
+    unshare(CloneFlags::CLONE_NEWPID | CloneFlags::CLONE_NEWUTS)
+        .map_err(|e| SandboxError::sys("unshare(CLONE_NEWPID|CLONE_NEWUTS)", e))?;
+    let (report_r, report_w) = pipe2(OFlag::O_CLOEXEC).map_err(|e| SandboxError::sys("pipe", e))?;
+    // SAFETY: the helper is single-threaded (a fresh exec that never starts threads), so the
+    // forked child may allocate and use the standard library freely.
+    match unsafe { fork() }.map_err(|e| SandboxError::sys("fork", e))? {
+        ForkResult::Child => {
+            drop(report_r);
+            let mut report = File::from(report_w);
+            let code = match init(root, process, &mut report) {
+                Ok(code) => code,
+                Err(e) => {
+                    let _ = writeln!(report, "E{e}");
+                    125
+                }
+            };
+            std::process::exit(code);
+        }
+        ForkResult::Parent { child } => {
+            drop(report_w);
+            let mut text = String::new();
+            let _ = File::from(report_r).read_to_string(&mut text);
+            let status = wait_for(child)?;
+            if let Some(err) = text.lines().find_map(|l| l.strip_prefix('E')) {
+                return Ok(StepStatus::Failed(err.to_string()));
+            }
+            if let Some(sig) = text.lines().find_map(|l| l.strip_prefix('S')) {
+                return Ok(StepStatus::Signaled(sig.parse().unwrap_or(0)));
+            }
+            Ok(match status {
+                WaitStatus::Exited(_, code) => StepStatus::Exited(code),
+                WaitStatus::Signaled(_, sig, _) => StepStatus::Signaled(sig as i32),
+                other => StepStatus::Failed(format!("unexpected wait status {other:?}")),
+            })
+        }
+    }
+}
+
+fn wait_for(pid: Pid) -> Result<WaitStatus, SandboxError> {
+    loop {
+        match waitpid(pid, None) {
+            Ok(s @ (WaitStatus::Exited(..) | WaitStatus::Signaled(..))) => return Ok(s),
+            Ok(_) | Err(Errno::EINTR) => continue,
+            Err(e) => return Err(SandboxError::sys("waitpid", e)),
+        }
+    }
+}
+
+/// Pid 1 of the step: finishes the container's mounts, pivots, starts the command and reaps.
+fn init(root: &Path, process: &ProcessSpec, report: &mut File) -> Result<i32, SandboxError> {
+    unshare(CloneFlags::CLONE_NEWNS)
+        .map_err(|e| SandboxError::sys("unshare(CLONE_NEWNS) for pid 1", e))?;
+    mount_proc(root)?;
+    mount_dev(root)?;
+    bind(Path::new("/sys"), &root.join("sys"), true).ok(); // best effort, as with host networking
+    if fs::symlink_metadata(root.join("etc")).is_ok_and(|m| m.is_dir()) {
+        for (src, dest) in [
+            (&process.hosts_file, "etc/hosts"),
+            (&process.resolv_conf, "etc/resolv.conf"),
+        ] {
+            let target = root.join(dest);
+            if fs::symlink_metadata(&target).is_ok_and(|m| m.is_file()) {
+                bind(src, &target, false)?;
+            }
+        }
+    }
+    nix::unistd::sethostname(&process.hostname).map_err(|e| SandboxError::sys("sethostname", e))?;
+    let user = rootfs::resolve_user(root, &process.user)?;
+    chdir(root).map_err(|e| SandboxError::sys("chdir to the rootfs", e))?;
+    pivot_root(".", ".").map_err(|e| SandboxError::sys("pivot_root", e))?;
+    umount2(".", MntFlags::MNT_DETACH)
+        .map_err(|e| SandboxError::sys("detaching the old root", e))?;
+    chdir("/").map_err(|e| SandboxError::sys("chdir /", e))?;
+    let cwd = if process.cwd.is_empty() {
+        "/"
+    } else {
+        &process.cwd
+    };
+    if fs::metadata(cwd).is_err() {
+        fs::create_dir_all(cwd).map_err(|e| SandboxError::io(cwd, e))?;
+        nix::unistd::chown(
+            cwd,
+            Some(Uid::from_raw(user.uid)),
+            Some(Gid::from_raw(user.gid)),
+        )
+        .map_err(|e| SandboxError::sys(format!("chown {cwd}"), e))?;
+    }
+    let mut env = process.env.clone();
+    if !env.iter().any(|e| e.starts_with("HOME=")) {
+        env.push(format!(
+            "HOME={}",
+            user.home.clone().unwrap_or_else(|| "/".into())
+        ));
+    }
+    let program = find_program(&process.args, &env)?;
+    let argv = cstrings(&process.args)?;
+    let envp = cstrings(&env)?;
+    let cprog = CString::new(program.as_os_str().as_encoded_bytes())
+        .map_err(|_| SandboxError::Setup("program path contains NUL".into()))?;
+
+    // SAFETY: pid 1 is single-threaded (forked from the single-threaded helper).
+    match unsafe { fork() }.map_err(|e| SandboxError::sys("fork", e))? {
+        ForkResult::Child => {
+            let err = (|| -> Result<(), SandboxError> {
+                let groups: Vec<Gid> = user.groups.iter().map(|g| Gid::from_raw(*g)).collect();
+                nix::unistd::setgroups(&groups).map_err(|e| {
+                    SandboxError::sys("setgroups (supplementary groups not mapped?)", e)
+                })?;
+                let gid = Gid::from_raw(user.gid);
+                nix::unistd::setresgid(gid, gid, gid).map_err(|e| unmapped("gid", user.gid, e))?;
+                let uid = Uid::from_raw(user.uid);
+                nix::unistd::setresuid(uid, uid, uid).map_err(|e| unmapped("uid", user.uid, e))?;
+                chdir(cwd).map_err(|e| SandboxError::sys(format!("chdir {cwd}"), e))?;
+                let e = execve(&cprog, &argv, &envp).unwrap_err();
+                Err(SandboxError::Setup(format!(
+                    "exec {}: {}",
+                    program.display(),
+                    e.desc()
+                )))
+            })()
+            .unwrap_err();
+            let _ = writeln!(report, "E{err}");
+            std::process::exit(127);
+        }
+        ForkResult::Parent { child } => loop {
+            // Reap every orphan; leave when the command itself is done.
+            match waitpid(None::<Pid>, None) {
+                Ok(WaitStatus::Exited(pid, code)) if pid == child => return Ok(code),
+                Ok(WaitStatus::Signaled(pid, sig, _)) if pid == child => {
+                    let _ = writeln!(report, "S{}", sig as i32);
+                    return Ok(128 + sig as i32);
+                }
+                Ok(_) | Err(Errno::EINTR) => continue,
+                Err(e) => return Err(SandboxError::sys("waitpid in pid 1", e)),
+            }
+        },
+    }
+}
+
+fn unmapped(kind: &str, id: u32, e: Errno) -> SandboxError {
+    SandboxError::Setup(format!(
+        "cannot switch to {kind} {id}: {e}; that ID is not mapped in this build's user namespace (give the user a subordinate ID range in /etc/sub{kind}, or use USER 0)"
+    ))
+}
+
+fn cstrings(items: &[String]) -> Result<Vec<CString>, SandboxError> {
+    items
+        .iter()
+        .map(|s| {
+            CString::new(s.as_bytes())
+                .map_err(|_| SandboxError::Setup(format!("argument contains a NUL byte: {s:?}")))
+        })
+        .collect()
+}
+
+/// Finds the program the way runc does: a name without `/` is looked up in the step's PATH.
+fn find_program(args: &[String], env: &[String]) -> Result<PathBuf, SandboxError> {
+    let name = args
+        .first()
+        .ok_or_else(|| SandboxError::Setup("RUN has no command".into()))?;
+    if name.contains('/') {
+        return Ok(PathBuf::from(name));
+    }
+    let path = env
+        .iter()
+        .find_map(|e| e.strip_prefix("PATH="))
+        .unwrap_or(crate::image::DEFAULT_PATH);
+    for dir in path.split(':').filter(|d| !d.is_empty()) {
+        let candidate = Path::new(dir).join(name);
+        if fs::metadata(&candidate).is_ok_and(|m| m.is_file() && m.mode() & 0o111 != 0) {
+            return Ok(candidate);
+        }
+    }
+    Err(SandboxError::Setup(format!(
+        "exec: {name:?}: executable file not found in $PATH ({path})"
+    )))
+}
+
+fn mount_proc(root: &Path) -> Result<(), SandboxError> {
+    let target = root.join("proc");
+    let flags = MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC;
+    match mount(Some("proc"), &target, Some("proc"), flags, None::<&str>) {
+        Ok(()) => Ok(()),
+        // A fresh proc is refused where the host's /proc is partly masked (containers); the
+        // host's view, recursively bound, is the fallback BuildKit and buildah use too.
+        Err(_) => bind(Path::new("/proc"), &target, true)
+            .map_err(|e| SandboxError::Setup(format!("cannot mount /proc for the step: {e}"))),
+    }
+}
+
+fn mount_dev(root: &Path) -> Result<(), SandboxError> {
+    let dev = root.join("dev");
+    mount(
+        Some("tmpfs"),
+        &dev,
+        Some("tmpfs"),
+        MsFlags::MS_NOSUID | MsFlags::MS_STRICTATIME,
+        Some("mode=755,size=65536k"),
+    )
+    .map_err(|e| SandboxError::sys("mounting tmpfs on /dev", e))?;
+    // Device nodes cannot be created in a user namespace; the host's are bound instead.
+    for name in ["null", "zero", "full", "random", "urandom", "tty"] {
+        let target = dev.join(name);
+        File::create(&target).map_err(|e| SandboxError::io(&target, e))?;
+        bind(&Path::new("/dev").join(name), &target, false)?;
+    }
+    for (name, target) in [
+        ("fd", "/proc/self/fd"),
+        ("stdin", "/proc/self/fd/0"),
+        ("stdout", "/proc/self/fd/1"),
+        ("stderr", "/proc/self/fd/2"),
+        ("ptmx", "pts/ptmx"),
+    ] {
+        std::os::unix::fs::symlink(target, dev.join(name))
+            .map_err(|e| SandboxError::io(dev.join(name), e))?;
+    }
+    let pts = dev.join("pts");
+    fs::create_dir(&pts).map_err(|e| SandboxError::io(&pts, e))?;
+    let _ = mount(
+        Some("devpts"),
+        &pts,
+        Some("devpts"),
+        MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC,
+        Some("newinstance,ptmxmode=0666,mode=0620"),
+    );
+    let shm = dev.join("shm");
+    fs::create_dir(&shm).map_err(|e| SandboxError::io(&shm, e))?;
+    mount(
+        Some("shm"),
+        &shm,
+        Some("tmpfs"),
+        MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC,
+        Some("mode=1777,size=65536k"),
+    )
+    .map_err(|e| SandboxError::sys("mounting /dev/shm", e))
+}
+
+fn bind(src: &Path, target: &Path, recursive: bool) -> Result<(), SandboxError> {
+    let mut flags = MsFlags::MS_BIND;
+    if recursive {
+        flags |= MsFlags::MS_REC;
+    }
+    mount(Some(src), target, None::<&str>, flags, None::<&str>).map_err(|e| {
+        SandboxError::sys(
+            format!("bind-mounting {} on {}", src.display(), target.display()),
+            e,
+        )
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn overlay_paths_are_escaped() {
+        assert_eq!(escape_overlay_path(Path::new("/a:b,c")), "/a\\:b\\,c");
+    }
+
+    #[test]
+    fn programs_are_found_in_the_steps_path() {
+        let env = vec!["PATH=/nonexistent:/bin:/usr/bin".to_string()];
+        assert_eq!(
+            find_program(&["sh".into()], &env).unwrap(),
+            PathBuf::from("/bin/sh")
+        );
+        assert_eq!(
+            find_program(&["./x".into()], &env).unwrap(),
+            PathBuf::from("./x")
+        );
+        let err = find_program(&["no-such-program".into()], &env).unwrap_err();
+        assert!(
+            err.to_string().contains("executable file not found"),
+            "{err}"
+        );
+    }
+}

@@ -1,0 +1,205 @@
+//! The sandbox: every namespace and mount syscall of shmocker lives here, and nowhere else.
+//!
+//! How a build step runs, as a story:
+//!
+//! 1. At start-up, before any thread exists, `main` calls [`userns::enter`]: the process forks and
+//!    the child becomes uid 0 of a user namespace mapped onto the caller's subordinate IDs (or the
+//!    full ID range for root). The whole build runs in that child.
+//! 2. For each step that changes the filesystem (RUN, COPY, WORKDIR), the engine prepares an
+//!    overlay: the image's unpacked layers as `lower` dirs, an empty `upper` and `work`, and a
+//!    `merged` mount point (see `snapshot/`). It describes the step as a [`StepSpec`] and calls
+//!    [`run_step`].
+//! 3. [`run_step`] re-executes the shmocker binary as `shmocker __sandbox SPEC` — a fresh process,
+//!    hence single-threaded, which is what `unshare(CLONE_NEWNS | CLONE_NEWPID)` requires — and
+//!    relays its output line by line.
+//! 4. That helper ([`helper::main`]) takes its own mount namespace, mounts overlayfs (`userxattr`,
+//!    since it is inside a user namespace) and then either copies files in (COPY), makes a
+//!    directory (WORKDIR), or (RUN) forks the step's pid 1 into new pid and UTS namespaces, which
+//!    mounts /proc, a minimal /dev, /sys, /etc/hosts and /etc/resolv.conf, pivots into the overlay
+//!    and runs the command as the step's user. Mount points it had to create are removed from the
+//!    upper dir afterwards, so they never reach the layer.
+//! 5. The helper reports the command's exit status in a small JSON status file; the upper dir now
+//!    holds exactly the step's changes in overlay form, which `layer::diff_upper_to_blob` turns
+//!    into a layer.
+
+pub mod helper;
+pub mod rootfs;
+pub mod userns;
+
+pub use userns::IdMapping;
+
+use std::collections::VecDeque;
+use std::io::{BufRead, BufReader};
+use std::os::fd::OwnedFd;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, thiserror::Error)]
+pub enum SandboxError {
+    #[error("{0}")]
+    Setup(String),
+    #[error("{what}: {source}")]
+    Sys {
+        what: String,
+        #[source]
+        source: nix::errno::Errno,
+    },
+    #[error("{what}: {source}")]
+    Io {
+        what: String,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+impl SandboxError {
+    pub(crate) fn sys(what: impl Into<String>, source: nix::errno::Errno) -> Self {
+        SandboxError::Sys {
+            what: what.into(),
+            source,
+        }
+    }
+    pub(crate) fn io(what: impl AsRef<Path>, source: std::io::Error) -> Self {
+        SandboxError::Io {
+            what: what.as_ref().display().to_string(),
+            source,
+        }
+    }
+}
+
+/// One filesystem-changing step, as the helper process receives it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct StepSpec {
+    /// Unpacked layers, topmost first. Empty for an image with no layers (`FROM scratch`).
+    pub lower: Vec<PathBuf>,
+    pub upper: PathBuf,
+    pub work: PathBuf,
+    pub merged: PathBuf,
+    /// An empty directory used as the lower layer when `lower` is empty.
+    pub empty_dir: PathBuf,
+    pub action: Action,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub enum Action {
+    Run(ProcessSpec),
+    Copy(CopySpec),
+    Mkdir { path: String, user: Option<String> },
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ProcessSpec {
+    pub args: Vec<String>,
+    pub env: Vec<String>,
+    /// Absolute working directory inside the rootfs (created if missing, as BuildKit does).
+    pub cwd: String,
+    /// The Dockerfile USER: `name`, `uid`, `name:group`, `uid:gid`; empty for root.
+    pub user: String,
+    pub hostname: String,
+    /// Files bind-mounted over /etc/hosts and /etc/resolv.conf.
+    pub hosts_file: PathBuf,
+    pub resolv_conf: PathBuf,
+}
+
+/// COPY: host files (already filtered by .dockerignore) into the rootfs.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct CopySpec {
+    pub items: Vec<CopyItem>,
+    /// Destination, absolute inside the rootfs.
+    pub dest: String,
+    /// Whether `dest` names a directory to copy into (trailing slash, several sources, or a
+    /// directory source); otherwise a single file is copied *to* `dest`, unless `dest` is an
+    /// existing directory in the image.
+    pub dest_is_dir: bool,
+    /// `--chown` as written (names resolved in the image's /etc/passwd and /etc/group).
+    pub chown: Option<String>,
+    /// `--chmod` as an octal mode.
+    pub chmod: Option<u32>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct CopyItem {
+    /// The file or directory on the host.
+    pub src: PathBuf,
+    /// Its path under the destination directory (`name` for a top-level source file, `sub/name` for
+    /// an entry inside a directory source, empty for the directory source itself).
+    pub rel: PathBuf,
+}
+
+/// What the helper writes into its status file.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub enum StepStatus {
+    Exited(i32),
+    Signaled(i32),
+    Failed(String),
+}
+
+/// The outcome of [`run_step`].
+#[derive(Debug)]
+pub struct StepResult {
+    pub status: StepStatus,
+    /// The last lines the step printed, for error reports.
+    pub tail: Vec<String>,
+}
+
+const TAIL_LINES: usize = 20;
+
+/// Runs one step in a fresh helper process (see the module docs). `on_line` receives each line
+/// the step prints (stdout and stderr merged, in order). Blocking: call from `spawn_blocking`.
+pub fn run_step(
+    spec: &StepSpec,
+    scratch: &Path,
+    mut on_line: impl FnMut(&str),
+) -> Result<StepResult, SandboxError> {
+    let spec_path = scratch.join("spec.json");
+    let status_path = scratch.join("status.json");
+    let json = serde_json::to_vec(spec).map_err(|e| SandboxError::Setup(e.to_string()))?;
+    std::fs::write(&spec_path, json).map_err(|e| SandboxError::io(&spec_path, e))?;
+    let _ = std::fs::remove_file(&status_path);
+
+    let (read_end, write_end): (OwnedFd, OwnedFd) =
+        nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
+            .map_err(|e| SandboxError::sys("pipe", e))?;
+    let write_clone = write_end
+        .try_clone()
+        .map_err(|e| SandboxError::io("pipe", e))?;
+    let exe = std::env::current_exe().map_err(|e| SandboxError::io("/proc/self/exe", e))?;
+    let mut child = Command::new(exe)
+        .arg(helper::SUBCOMMAND)
+        .arg(&spec_path)
+        .arg(&status_path)
+        .stdin(Stdio::null())
+        .stdout(Stdio::from(write_end))
+        .stderr(Stdio::from(write_clone))
+        .spawn()
+        .map_err(|e| SandboxError::io("starting the sandbox helper", e))?;
+    // The Command holds the only other copies of the write end; they are closed now, so the
+    // reader sees EOF when the step's last process exits.
+    let reader = BufReader::new(std::fs::File::from(read_end));
+    let mut tail = VecDeque::with_capacity(TAIL_LINES);
+    for line in reader.split(b'\n') {
+        let line = line.map_err(|e| SandboxError::io("reading step output", e))?;
+        let line = String::from_utf8_lossy(&line).into_owned();
+        on_line(&line);
+        if tail.len() == TAIL_LINES {
+            tail.pop_front();
+        }
+        tail.push_back(line);
+    }
+    let exit = child
+        .wait()
+        .map_err(|e| SandboxError::io("waiting for the sandbox helper", e))?;
+    let status = match std::fs::read(&status_path) {
+        Ok(bytes) => serde_json::from_slice(&bytes)
+            .unwrap_or_else(|e| StepStatus::Failed(format!("unreadable status file: {e}"))),
+        Err(_) => StepStatus::Failed(format!(
+            "the sandbox helper ended without a status ({exit})"
+        )),
+    };
+    Ok(StepResult {
+        status,
+        tail: tail.into(),
+    })
+}

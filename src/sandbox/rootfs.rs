@@ -1,0 +1,447 @@
+//! File work inside a step's rootfs that needs no namespace of its own: resolving paths the way
+//! the container will see them, looking up users, copying files in for COPY, making WORKDIRs.
+//!
+//! Every path is resolved with [`resolve_in_root`], which follows symlinks as if `root` were `/`,
+//! so a symlink in an image (`/app -> /etc`, or `../../..`) can never send a write outside the
+//! rootfs.
+
+use std::ffi::OsStr;
+use std::fs;
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::{Component, Path, PathBuf};
+
+use nix::fcntl::{AT_FDCWD, AtFlags};
+use nix::sys::stat::{UtimensatFlags, utimensat};
+use nix::sys::time::TimeSpec;
+use nix::unistd::{Gid, Uid, fchownat};
+
+use super::{CopySpec, SandboxError};
+
+const MAX_SYMLINKS: usize = 40;
+
+/// Resolves `path` (absolute or relative to `/`) inside `root`, following symlinks as the
+/// container would: absolute targets restart at `root`, `..` never climbs above it. The last
+/// component is followed too when it is a symlink and `follow_last` is set. Missing components
+/// are kept as they are (the result may not exist yet).
+pub fn resolve_in_root(
+    root: &Path,
+    path: &str,
+    follow_last: bool,
+) -> Result<PathBuf, SandboxError> {
+    let mut resolved: Vec<std::ffi::OsString> = Vec::new();
+    let mut pending: Vec<std::ffi::OsString> = components(Path::new(path));
+    pending.reverse();
+    let mut links = 0;
+    while let Some(part) = pending.pop() {
+        if part == ".." {
+            resolved.pop();
+            continue;
+        }
+        let mut candidate = root.to_path_buf();
+        candidate.extend(&resolved);
+        candidate.push(&part);
+        let is_last = pending.is_empty();
+        match fs::symlink_metadata(&candidate) {
+            Ok(m) if m.file_type().is_symlink() && (!is_last || follow_last) => {
+                links += 1;
+                if links > MAX_SYMLINKS {
+                    return Err(SandboxError::Setup(format!(
+                        "too many levels of symbolic links resolving {path}"
+                    )));
+                }
+                let target =
+                    fs::read_link(&candidate).map_err(|e| SandboxError::io(&candidate, e))?;
+                if target.is_absolute() {
+                    resolved.clear();
+                }
+                let mut more = components(&target);
+                more.reverse();
+                pending.extend(more);
+            }
+            _ => resolved.push(part),
+        }
+    }
+    let mut out = root.to_path_buf();
+    out.extend(&resolved);
+    Ok(out)
+}
+
+fn components(p: &Path) -> Vec<std::ffi::OsString> {
+    p.components()
+        .filter_map(|c| match c {
+            Component::Normal(s) => Some(s.to_os_string()),
+            Component::ParentDir => Some("..".into()),
+            _ => None,
+        })
+        .collect()
+}
+
+/// A user as the container sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ResolvedUser {
+    pub uid: u32,
+    pub gid: u32,
+    pub home: Option<String>,
+    pub groups: Vec<u32>,
+}
+
+/// Resolves a Dockerfile `USER` value (`name`, `uid`, `name:group`, `uid:gid`) against the
+/// rootfs' /etc/passwd and /etc/group, as runc does for a container's user.
+pub fn resolve_user(root: &Path, spec: &str) -> Result<ResolvedUser, SandboxError> {
+    if spec.is_empty() {
+        return Ok(ResolvedUser {
+            uid: 0,
+            gid: 0,
+            home: Some("/root".into()),
+            groups: vec![],
+        });
+    }
+    let (user, group) = match spec.split_once(':') {
+        Some((u, g)) => (u, Some(g)),
+        None => (spec, None),
+    };
+    let passwd = read_db(root, "/etc/passwd");
+    let groups_db = read_db(root, "/etc/group");
+    let entry = passwd.iter().find(|f| {
+        f.first().map(String::as_str) == Some(user) || (f.get(2).map(String::as_str) == Some(user))
+    });
+    let (uid, mut gid, home, name) = match (user.parse::<u32>(), entry) {
+        (Ok(uid), e) => (
+            uid,
+            e.and_then(|f| f.get(3)?.parse().ok()).unwrap_or(0),
+            e.and_then(|f| f.get(5).cloned()),
+            e.and_then(|f| f.first().cloned()),
+        ),
+        (Err(_), Some(f)) => (
+            f.get(2)
+                .and_then(|s| s.parse().ok())
+                .ok_or_else(|| bad_db("passwd", user))?,
+            f.get(3).and_then(|s| s.parse().ok()).unwrap_or(0),
+            f.get(5).cloned(),
+            Some(user.to_string()),
+        ),
+        (Err(_), None) => {
+            return Err(SandboxError::Setup(format!(
+                "unable to find user {user}: no matching entries in the image's /etc/passwd; create the user in an earlier RUN step or use a numeric uid"
+            )));
+        }
+    };
+    let mut groups = vec![];
+    if let Some(group) = group {
+        gid = lookup_group(&groups_db, group)?;
+    } else if let Some(name) = &name {
+        groups = groups_db
+            .iter()
+            .filter(|f| {
+                f.get(3)
+                    .is_some_and(|members| members.split(',').any(|m| m == name))
+            })
+            .filter_map(|f| f.get(2)?.parse().ok())
+            .filter(|g| *g != gid)
+            .collect();
+    }
+    Ok(ResolvedUser {
+        uid,
+        gid,
+        home,
+        groups,
+    })
+}
+
+/// Resolves `--chown=user[:group]` as BuildKit does: names through the image's databases; a
+/// user without a group gets the user's primary group (or the same number for a numeric uid).
+pub fn resolve_chown(root: &Path, spec: &str) -> Result<(u32, u32), SandboxError> {
+    let (user, group) = match spec.split_once(':') {
+        Some((u, g)) => (u, Some(g)),
+        None => (spec, None),
+    };
+    let passwd = read_db(root, "/etc/passwd");
+    let (uid, primary) = match user.parse::<u32>() {
+        Ok(uid) => (uid, uid),
+        Err(_) => {
+            let f = passwd
+                .iter()
+                .find(|f| f.first().map(String::as_str) == Some(user))
+                .ok_or_else(|| {
+                    SandboxError::Setup(format!(
+                        "--chown={spec}: unable to find user {user} in the image's /etc/passwd"
+                    ))
+                })?;
+            (
+                f.get(2)
+                    .and_then(|s| s.parse().ok())
+                    .ok_or_else(|| bad_db("passwd", user))?,
+                f.get(3).and_then(|s| s.parse().ok()).unwrap_or(0),
+            )
+        }
+    };
+    let gid = match group {
+        Some(g) => lookup_group(&read_db(root, "/etc/group"), g)?,
+        None => primary,
+    };
+    Ok((uid, gid))
+}
+
+fn lookup_group(db: &[Vec<String>], group: &str) -> Result<u32, SandboxError> {
+    if let Ok(gid) = group.parse() {
+        return Ok(gid);
+    }
+    db.iter()
+        .find(|f| f.first().map(String::as_str) == Some(group))
+        .and_then(|f| f.get(2)?.parse().ok())
+        .ok_or_else(|| {
+            SandboxError::Setup(format!(
+                "unable to find group {group}: no matching entries in the image's /etc/group"
+            ))
+        })
+}
+
+fn bad_db(db: &str, name: &str) -> SandboxError {
+    SandboxError::Setup(format!("malformed /etc/{db} entry for {name}"))
+}
+
+fn read_db(root: &Path, path: &str) -> Vec<Vec<String>> {
+    let Ok(p) = resolve_in_root(root, path, true) else {
+        return vec![];
+    };
+    fs::read_to_string(p)
+        .unwrap_or_default()
+        .lines()
+        .filter(|l| !l.trim_start().starts_with('#') && !l.trim().is_empty())
+        .map(|l| l.split(':').map(str::to_string).collect())
+        .collect()
+}
+
+/// `mkdir -p` inside the rootfs; new directories get mode 0755 and the given owner.
+pub fn mkdir_all(root: &Path, path: &str, owner: (u32, u32)) -> Result<PathBuf, SandboxError> {
+    let mut current = String::new();
+    for part in components(Path::new(path)) {
+        current.push('/');
+        current.push_str(&part.to_string_lossy());
+        let p = resolve_in_root(root, &current, true)?;
+        match fs::metadata(&p) {
+            Ok(m) if m.is_dir() => {}
+            Ok(_) => {
+                return Err(SandboxError::Setup(format!(
+                    "cannot create directory {current}: a file of that name exists in the image"
+                )));
+            }
+            Err(_) => {
+                fs::create_dir(&p).map_err(|e| SandboxError::io(&p, e))?;
+                fs::set_permissions(&p, fs::Permissions::from_mode(0o755))
+                    .map_err(|e| SandboxError::io(&p, e))?;
+                chown(&p, owner)?;
+            }
+        }
+    }
+    resolve_in_root(root, path, true)
+}
+
+fn chown(p: &Path, (uid, gid): (u32, u32)) -> Result<(), SandboxError> {
+    fchownat(
+        AT_FDCWD,
+        p,
+        Some(Uid::from_raw(uid)),
+        Some(Gid::from_raw(gid)),
+        AtFlags::AT_SYMLINK_NOFOLLOW,
+    )
+    .map_err(|e| {
+        SandboxError::Setup(format!(
+            "cannot chown {} to {uid}:{gid}: {e}{}",
+            p.display(),
+            if e == nix::errno::Errno::EINVAL {
+                " (that ID is not mapped in this build's user namespace; give the user a subordinate ID range)"
+            } else {
+                ""
+            }
+        ))
+    })
+}
+
+fn set_mtime(p: &Path, meta: &fs::Metadata) -> Result<(), SandboxError> {
+    let t = TimeSpec::new(meta.mtime(), meta.mtime_nsec());
+    utimensat(AT_FDCWD, p, &t, &t, UtimensatFlags::NoFollowSymlink)
+        .map_err(|e| SandboxError::sys(format!("setting mtime of {}", p.display()), e))
+}
+
+/// Copies the COPY step's files into the rootfs at `root`.
+pub fn copy_into(root: &Path, spec: &CopySpec) -> Result<(), SandboxError> {
+    let owner = match &spec.chown {
+        Some(c) => resolve_chown(root, c)?,
+        None => (0, 0),
+    };
+    let dest_is_dir = spec.dest_is_dir || {
+        let p = resolve_in_root(root, &spec.dest, true)?;
+        fs::metadata(&p).map(|m| m.is_dir()).unwrap_or(false)
+    };
+    let base = if dest_is_dir {
+        mkdir_all(root, &spec.dest, owner)?
+    } else {
+        let parent = Path::new(&spec.dest)
+            .parent()
+            .map(|p| p.to_string_lossy().into_owned())
+            .unwrap_or_else(|| "/".into());
+        mkdir_all(root, &parent, owner)?;
+        resolve_in_root(root, &spec.dest, false)?
+    };
+    // Directory mtimes are set last, deepest first, since writing into a directory changes it.
+    let mut dir_times = Vec::new();
+    for item in &spec.items {
+        let target = if !dest_is_dir {
+            base.clone()
+        } else if item.rel.as_os_str().is_empty() {
+            base.clone()
+        } else {
+            // `rel` comes from our own walk of the context: plain components only.
+            let parent = match item.rel.parent() {
+                Some(p) if !p.as_os_str().is_empty() => {
+                    let dir = resolve_in_root(&base, &p.to_string_lossy(), true)?;
+                    if !dir.starts_with(root) {
+                        return Err(SandboxError::Setup(format!(
+                            "COPY destination {} leaves the image's filesystem",
+                            dir.display()
+                        )));
+                    }
+                    dir
+                }
+                _ => base.clone(),
+            };
+            parent.join(item.rel.file_name().unwrap_or(OsStr::new("")))
+        };
+        let meta = fs::symlink_metadata(&item.src).map_err(|e| SandboxError::io(&item.src, e))?;
+        let existing = fs::symlink_metadata(&target).ok();
+        if meta.is_dir() {
+            match existing {
+                Some(m) if m.is_dir() => {
+                    if item.rel.as_os_str().is_empty() {
+                        continue; // the destination directory itself keeps its metadata
+                    }
+                }
+                Some(_) => {
+                    remove_any(&target)?;
+                    fs::create_dir(&target).map_err(|e| SandboxError::io(&target, e))?;
+                }
+                None => fs::create_dir(&target).map_err(|e| SandboxError::io(&target, e))?,
+            }
+            chown(&target, owner)?;
+            let mode = spec.chmod.unwrap_or(meta.mode() & 0o7777);
+            fs::set_permissions(&target, fs::Permissions::from_mode(mode))
+                .map_err(|e| SandboxError::io(&target, e))?;
+            dir_times.push((target, meta));
+            continue;
+        }
+        if let Some(m) = existing {
+            if m.is_dir() {
+                return Err(SandboxError::Setup(format!(
+                    "cannot copy {} over the directory {}",
+                    item.src.display(),
+                    target.strip_prefix(root).unwrap_or(&target).display()
+                )));
+            }
+            remove_any(&target)?;
+        }
+        if meta.file_type().is_symlink() {
+            let link = fs::read_link(&item.src).map_err(|e| SandboxError::io(&item.src, e))?;
+            std::os::unix::fs::symlink(&link, &target).map_err(|e| SandboxError::io(&target, e))?;
+            chown(&target, owner)?;
+        } else if meta.is_file() {
+            fs::copy(&item.src, &target).map_err(|e| SandboxError::io(&target, e))?;
+            chown(&target, owner)?;
+            let mode = spec.chmod.unwrap_or(meta.mode() & 0o7777);
+            fs::set_permissions(&target, fs::Permissions::from_mode(mode))
+                .map_err(|e| SandboxError::io(&target, e))?;
+        } else {
+            return Err(SandboxError::Setup(format!(
+                "COPY source {} is not a regular file, directory or symlink",
+                item.src.display()
+            )));
+        }
+        set_mtime(&target, &meta)?;
+    }
+    for (dir, meta) in dir_times.iter().rev() {
+        set_mtime(dir, meta)?;
+    }
+    Ok(())
+}
+
+fn remove_any(p: &Path) -> Result<(), SandboxError> {
+    let m = fs::symlink_metadata(p).map_err(|e| SandboxError::io(p, e))?;
+    if m.is_dir() {
+        fs::remove_dir_all(p)
+    } else {
+        fs::remove_file(p)
+    }
+    .map_err(|e| SandboxError::io(p, e))
+}
+
+/// The name a path has relative to the rootfs, for messages.
+pub fn display_in_root(root: &Path, p: &Path) -> String {
+    match p.strip_prefix(root) {
+        Ok(rel) => format!("/{}", String::from_utf8_lossy(rel.as_os_str().as_bytes())),
+        Err(_) => p.display().to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::symlink;
+
+    #[test]
+    fn symlinks_cannot_leave_the_root() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path();
+        fs::create_dir_all(root.join("etc")).unwrap();
+        symlink("/etc", root.join("abs")).unwrap();
+        symlink("../../../../etc", root.join("climb")).unwrap();
+        symlink("loop2", root.join("loop1")).unwrap();
+        symlink("loop1", root.join("loop2")).unwrap();
+        assert_eq!(
+            resolve_in_root(root, "/abs/passwd", true).unwrap(),
+            root.join("etc/passwd")
+        );
+        assert_eq!(
+            resolve_in_root(root, "climb/passwd", true).unwrap(),
+            root.join("etc/passwd")
+        );
+        assert_eq!(
+            resolve_in_root(root, "/../../x", true).unwrap(),
+            root.join("x")
+        );
+        assert_eq!(
+            resolve_in_root(root, "/abs", false).unwrap(),
+            root.join("abs")
+        );
+        assert!(resolve_in_root(root, "/loop1/x", true).is_err());
+    }
+
+    #[test]
+    fn users_resolve_through_the_image_databases() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path();
+        fs::create_dir_all(root.join("etc")).unwrap();
+        fs::write(
+            root.join("etc/passwd"),
+            "root:x:0:0:root:/root:/bin/sh\napp:x:1000:1001:app:/home/app:/bin/sh\n",
+        )
+        .unwrap();
+        fs::write(
+            root.join("etc/group"),
+            "root:x:0:\napp:x:1001:\nextra:x:2000:app,other\n",
+        )
+        .unwrap();
+        let app = resolve_user(root, "app").unwrap();
+        assert_eq!((app.uid, app.gid), (1000, 1001));
+        assert_eq!(app.home.as_deref(), Some("/home/app"));
+        assert_eq!(app.groups, vec![2000]);
+        assert_eq!(resolve_user(root, "1000:extra").unwrap().gid, 2000);
+        assert_eq!(resolve_user(root, "4242").unwrap().uid, 4242);
+        let err = resolve_user(root, "ghost").unwrap_err().to_string();
+        assert!(err.contains("unable to find user ghost"), "{err}");
+        assert_eq!(resolve_chown(root, "app").unwrap(), (1000, 1001));
+        assert_eq!(resolve_chown(root, "7").unwrap(), (7, 7));
+        assert_eq!(resolve_chown(root, "app:root").unwrap(), (1000, 0));
+        assert!(resolve_chown(root, "app:nogroup").is_err());
+    }
+}

@@ -1,0 +1,312 @@
+//! End to end: build as the unprivileged test user and as root, push to the real registry, and
+//! check the result with independent tools (skopeo reads the registry, umoci unpacks the layers).
+
+mod common;
+
+use common::{
+    Who, env, fixture, remote_config, remote_manifest, scratch_dir, shmocker_ok, tree, unique_ref,
+    unpack,
+};
+
+fn fs_basics(who: Who) {
+    let ctx = fixture("fs-basics");
+    let store = scratch_dir(who);
+    let tag = unique_ref("fs-basics");
+    let base = format!("BASE={}", env().busybox());
+    let out = shmocker_ok(
+        who,
+        store.path(),
+        &[
+            "build",
+            "-t",
+            &tag,
+            "--push",
+            "--build-arg",
+            &base,
+            ctx.path().to_str().unwrap(),
+        ],
+    );
+    let printed = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    let manifest = remote_manifest(&tag);
+    assert_eq!(
+        manifest["mediaType"],
+        "application/vnd.oci.image.manifest.v1+json"
+    );
+    let raw = std::process::Command::new("skopeo")
+        .args([
+            "inspect",
+            "--tls-verify=false",
+            "--format",
+            "{{.Digest}}",
+            &format!("docker://{tag}"),
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&raw.stdout).trim(),
+        printed,
+        "printed digest is the pushed one"
+    );
+
+    let work = scratch_dir(Who::Root);
+    let rootfs = unpack(&format!("docker://{tag}"), work.path());
+    let t = tree(&rootfs);
+    let e = |p: &str| {
+        t.get(p)
+            .unwrap_or_else(|| panic!("{p} missing from the image"))
+    };
+    assert_eq!(
+        std::fs::read_to_string(rootfs.join("hello")).unwrap(),
+        "hello\n"
+    );
+    assert_eq!(
+        (e("/hello").mode, e("/hello").uid, e("/hello").gid),
+        (0o640, 1234, 4321)
+    );
+    assert_eq!((e("/data/sub/f").uid, e("/data/sub/f").gid), (1000, 1000));
+    assert_eq!((e("/data").uid, e("/data/sub").uid), (1000, 1000));
+    assert_eq!(e("/link").link.as_deref(), Some("/hello"));
+    assert_eq!(e("/data/rel").link.as_deref(), Some("../hello"));
+    assert_eq!(e("/data/hard").nlink_group, Some(2), "hard link kept");
+    assert!(
+        !t.contains_key("/bin/vi"),
+        "a file deleted from a lower layer is gone"
+    );
+    assert!(
+        !t.contains_key("/etc/group"),
+        "a file deleted from a lower layer is gone"
+    );
+    assert!(
+        t.contains_key("/bin/sh"),
+        "files of the base image are there"
+    );
+    assert_eq!(e("/s").mode, 0o4755, "setuid survives");
+    assert_eq!(e("/sticky").mode, 0o1777);
+    let d: Vec<&String> = t.keys().filter(|k| k.starts_with("/d/")).collect();
+    assert_eq!(
+        d,
+        vec!["/d/c"],
+        "a replaced directory holds only its new content"
+    );
+    assert!(
+        !t.keys().any(|k| k.contains(".wh.")),
+        "no whiteout files in the unpacked image"
+    );
+    // The sandbox's mount points must not leak into layers.
+    for stub in ["/etc/hosts", "/etc/resolv.conf"] {
+        assert!(!t.contains_key(stub), "{stub} leaked into the image");
+    }
+
+    let config = remote_config(&tag);
+    let history = config["history"].as_array().unwrap();
+    let runs: Vec<&serde_json::Value> = history
+        .iter()
+        .filter(|h| h["created_by"].as_str().unwrap_or("").starts_with("RUN "))
+        .collect();
+    assert_eq!(runs.len(), 7);
+    assert!(
+        runs.iter()
+            .all(|h| h["empty_layer"].as_bool() != Some(true))
+    );
+    let layers = manifest["layers"].as_array().unwrap().len();
+    let non_empty = history
+        .iter()
+        .filter(|h| h["empty_layer"].as_bool() != Some(true))
+        .count();
+    assert_eq!(layers, non_empty, "one layer per non-empty history entry");
+    assert_eq!(
+        config["rootfs"]["diff_ids"].as_array().unwrap().len(),
+        layers
+    );
+}
+
+#[test]
+fn fs_basics_as_unprivileged_user() {
+    fs_basics(Who::User);
+}
+
+#[test]
+fn fs_basics_as_root() {
+    fs_basics(Who::Root);
+}
+
+fn copy_config(who: Who) {
+    let ctx = fixture("copy-config");
+    let store = scratch_dir(who);
+    let out_dir = scratch_dir(who);
+    let tag = unique_ref("copy-config");
+    let base = format!("BASE={}", env().busybox());
+    let oci = out_dir.path().join("app.tar");
+    let meta = out_dir.path().join("meta.json");
+    let iid = out_dir.path().join("iid");
+    shmocker_ok(
+        who,
+        store.path(),
+        &[
+            "build",
+            "-t",
+            &tag,
+            "--build-arg",
+            &base,
+            "--build-arg",
+            "VERSION=2.5",
+            "--output",
+            &format!("type=oci,dest={}", oci.display()),
+            "--metadata-file",
+            meta.to_str().unwrap(),
+            "--iidfile",
+            iid.to_str().unwrap(),
+            ctx.path().to_str().unwrap(),
+        ],
+    );
+    let work = scratch_dir(Who::Root);
+    let rootfs = unpack(&format!("oci-archive:{}", oci.display()), work.path());
+    let t = tree(&rootfs);
+    let e = |p: &str| {
+        t.get(p)
+            .unwrap_or_else(|| panic!("{p} missing from the image"))
+    };
+    assert_eq!(
+        std::fs::read_to_string(rootfs.join("srv/app/main.txt")).unwrap(),
+        "main\n"
+    );
+    assert_eq!(
+        std::fs::read_to_string(rootfs.join("srv/app/sub/nested.txt")).unwrap(),
+        "nested\n"
+    );
+    assert!(
+        !t.contains_key("/srv/app/debug.log"),
+        ".dockerignore honoured"
+    );
+    assert_eq!(
+        std::fs::read_to_string(rootfs.join("srv/app/version.txt")).unwrap(),
+        "2.5 prod\n"
+    );
+    assert_eq!(
+        (e("/etc/app/config.txt").uid, e("/etc/app/config.txt").gid),
+        (1000, 1000)
+    );
+    assert_eq!(e("/usr/local/bin/run.sh").mode, 0o755);
+    assert_eq!(
+        e("/srv/app/main.txt").uid,
+        0,
+        "COPY without --chown gives root"
+    );
+    assert_eq!(
+        std::fs::read_to_string(rootfs.join("tmp/whoami")).unwrap(),
+        "1000\n"
+    );
+    assert_eq!(e("/tmp/made-by-app").uid, 1000, "RUN as USER app");
+
+    let layout = work.path().join("layout");
+    let index: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(layout.join("index.json")).unwrap()).unwrap();
+    let mdigest = index["manifests"][0]["digest"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let blob = |d: &str| -> serde_json::Value {
+        serde_json::from_slice(
+            &std::fs::read(
+                layout
+                    .join("blobs/sha256")
+                    .join(d.trim_start_matches("sha256:")),
+            )
+            .unwrap(),
+        )
+        .unwrap()
+    };
+    let manifest = blob(&mdigest);
+    let cfg_digest = manifest["config"]["digest"].as_str().unwrap();
+    let image_config = blob(cfg_digest);
+    let c = &image_config["config"];
+    let env_list: Vec<&str> = c["Env"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_str().unwrap())
+        .collect();
+    assert!(
+        env_list.contains(&"APP_HOME=/srv/app") && env_list.contains(&"MODE=prod"),
+        "{env_list:?}"
+    );
+    assert!(env_list.iter().any(|e| e.starts_with("PATH=")), "PATH kept");
+    assert!(
+        !env_list.iter().any(|e| e.starts_with("VERSION=")),
+        "ARGs are not persisted"
+    );
+    assert_eq!(c["WorkingDir"], "/srv/app");
+    assert_eq!(c["User"], "app");
+    assert_eq!(c["Labels"]["org.example.version"], "2.5");
+    assert_eq!(c["Labels"]["org.example.title"], "copy config");
+    assert_eq!(
+        c["ExposedPorts"],
+        serde_json::json!({"8080/tcp": {}, "53/udp": {}})
+    );
+    assert_eq!(
+        c["Entrypoint"],
+        serde_json::json!(["/usr/local/bin/run.sh"])
+    );
+    assert_eq!(c["Cmd"], serde_json::json!(["--serve"]));
+    let history = image_config["history"].as_array().unwrap();
+    let by: Vec<&str> = history
+        .iter()
+        .map(|h| h["created_by"].as_str().unwrap_or(""))
+        .collect();
+    let find = |prefix: &str| {
+        history
+            .iter()
+            .find(|h| h["created_by"].as_str().unwrap_or("").starts_with(prefix))
+            .unwrap_or_else(|| panic!("no history entry {prefix}: {by:?}"))
+    };
+    assert_eq!(find("ENV ")["empty_layer"], true);
+    assert_eq!(find("LABEL ")["empty_layer"], true);
+    assert_eq!(find("USER ")["empty_layer"], true);
+    assert_eq!(find("CMD ")["empty_layer"], true);
+    assert_ne!(find("COPY app/")["empty_layer"], true);
+    assert!(find("RUN |1 VERSION=2.5 /bin/sh -c").is_object());
+    assert!(history.iter().all(|h| {
+        h["comment"] == "buildkit.dockerfile.v0"
+            || !h["created_by"]
+                .as_str()
+                .unwrap_or("")
+                .ends_with("# buildkit")
+    }));
+
+    let iid_text = std::fs::read_to_string(&iid).unwrap();
+    assert_eq!(
+        iid_text, cfg_digest,
+        "--iidfile holds the image ID (config digest)"
+    );
+    let meta: serde_json::Value = serde_json::from_slice(&std::fs::read(&meta).unwrap()).unwrap();
+    assert_eq!(meta["containerimage.digest"], mdigest.as_str());
+    assert_eq!(meta["containerimage.config.digest"], cfg_digest);
+    assert_eq!(meta["image.name"], tag.as_str());
+    assert!(
+        !common::remote_exists(&tag),
+        "nothing pushed without --push"
+    );
+}
+
+#[test]
+fn copy_and_config_as_unprivileged_user() {
+    copy_config(Who::User);
+}
+
+#[test]
+fn copy_and_config_as_root() {
+    copy_config(Who::Root);
+}
+
+#[test]
+fn version_is_printed() {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_shmocker"))
+        .arg("--version")
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        format!("shmocker {}", env!("CARGO_PKG_VERSION"))
+    );
+}
