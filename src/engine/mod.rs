@@ -70,7 +70,7 @@ pub enum BuildError {
     Registry {
         location: String,
         #[source]
-        source: RegistryError,
+        source: Box<RegistryError>,
     },
     #[error("{0}")]
     Internal(String),
@@ -326,13 +326,13 @@ impl Builder<'_> {
         global: &[(String, Option<String>)],
     ) -> Result<Option<usize>, BuildError> {
         let from = stages.stages[i].1[0];
-        let image = self.from_image(from, global)?;
+        let image = self.image_of_from(from, global)?;
         Ok(stages.stages[..i]
             .iter()
             .position(|(name, _)| name.as_deref() == Some(image.to_ascii_lowercase().as_str())))
     }
 
-    fn from_image(
+    fn image_of_from(
         &self,
         node: &Node,
         global: &[(String, Option<String>)],
@@ -351,7 +351,7 @@ impl Builder<'_> {
                 "FROM takes an image and an optional `AS name`: FROM <image> [AS <name>]",
             ));
         }
-        for f in &node.flags {
+        if let Some(f) = node.flags.first() {
             return Err(self.err(
                 node,
                 format!("FROM flag {f} is not supported by this version of shmocker"),
@@ -380,7 +380,7 @@ impl Builder<'_> {
     ) -> Result<StageState, BuildError> {
         let nodes = &stages.stages[idx].1;
         let from = nodes[0];
-        let image = self.from_image(from, global)?;
+        let image = self.image_of_from(from, global)?;
         self.step_no += 1;
         let base_stage = stages.stages[..idx]
             .iter()
@@ -442,7 +442,7 @@ impl Builder<'_> {
         })?;
         let reg_err = |source| BuildError::Registry {
             location: self.loc(node),
-            source,
+            source: Box::new(source),
         };
         let pulled = self
             .registry
@@ -741,11 +741,7 @@ impl Builder<'_> {
                     a.push(node.args.join(" "));
                     a
                 };
-                let shown = if node.json {
-                    serde_json::to_string(&args).unwrap_or_default()
-                } else {
-                    serde_json::to_string(&args).unwrap_or_default()
-                };
+                let shown = serde_json::to_string(&args).unwrap_or_default();
                 if keyword == "cmd" {
                     state.config.config.cmd = Some(args);
                     state.cmd_set = true;
@@ -1137,7 +1133,7 @@ impl Builder<'_> {
                     .await
                     .map_err(|source| BuildError::Registry {
                         location: format!("pushing {tag}"),
-                        source,
+                        source: Box::new(source),
                     })?;
                 eprintln!("pushed {tag}@{digest}");
                 pushed.push(tag.clone());

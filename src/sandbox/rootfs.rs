@@ -288,9 +288,7 @@ pub fn copy_into(root: &Path, spec: &CopySpec) -> Result<(), SandboxError> {
     // Directory mtimes are set last, deepest first, since writing into a directory changes it.
     let mut dir_times = Vec::new();
     for item in &spec.items {
-        let target = if !dest_is_dir {
-            base.clone()
-        } else if item.rel.as_os_str().is_empty() {
+        let target = if !dest_is_dir || item.rel.as_os_str().is_empty() {
             base.clone()
         } else {
             // `rel` comes from our own walk of the context: plain components only.
