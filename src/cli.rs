@@ -57,6 +57,19 @@ pub struct BuildArgs {
     #[arg(long = "build-arg", value_name = "NAME[=VALUE]")]
     pub build_args: Vec<String>,
 
+    /// Build this stage (by its `AS` name) instead of the last one; only the stages it needs run.
+    #[arg(long, value_name = "STAGE")]
+    pub target: Option<String>,
+
+    /// Run every step even when the cache holds its result.
+    #[arg(long = "no-cache")]
+    pub no_cache: bool,
+
+    /// A secret for `RUN --mount=type=secret`: id=ID,src=FILE or id=ID,env=VAR. It is mounted
+    /// only while the step runs and never reaches a layer, the config or the cache key.
+    #[arg(long = "secret", value_name = "id=ID,src=FILE|env=VAR")]
+    pub secrets: Vec<String>,
+
     /// Write the image ID (the digest of its config) to FILE.
     #[arg(long, value_name = "FILE")]
     pub iidfile: Option<PathBuf>,

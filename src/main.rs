@@ -12,7 +12,8 @@ use std::process::ExitCode;
 use anyhow::{Context as _, Result, anyhow, bail};
 use clap::Parser;
 
-use shmocker::engine::{self, BuildOptions, BuildResult};
+use shmocker::engine::{self, BuildOptions, BuildResult, Secret};
+use shmocker::sandbox::SecretSource;
 use shmocker::sandbox::{helper, userns};
 
 fn main() -> ExitCode {
@@ -127,8 +128,29 @@ fn build_options(args: cli::BuildArgs, root: PathBuf) -> Result<BuildOptions> {
             }
         }
     }
+    let mut secrets = Vec::new();
+    for spec in &args.secrets {
+        secrets.push(parse_secret(spec)?);
+    }
+    // SOURCE_DATE_EPOCH as BuildKit takes it: from the environment, or as a build arg.
+    let epoch_text = build_args
+        .get("SOURCE_DATE_EPOCH")
+        .cloned()
+        .or_else(|| std::env::var("SOURCE_DATE_EPOCH").ok())
+        .filter(|v| !v.is_empty());
+    let source_date_epoch = epoch_text
+        .map(|v| {
+            v.parse::<i64>().map_err(|_| {
+                anyhow!("SOURCE_DATE_EPOCH={v:?} is not a number of seconds since 1970")
+            })
+        })
+        .transpose()?;
     Ok(BuildOptions {
         context: absolute(&args.context)?,
+        target: args.target,
+        no_cache: args.no_cache,
+        secrets,
+        source_date_epoch,
         dockerfile: args.file.as_deref().map(absolute).transpose()?,
         tags: args.tags,
         push,
@@ -140,6 +162,28 @@ fn build_options(args: cli::BuildArgs, root: PathBuf) -> Result<BuildOptions> {
         insecure_registries: args.insecure_registries,
         mapping: userns::IdMapping::Identity,
     })
+}
+
+fn parse_secret(spec: &str) -> Result<Secret> {
+    let fields = parse_kv_list(spec)
+        .with_context(|| format!("--secret {spec:?}: expected id=ID,src=FILE or id=ID,env=VAR"))?;
+    let id = fields
+        .get("id")
+        .cloned()
+        .ok_or_else(|| anyhow!("--secret {spec:?}: missing id=ID"))?;
+    let source = match (
+        fields.get("src").or_else(|| fields.get("source")),
+        fields.get("env"),
+    ) {
+        (Some(src), None) => SecretSource::File(absolute(Path::new(src))?),
+        (None, Some(var)) => SecretSource::Env(var.clone()),
+        (None, None) => {
+            // As docker: `--secret id=X` alone takes the environment variable X.
+            SecretSource::Env(id.clone())
+        }
+        (Some(_), Some(_)) => bail!("--secret {spec:?}: give src= or env=, not both"),
+    };
+    Ok(Secret { id, source })
 }
 
 fn parse_kv_list(spec: &str) -> Result<BTreeMap<String, String>> {

@@ -28,7 +28,9 @@ use nix::sys::wait::{WaitStatus, waitpid};
 use nix::unistd::{ForkResult, Gid, Pid, Uid, chdir, execve, fork, pipe2, pivot_root};
 
 use super::rootfs;
-use super::{Action, ProcessSpec, SandboxError, StepSpec, StepStatus};
+use super::{
+    Action, MountKind, Network, ProcessSpec, SandboxError, SecretSource, StepSpec, StepStatus,
+};
 
 pub const SUBCOMMAND: &str = "__sandbox";
 
@@ -71,7 +73,33 @@ fn run(spec: &StepSpec) -> Result<StepStatus, SandboxError> {
     let root = spec.merged.as_path();
     match &spec.action {
         Action::Copy(copy) => {
-            rootfs::copy_into(root, copy)?;
+            let mut copy = copy.clone();
+            if let Some(from) = &copy.from {
+                let view = spec.scratch.join("from");
+                fs::create_dir_all(&view).map_err(|e| SandboxError::io(&view, e))?;
+                mount_view(&from.lower, &spec.empty_dir, &view)?;
+                let ctx = crate::engine::context::Context::new(view.clone(), None);
+                let mut matched = 0;
+                for source in &from.sources {
+                    for rel in ctx
+                        .matches(source)
+                        .map_err(|e| SandboxError::Setup(e.to_string()))?
+                    {
+                        matched += 1;
+                        ctx.items(&rel, &mut copy.items)
+                            .map_err(|e| SandboxError::Setup(e.to_string()))?;
+                    }
+                }
+                let has_dir = copy.items.iter().any(|i| i.rel.as_os_str().is_empty());
+                if matched > 1 && !copy.dest_is_dir {
+                    return Err(SandboxError::Setup(format!(
+                        "when using COPY with more than one source file, the destination must be a directory and end with a /: {}",
+                        copy.dest
+                    )));
+                }
+                copy.dest_is_dir |= has_dir;
+            }
+            rootfs::copy_into(root, &copy)?;
             Ok(StepStatus::Exited(0))
         }
         Action::Mkdir { path, user } => {
@@ -86,8 +114,9 @@ fn run(spec: &StepSpec) -> Result<StepStatus, SandboxError> {
             Ok(StepStatus::Exited(0))
         }
         Action::Run(process) => {
-            let stubs = make_mount_points(root)?;
-            let status = run_process(root, process);
+            let mut stubs = make_mount_points(root)?;
+            let binds = prepare_run_mounts(spec, process, &mut stubs)?;
+            let status = run_process(root, process, &binds);
             // The overlay must be gone before its upper dir is edited directly.
             umount2(root, MntFlags::MNT_DETACH)
                 .map_err(|e| SandboxError::sys("unmounting the step's overlay", e))?;
@@ -95,6 +124,31 @@ fn run(spec: &StepSpec) -> Result<StepStatus, SandboxError> {
             status
         }
     }
+}
+
+/// Mounts a read-only overlay of `lower` (topmost first) at `target`: the view of a stage or
+/// image that `COPY --from` and `RUN --mount=from=` read.
+fn mount_view(lower: &[PathBuf], empty: &Path, target: &Path) -> Result<(), SandboxError> {
+    // Without an upper dir overlayfs needs at least two lower dirs.
+    let mut dirs: Vec<String> = lower.iter().map(|p| escape_overlay_path(p)).collect();
+    dirs.push(escape_overlay_path(empty));
+    if dirs.len() < 2 {
+        dirs.push(escape_overlay_path(empty));
+    }
+    let opts = format!("lowerdir={},userxattr", dirs.join(":"));
+    mount(
+        Some("overlay"),
+        target,
+        Some("overlay"),
+        MsFlags::MS_RDONLY,
+        Some(opts.as_str()),
+    )
+    .map_err(|e| {
+        SandboxError::sys(
+            format!("mounting a read-only view on {}", target.display()),
+            e,
+        )
+    })
 }
 
 fn mount_overlay(spec: &StepSpec) -> Result<(), SandboxError> {
@@ -254,7 +308,138 @@ fn is_opaque(p: &Path) -> bool {
         .any(|name| matches!(xattr::get(p, name), Ok(Some(v)) if v == b"y"))
 }
 
-fn run_process(root: &Path, process: &ProcessSpec) -> Result<StepStatus, SandboxError> {
+/// A `RUN --mount`, ready for pid 1 to mount: a host path to bind, or a tmpfs.
+#[derive(Debug)]
+struct PreparedMount {
+    target: PathBuf,
+    source: Option<PathBuf>,
+    tmpfs_size: Option<u64>,
+    readonly: bool,
+}
+
+/// Makes what the step's mounts need outside the rootfs (read-only views, secret files on a
+/// tmpfs) and their mount points inside it (recorded as stubs, removed after the step).
+fn prepare_run_mounts(
+    spec: &StepSpec,
+    process: &ProcessSpec,
+    stubs: &mut Vec<Stub>,
+) -> Result<Vec<PreparedMount>, SandboxError> {
+    let root = spec.merged.as_path();
+    let mut prepared = Vec::new();
+    let mut secrets_dir: Option<PathBuf> = None;
+    for (i, m) in process.mounts.iter().enumerate() {
+        let (source, is_file, tmpfs_size) = match &m.kind {
+            MountKind::Bind { source } => {
+                let is_file = fs::metadata(source).map(|md| !md.is_dir()).unwrap_or(false);
+                (Some(source.clone()), is_file, None)
+            }
+            MountKind::Layers { lower, subpath } => {
+                let view = spec.scratch.join(format!("view{i}"));
+                fs::create_dir_all(&view).map_err(|e| SandboxError::io(&view, e))?;
+                mount_view(lower, &spec.empty_dir, &view)?;
+                let source = rootfs::resolve_in_root(&view, subpath, true)?;
+                if fs::symlink_metadata(&source).is_err() {
+                    return Err(SandboxError::Setup(format!(
+                        "mount source {subpath} does not exist in the image or stage it names"
+                    )));
+                }
+                let is_file = fs::metadata(&source)
+                    .map(|md| !md.is_dir())
+                    .unwrap_or(false);
+                (Some(source), is_file, None)
+            }
+            MountKind::Tmpfs { size } => (None, false, Some(size.unwrap_or(0))),
+            MountKind::Secret {
+                source,
+                uid,
+                gid,
+                mode,
+            } => {
+                let dir = match &secrets_dir {
+                    Some(d) => d.clone(),
+                    None => {
+                        let d = spec.scratch.join("secrets");
+                        fs::create_dir_all(&d).map_err(|e| SandboxError::io(&d, e))?;
+                        // Secrets live in memory only, never in the store.
+                        mount(
+                            Some("tmpfs"),
+                            &d,
+                            Some("tmpfs"),
+                            MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC,
+                            Some("mode=0755,size=16m"),
+                        )
+                        .map_err(|e| SandboxError::sys("mounting a tmpfs for secrets", e))?;
+                        secrets_dir = Some(d.clone());
+                        d
+                    }
+                };
+                let value = match source {
+                    SecretSource::File(p) => fs::read(p).map_err(|e| SandboxError::io(p, e))?,
+                    SecretSource::Env(var) => std::env::var_os(var)
+                        .map(|v| v.into_encoded_bytes())
+                        .unwrap_or_default(),
+                };
+                let file = dir.join(format!("secret{i}"));
+                fs::write(&file, value).map_err(|e| SandboxError::io(&file, e))?;
+                nix::unistd::chown(&file, Some(Uid::from_raw(*uid)), Some(Gid::from_raw(*gid)))
+                    .map_err(|e| SandboxError::sys("chown of a secret file", e))?;
+                fs::set_permissions(&file, fs::Permissions::from_mode(*mode))
+                    .map_err(|e| SandboxError::io(&file, e))?;
+                (Some(file), true, None)
+            }
+        };
+        let target = make_stub_path(root, &m.target, is_file, stubs)?;
+        prepared.push(PreparedMount {
+            target,
+            source,
+            tmpfs_size,
+            readonly: m.readonly,
+        });
+    }
+    Ok(prepared)
+}
+
+/// Creates the mount point `path` in the rootfs (and missing parents), recording each new
+/// component as a stub. Returns the resolved host path.
+fn make_stub_path(
+    root: &Path,
+    path: &str,
+    is_file: bool,
+    stubs: &mut Vec<Stub>,
+) -> Result<PathBuf, SandboxError> {
+    let target = rootfs::resolve_in_root(root, path, true)?;
+    if fs::symlink_metadata(&target).is_ok() {
+        return Ok(target);
+    }
+    let rel = target.strip_prefix(root).unwrap_or(&target).to_path_buf();
+    let mut current = root.to_path_buf();
+    let parts: Vec<_> = rel.components().collect();
+    for (i, part) in parts.iter().enumerate() {
+        current.push(part);
+        if fs::symlink_metadata(&current).is_ok() {
+            continue;
+        }
+        let last = i + 1 == parts.len();
+        if last && is_file {
+            File::create(&current).map_err(|e| SandboxError::io(&current, e))?;
+        } else {
+            fs::create_dir(&current).map_err(|e| SandboxError::io(&current, e))?;
+            fs::set_permissions(&current, fs::Permissions::from_mode(0o755))
+                .map_err(|e| SandboxError::io(&current, e))?;
+        }
+        stubs.push(Stub {
+            rel: current.strip_prefix(root).unwrap_or(&current).to_path_buf(),
+            dir: !(last && is_file),
+        });
+    }
+    Ok(target)
+}
+
+fn run_process(
+    root: &Path,
+    process: &ProcessSpec,
+    mounts: &[PreparedMount],
+) -> Result<StepStatus, SandboxError> {
     unshare(CloneFlags::CLONE_NEWPID | CloneFlags::CLONE_NEWUTS)
         .map_err(|e| SandboxError::sys("unshare(CLONE_NEWPID|CLONE_NEWUTS)", e))?;
     let (report_r, report_w) = pipe2(OFlag::O_CLOEXEC).map_err(|e| SandboxError::sys("pipe", e))?;
@@ -264,7 +449,7 @@ fn run_process(root: &Path, process: &ProcessSpec) -> Result<StepStatus, Sandbox
         ForkResult::Child => {
             drop(report_r);
             let mut report = File::from(report_w);
-            let code = match init(root, process, &mut report) {
+            let code = match init(root, process, mounts, &mut report) {
                 Ok(code) => code,
                 Err(e) => {
                     let _ = writeln!(report, "E{e}");
@@ -304,9 +489,19 @@ fn wait_for(pid: Pid) -> Result<WaitStatus, SandboxError> {
 }
 
 /// Pid 1 of the step: finishes the container's mounts, pivots, starts the command and reaps.
-fn init(root: &Path, process: &ProcessSpec, report: &mut File) -> Result<i32, SandboxError> {
+fn init(
+    root: &Path,
+    process: &ProcessSpec,
+    mounts: &[PreparedMount],
+    report: &mut File,
+) -> Result<i32, SandboxError> {
     unshare(CloneFlags::CLONE_NEWNS)
         .map_err(|e| SandboxError::sys("unshare(CLONE_NEWNS) for pid 1", e))?;
+    if process.network == Network::None {
+        unshare(CloneFlags::CLONE_NEWNET)
+            .map_err(|e| SandboxError::sys("unshare(CLONE_NEWNET) for --network=none", e))?;
+        super::net::loopback_up()?;
+    }
     mount_proc(root)?;
     mount_dev(root)?;
     bind(Path::new("/sys"), &root.join("sys"), true).ok(); // best effort, as with host networking
@@ -318,6 +513,29 @@ fn init(root: &Path, process: &ProcessSpec, report: &mut File) -> Result<i32, Sa
             let target = root.join(dest);
             if fs::symlink_metadata(&target).is_ok_and(|m| m.is_file()) {
                 bind(src, &target, false)?;
+            }
+        }
+    }
+    for m in mounts {
+        match &m.source {
+            Some(source) => {
+                bind(source, &m.target, true)?;
+                if m.readonly {
+                    remount_readonly(&m.target)?;
+                }
+            }
+            None => {
+                let size = m.tmpfs_size.filter(|s| *s > 0).map(|s| format!("size={s}"));
+                mount(
+                    Some("tmpfs"),
+                    &m.target,
+                    Some("tmpfs"),
+                    MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
+                    size.as_deref(),
+                )
+                .map_err(|e| {
+                    SandboxError::sys(format!("mounting tmpfs on {}", m.target.display()), e)
+                })?;
             }
         }
     }
@@ -490,6 +708,26 @@ fn mount_dev(root: &Path) -> Result<(), SandboxError> {
         Some("mode=1777,size=65536k"),
     )
     .map_err(|e| SandboxError::sys("mounting /dev/shm", e))
+}
+
+/// Makes a bind mount read-only, keeping the flags the kernel locks in a user namespace.
+fn remount_readonly(target: &Path) -> Result<(), SandboxError> {
+    use nix::sys::statvfs::{FsFlags, statvfs};
+    let current = statvfs(target)
+        .map_err(|e| SandboxError::sys("statvfs", e))?
+        .flags();
+    let mut flags = MsFlags::MS_BIND | MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY;
+    for (fs_flag, ms_flag) in [
+        (FsFlags::ST_NOSUID, MsFlags::MS_NOSUID),
+        (FsFlags::ST_NODEV, MsFlags::MS_NODEV),
+        (FsFlags::ST_NOEXEC, MsFlags::MS_NOEXEC),
+    ] {
+        if current.contains(fs_flag) {
+            flags |= ms_flag;
+        }
+    }
+    mount(None::<&str>, target, None::<&str>, flags, None::<&str>)
+        .map_err(|e| SandboxError::sys(format!("making {} read-only", target.display()), e))
 }
 
 fn bind(src: &Path, target: &Path, recursive: bool) -> Result<(), SandboxError> {

@@ -23,6 +23,7 @@
 //!    into a layer.
 
 pub mod helper;
+mod net;
 pub mod rootfs;
 pub mod userns;
 
@@ -79,6 +80,8 @@ pub struct StepSpec {
     pub merged: PathBuf,
     /// An empty directory used as the lower layer when `lower` is empty.
     pub empty_dir: PathBuf,
+    /// A private directory of the step for the helper's own files (secrets, read-only views).
+    pub scratch: PathBuf,
     pub action: Action,
 }
 
@@ -101,6 +104,61 @@ pub struct ProcessSpec {
     /// Files bind-mounted over /etc/hosts and /etc/resolv.conf.
     pub hosts_file: PathBuf,
     pub resolv_conf: PathBuf,
+    /// `RUN --mount`s, in order.
+    #[serde(default)]
+    pub mounts: Vec<RunMount>,
+    #[serde(default)]
+    pub network: Network,
+}
+
+/// The network a RUN step sees.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Network {
+    /// The runner's own network namespace (what docker build and buildah do by default).
+    #[default]
+    Host,
+    /// A network namespace of its own with only loopback.
+    None,
+}
+
+/// A `RUN --mount`: something mounted at `target` for the duration of the step only.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct RunMount {
+    /// Absolute path inside the rootfs.
+    pub target: String,
+    pub kind: MountKind,
+    pub readonly: bool,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub enum MountKind {
+    /// A host file or directory (a cache mount's directory, the build context).
+    Bind {
+        source: PathBuf,
+    },
+    /// A read-only view of an image's or stage's layers (topmost first), then `subpath` in it.
+    Layers {
+        lower: Vec<PathBuf>,
+        subpath: String,
+    },
+    Tmpfs {
+        size: Option<u64>,
+    },
+    /// A secret, as a file on a tmpfs outside the rootfs, bound read-only at `target`.
+    Secret {
+        source: SecretSource,
+        uid: u32,
+        gid: u32,
+        mode: u32,
+    },
+}
+
+/// Where a secret's value is read by the helper. Never the value itself: the spec is a file.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub enum SecretSource {
+    File(PathBuf),
+    /// An environment variable set for the helper process only.
+    Env(String),
 }
 
 /// COPY: host files (already filtered by .dockerignore) into the rootfs.
@@ -117,6 +175,16 @@ pub struct CopySpec {
     pub chown: Option<String>,
     /// `--chmod` as an octal mode.
     pub chmod: Option<u32>,
+    /// `--from`: copy from these layers (a stage or an image, topmost first) instead of the
+    /// context; the helper mounts them read-only and matches `sources` there.
+    #[serde(default)]
+    pub from: Option<CopyFrom>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct CopyFrom {
+    pub lower: Vec<PathBuf>,
+    pub sources: Vec<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -150,9 +218,10 @@ const TAIL_LINES: usize = 20;
 /// the step prints (stdout and stderr merged, in order). Blocking: call from `spawn_blocking`.
 pub fn run_step(
     spec: &StepSpec,
-    scratch: &Path,
+    helper_env: &[(String, String)],
     mut on_line: impl FnMut(&str),
 ) -> Result<StepResult, SandboxError> {
+    let scratch = spec.scratch.as_path();
     let spec_path = scratch.join("spec.json");
     let status_path = scratch.join("status.json");
     let json = serde_json::to_vec(spec).map_err(|e| SandboxError::Setup(e.to_string()))?;
@@ -170,6 +239,7 @@ pub fn run_step(
         .arg(helper::SUBCOMMAND)
         .arg(&spec_path)
         .arg(&status_path)
+        .envs(helper_env.iter().map(|(k, v)| (k, v)))
         .stdin(Stdio::null())
         .stdout(Stdio::from(write_end))
         .stderr(Stdio::from(write_clone))
