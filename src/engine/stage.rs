@@ -972,7 +972,7 @@ impl Builder<'_> {
                 match kv.get("from") {
                     Some(from) => {
                         let other = self
-                            .from_state(node, state, from, stages, built, step)
+                            .state_of_from(node, state, from, stages, built, step)
                             .await?;
                         let lower: Vec<PathBuf> = other
                             .layers
@@ -1120,7 +1120,7 @@ impl Builder<'_> {
             }
             let step = self.steps.load(std::sync::atomic::Ordering::SeqCst);
             let other = self
-                .from_state(node, state, &from, stages, built, step)
+                .state_of_from(node, state, &from, stages, built, step)
                 .await?;
             let lower: Vec<PathBuf> = other
                 .layers
