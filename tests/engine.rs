@@ -1,0 +1,467 @@
+//! The build engine end to end: multi-stage graphs, the layer cache, heredocs, RUN mounts and
+//! networks, secrets and reproducible output — each checked in the pushed or exported image.
+
+mod common;
+
+use std::process::Command;
+
+use common::{Who, context, env, scratch_dir, shmocker, shmocker_ok, tree, unique_ref, unpack};
+
+fn stderr(out: &std::process::Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+fn digest(out: &std::process::Output) -> String {
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+/// Builds `files` as `who` into an OCI archive, unpacks it, returns (rootfs tree dir, stderr).
+fn build_and_unpack(
+    who: Who,
+    store: &std::path::Path,
+    files: &[(&str, &str)],
+    extra: &[&str],
+) -> (tempfile::TempDir, std::path::PathBuf, String) {
+    let ctx = context(files);
+    let out_dir = scratch_dir(who);
+    let oci = out_dir.path().join("img.tar");
+    let base = format!("BASE={}", env().busybox());
+    let dest = format!("type=oci,dest={}", oci.display());
+    let mut args = vec!["build", "--build-arg", &base, "--output", &dest];
+    args.extend_from_slice(extra);
+    let ctx_path = ctx.path().to_str().unwrap().to_string();
+    args.push(&ctx_path);
+    let out = shmocker_ok(who, store, &args);
+    let work = scratch_dir(Who::Root);
+    let rootfs = unpack(&format!("oci-archive:{}", oci.display()), work.path());
+    (work, rootfs, stderr(&out))
+}
+
+const MULTISTAGE: &str = r#"ARG BASE
+FROM ${BASE} AS base
+RUN echo base > /base.txt
+
+FROM base AS builder
+RUN echo built > /artifact && mkdir -p /out/sub && echo x > /out/sub/x
+
+FROM ${BASE} AS unused
+RUN echo "the unused stage ran" && exit 1
+
+FROM ${BASE} AS other
+RUN echo other > /other.txt
+
+FROM ${BASE}
+ARG BASE
+COPY --from=builder /artifact /artifact
+COPY --from=builder /out/ /copied/
+COPY --from=other /other.txt /
+COPY --from=${BASE} /bin/busybox /from-image/busybox
+COPY --from=1 /base.txt /by-index.txt
+"#;
+
+#[test]
+fn multistage_builds_only_what_the_target_needs() {
+    let store = scratch_dir(Who::User);
+    let (_w, rootfs, err) =
+        build_and_unpack(Who::User, store.path(), &[("Dockerfile", MULTISTAGE)], &[]);
+    assert!(
+        !err.contains("the unused stage ran"),
+        "an unneeded stage ran: {err}"
+    );
+    let read =
+        |p: &str| std::fs::read_to_string(rootfs.join(p)).unwrap_or_else(|e| panic!("{p}: {e}"));
+    assert_eq!(read("artifact"), "built\n");
+    assert_eq!(read("copied/sub/x"), "x\n");
+    assert_eq!(read("other.txt"), "other\n");
+    assert_eq!(read("by-index.txt"), "base\n");
+    assert!(rootfs.join("from-image/busybox").is_file());
+    assert!(
+        !rootfs.join("base.txt").exists(),
+        "the final stage is FROM BASE, not FROM base"
+    );
+
+    let (_w, rootfs, err) = build_and_unpack(
+        Who::User,
+        store.path(),
+        &[("Dockerfile", MULTISTAGE)],
+        &["--target", "builder"],
+    );
+    assert!(rootfs.join("artifact").is_file() && rootfs.join("base.txt").is_file());
+    assert!(!rootfs.join("other.txt").exists());
+    assert!(
+        !err.contains("[other"),
+        "the target does not need stage other: {err}"
+    );
+}
+
+#[test]
+fn unknown_target_and_stage_cycles_are_clear_errors() {
+    let store = scratch_dir(Who::Root);
+    let ctx = context(&[("Dockerfile", MULTISTAGE)]);
+    let out = shmocker(
+        Who::Root,
+        store.path(),
+        &["build", "--target", "nope", ctx.path().to_str().unwrap()],
+    );
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("target stage \"nope\" could not be found"),
+        "{}",
+        stderr(&out)
+    );
+    assert!(
+        stderr(&out).contains("builder"),
+        "lists the stages: {}",
+        stderr(&out)
+    );
+
+    let cyclic = "FROM scratch AS a\nCOPY --from=b /x /x\nFROM scratch AS b\nCOPY --from=a /y /y\n";
+    let ctx = context(&[("Dockerfile", cyclic)]);
+    let out = shmocker(
+        Who::Root,
+        store.path(),
+        &["build", "--target", "b", ctx.path().to_str().unwrap()],
+    );
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("circular dependency"),
+        "{}",
+        stderr(&out)
+    );
+    assert!(
+        stderr(&out).contains("Dockerfile:"),
+        "names the line: {}",
+        stderr(&out)
+    );
+}
+
+#[test]
+fn unchanged_rebuild_is_cached_and_gives_the_same_digest() {
+    let dockerfile = r#"ARG BASE
+FROM ${BASE}
+RUN echo one > /one
+COPY data /data
+ARG FLAVOUR=plain
+RUN --mount=type=cache,target=/cache echo run >> /cache/log && wc -l < /cache/log > /cache-count && echo $FLAVOUR > /flavour
+WORKDIR /w
+"#;
+    let files = [("Dockerfile", dockerfile), ("data", "payload\n")];
+    let ctx = context(&files);
+    let store = scratch_dir(Who::User);
+    let base = format!("BASE={}", env().busybox());
+    let ctx_path = ctx.path().to_str().unwrap();
+    let tag = unique_ref("cache");
+    let first = shmocker_ok(
+        Who::User,
+        store.path(),
+        &[
+            "build",
+            "--build-arg",
+            &base,
+            "-t",
+            &tag,
+            "--push",
+            ctx_path,
+        ],
+    );
+    let second = shmocker_ok(
+        Who::User,
+        store.path(),
+        &[
+            "build",
+            "--build-arg",
+            &base,
+            "-t",
+            &tag,
+            "--push",
+            ctx_path,
+        ],
+    );
+    assert_eq!(
+        digest(&first),
+        digest(&second),
+        "a rebuild from cache gives the same digest"
+    );
+    let err = stderr(&second);
+    assert_eq!(
+        err.matches(" CACHED").count(),
+        4,
+        "every filesystem step is CACHED: {err}"
+    );
+    assert_eq!(
+        err.matches(" DONE ").count(),
+        1,
+        "only the config-only ARG step is DONE: {err}"
+    );
+
+    // A changed ARG: the steps before its declaration stay cached, the RUN after it re-runs,
+    // and the cache mount keeps what the first run wrote.
+    let third = shmocker_ok(
+        Who::User,
+        store.path(),
+        &[
+            "build",
+            "--build-arg",
+            &base,
+            "--build-arg",
+            "FLAVOUR=spicy",
+            "-t",
+            &tag,
+            "--push",
+            ctx_path,
+        ],
+    );
+    let err = stderr(&third);
+    assert_eq!(
+        err.matches(" CACHED").count(),
+        2,
+        "RUN one and COPY cached: {err}"
+    );
+    assert_ne!(digest(&third), digest(&first));
+    let work = scratch_dir(Who::Root);
+    let rootfs = unpack(&format!("docker://{tag}"), work.path());
+    assert_eq!(
+        std::fs::read_to_string(rootfs.join("flavour")).unwrap(),
+        "spicy\n"
+    );
+    assert_eq!(
+        std::fs::read_to_string(rootfs.join("cache-count"))
+            .unwrap()
+            .trim(),
+        "2",
+        "the cache mount kept the first run's line"
+    );
+    assert!(
+        !rootfs.join("cache").join("log").exists(),
+        "cache mount contents stay out of the layer"
+    );
+
+    // --no-cache runs everything again.
+    let fourth = shmocker_ok(
+        Who::User,
+        store.path(),
+        &["build", "--no-cache", "--build-arg", &base, ctx_path],
+    );
+    assert_eq!(stderr(&fourth).matches(" CACHED").count(), 0);
+}
+
+#[test]
+fn source_date_epoch_makes_builds_reproducible() {
+    let dockerfile =
+        "ARG BASE\nFROM ${BASE}\nRUN echo hi > /hi && mkdir /d && touch /d/f\nCOPY f /f\nENV X=1\n";
+    let ctx = context(&[("Dockerfile", dockerfile), ("f", "file\n")]);
+    let base = format!("BASE={}", env().busybox());
+    let mut digests = Vec::new();
+    for _ in 0..2 {
+        let store = scratch_dir(Who::User);
+        let out = shmocker_ok(
+            Who::User,
+            store.path(),
+            &[
+                "build",
+                "--build-arg",
+                &base,
+                "--build-arg",
+                "SOURCE_DATE_EPOCH=1700000000",
+                ctx.path().to_str().unwrap(),
+            ],
+        );
+        digests.push(digest(&out));
+        std::thread::sleep(std::time::Duration::from_millis(1100));
+    }
+    assert_eq!(
+        digests[0], digests[1],
+        "two clean builds with SOURCE_DATE_EPOCH give one digest"
+    );
+}
+
+#[test]
+fn heredocs_in_run_and_copy() {
+    let dockerfile = "ARG BASE\nFROM ${BASE}\nENV NAME=world\nRUN <<EOF\necho one > /h1\necho two >> /h1\nEOF\nRUN cat > /h2 <<EOT\nhello $NAME\nEOT\nCOPY <<EOF /etc/greeting\nhi ${NAME}\nEOF\nCOPY <<'RAW' /raw\nkeep $NAME\nRAW\n";
+    let store = scratch_dir(Who::User);
+    let (_w, rootfs, _) =
+        build_and_unpack(Who::User, store.path(), &[("Dockerfile", dockerfile)], &[]);
+    let read = |p: &str| std::fs::read_to_string(rootfs.join(p)).unwrap();
+    assert_eq!(read("h1"), "one\ntwo\n");
+    assert_eq!(read("h2"), "hello world\n");
+    assert_eq!(read("etc/greeting"), "hi world\n");
+    assert_eq!(read("raw"), "keep $NAME\n");
+}
+
+#[test]
+fn run_mounts_secrets_and_tmpfs_leave_nothing_behind() {
+    let secret_value = format!("s3cr3t-{}", common::unique());
+    let secret_dir = scratch_dir(Who::User);
+    let secret_file = secret_dir.path().join("token");
+    std::fs::write(&secret_file, &secret_value).unwrap();
+    Command::new("chmod")
+        .arg("a+r")
+        .arg(&secret_file)
+        .status()
+        .unwrap();
+    let dockerfile = r#"ARG BASE
+FROM ${BASE}
+RUN --mount=type=secret,id=token,required=true test "$(cat /run/secrets/token)" != "" && wc -c < /run/secrets/token > /secret-length
+RUN --mount=type=secret,id=envsecret,target=/etc/s2 wc -c < /etc/s2 > /env-secret-length
+RUN --mount=type=tmpfs,target=/scratch echo junk > /scratch/junk && ls /scratch > /tmpfs-listing
+RUN --mount=type=bind,source=data,target=/mnt/data cat /mnt/data/x > /from-bind
+"#;
+    let env_secret = format!("env-{}", common::unique());
+    let ctx = context(&[("Dockerfile", dockerfile), ("data/x", "bound\n")]);
+    let out_dir = scratch_dir(Who::User);
+    let oci = out_dir.path().join("img.tar");
+    let base = format!("BASE={}", env().busybox());
+    let store = scratch_dir(Who::User);
+    let user = env().user();
+    let out = Command::new("runuser")
+        .args([
+            "-u",
+            user,
+            "--",
+            "env",
+            &format!("HOME=/home/{user}"),
+            &format!("MY_SECRET={env_secret}"),
+        ])
+        .arg(common::binary())
+        .arg("--root")
+        .arg(store.path())
+        .args(["build", "--build-arg", &base, "--secret"])
+        .arg(format!("id=token,src={}", secret_file.display()))
+        .args(["--secret", "id=envsecret,env=MY_SECRET", "--output"])
+        .arg(format!("type=oci,dest={}", oci.display()))
+        .arg(ctx.path())
+        .current_dir("/")
+        .output()
+        .unwrap();
+    let err = stderr(&out);
+    assert!(out.status.success(), "{err}");
+    let work = scratch_dir(Who::Root);
+    let rootfs = unpack(&format!("oci-archive:{}", oci.display()), work.path());
+    let read = |p: &str| std::fs::read_to_string(rootfs.join(p)).unwrap();
+    assert_eq!(read("secret-length").trim(), secret_value.len().to_string());
+    assert_eq!(
+        read("env-secret-length").trim(),
+        env_secret.len().to_string()
+    );
+    assert_eq!(read("tmpfs-listing"), "junk\n");
+    assert_eq!(read("from-bind"), "bound\n");
+    let t = tree(&rootfs);
+    for gone in [
+        "/run/secrets/token",
+        "/etc/s2",
+        "/scratch/junk",
+        "/mnt/data/x",
+        "/mnt/data",
+        "/scratch",
+    ] {
+        assert!(!t.contains_key(gone), "{gone} leaked into the image");
+    }
+    // The secrets appear nowhere: not in any blob of the image, the store, or the output.
+    let tar_bytes = std::fs::read(&oci).unwrap();
+    let layout_blobs = work.path().join("layout/blobs/sha256");
+    for value in [&secret_value, &env_secret] {
+        assert!(!err.contains(value.as_str()), "secret in the build output");
+        assert!(
+            !contains(&tar_bytes, value.as_bytes()),
+            "secret in the OCI archive"
+        );
+        for entry in std::fs::read_dir(&layout_blobs).unwrap() {
+            let blob = std::fs::read(entry.unwrap().path()).unwrap();
+            let text = gunzip_or_raw(&blob);
+            assert!(
+                !contains(&text, value.as_bytes()),
+                "secret inside a layer or the config"
+            );
+        }
+        let grep = Command::new("grep")
+            .args(["-r", "-l", "-a", value.as_str()])
+            .arg(store.path())
+            .output()
+            .unwrap();
+        assert!(
+            grep.stdout.is_empty(),
+            "secret in the store: {}",
+            String::from_utf8_lossy(&grep.stdout)
+        );
+    }
+
+    // A required secret that was not given fails the build at its line.
+    let out = shmocker(
+        Who::User,
+        store.path(),
+        &["build", "--build-arg", &base, ctx.path().to_str().unwrap()],
+    );
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("Dockerfile:3:1"), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("secret \"token\" is required"),
+        "{}",
+        stderr(&out)
+    );
+}
+
+fn contains(hay: &[u8], needle: &[u8]) -> bool {
+    hay.windows(needle.len()).any(|w| w == needle)
+}
+
+fn gunzip_or_raw(data: &[u8]) -> Vec<u8> {
+    use std::io::Read;
+    let mut out = Vec::new();
+    match flate2::read::GzDecoder::new(data).read_to_end(&mut out) {
+        Ok(_) => out,
+        Err(_) => data.to_vec(),
+    }
+}
+
+#[test]
+fn network_none_cannot_reach_the_host_but_host_can() {
+    // A loopback HTTP server of the host, on a free port.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        use std::io::{Read, Write};
+        for stream in listener.incoming().take(4) {
+            let Ok(mut s) = stream else { continue };
+            let mut buf = [0u8; 1024];
+            let _ = s.read(&mut buf);
+            let _ = s.write_all(b"HTTP/1.0 200 OK\r\nContent-Length: 6\r\n\r\nhello\n");
+        }
+    });
+    let dockerfile = format!(
+        "ARG BASE\nFROM ${{BASE}}\nRUN wget -q -O /via-host http://127.0.0.1:{port}/\nRUN --network=none (wget -q -T 3 -O /via-none http://127.0.0.1:{port}/ && echo reached || echo unreachable) > /none-result && (ping -c1 -W1 127.0.0.1 >/dev/null 2>&1; ip link 2>/dev/null | head -c0; cat /proc/net/dev | grep -c : > /interfaces)\n"
+    );
+    let store = scratch_dir(Who::User);
+    let (_w, rootfs, _) =
+        build_and_unpack(Who::User, store.path(), &[("Dockerfile", &dockerfile)], &[]);
+    assert_eq!(
+        std::fs::read_to_string(rootfs.join("via-host")).unwrap(),
+        "hello\n"
+    );
+    assert_eq!(
+        std::fs::read_to_string(rootfs.join("none-result")).unwrap(),
+        "unreachable\n"
+    );
+    assert_eq!(
+        std::fs::read_to_string(rootfs.join("interfaces"))
+            .unwrap()
+            .trim(),
+        "1",
+        "only loopback"
+    );
+}
+
+#[test]
+fn copy_from_a_missing_stage_names_the_line() {
+    let store = scratch_dir(Who::Root);
+    let ctx = context(&[(
+        "Dockerfile",
+        "FROM scratch\nCOPY --from=127.0.0.1:9/nosuch/stage:1 /x /x\n",
+    )]);
+    let out = shmocker(
+        Who::Root,
+        store.path(),
+        &["build", ctx.path().to_str().unwrap()],
+    );
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("Dockerfile:2:1"), "{}", stderr(&out));
+}
