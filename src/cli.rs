@@ -47,8 +47,9 @@ pub struct BuildArgs {
     #[arg(long)]
     pub push: bool,
 
-    /// Where the result goes: type=oci,dest=FILE (an OCI image layout tarball) or
-    /// type=registry (push the tags). Repeatable.
+    /// Where the result goes (repeatable): type=registry (push the tags), type=oci,dest=FILE
+    /// (an OCI image layout tarball), type=docker,dest=FILE (a tarball for `docker load`), or
+    /// type=local,dest=DIR (the image's filesystem).
     #[arg(short = 'o', long = "output", value_name = "SPEC")]
     pub outputs: Vec<String>,
 
@@ -56,6 +57,10 @@ pub struct BuildArgs {
     /// environment.
     #[arg(long = "build-arg", value_name = "NAME[=VALUE]")]
     pub build_args: Vec<String>,
+
+    /// Media types of the image: oci (default) or docker.
+    #[arg(long, value_name = "oci|docker", default_value = "oci")]
+    pub format: String,
 
     /// Build this stage (by its `AS` name) instead of the last one; only the stages it needs run.
     #[arg(long, value_name = "STAGE")]

@@ -12,7 +12,7 @@ use std::process::ExitCode;
 use anyhow::{Context as _, Result, anyhow, bail};
 use clap::Parser;
 
-use shmocker::engine::{self, BuildOptions, BuildResult, Secret};
+use shmocker::engine::{self, BuildOptions, BuildResult, Export, Secret};
 use shmocker::sandbox::SecretSource;
 use shmocker::sandbox::{helper, userns};
 
@@ -89,22 +89,30 @@ fn default_root() -> Result<PathBuf> {
 
 fn build_options(args: cli::BuildArgs, root: PathBuf) -> Result<BuildOptions> {
     let mut push = args.push;
-    let mut oci_outputs = Vec::new();
+    let mut exports = Vec::new();
     for spec in &args.outputs {
         let fields = parse_kv_list(spec).with_context(|| {
             format!("--output {spec:?}: expected type=oci,dest=FILE or type=registry")
         })?;
         match fields.get("type").map(String::as_str) {
-            Some("oci") => {
+            Some(kind @ ("oci" | "docker" | "local" | "tar")) => {
                 let dest = fields
                     .get("dest")
-                    .ok_or_else(|| anyhow!("--output {spec:?}: type=oci needs dest=FILE"))?;
-                oci_outputs.push(absolute(Path::new(dest))?);
+                    .ok_or_else(|| anyhow!("--output {spec:?}: type={kind} needs dest=PATH"))?;
+                let dest = absolute(Path::new(dest))?;
+                exports.push(match kind {
+                    "oci" => Export::Oci(dest),
+                    "docker" => Export::Docker(dest),
+                    "local" => Export::Local(dest),
+                    _ => bail!(
+                        "--output {spec:?}: type=tar is not supported; use type=oci or type=docker"
+                    ),
+                });
             }
             Some("registry") => push = true,
             Some("image") if fields.get("push").map(String::as_str) == Some("true") => push = true,
             Some(other) => bail!(
-                "--output {spec:?}: unsupported output type {other:?}; this version writes type=oci,dest=FILE or type=registry"
+                "--output {spec:?}: unsupported output type {other:?}; use type=registry, type=oci,dest=FILE, type=docker,dest=FILE or type=local,dest=DIR"
             ),
             None => {
                 bail!("--output {spec:?}: missing type=; use type=oci,dest=FILE or type=registry")
@@ -154,7 +162,12 @@ fn build_options(args: cli::BuildArgs, root: PathBuf) -> Result<BuildOptions> {
         dockerfile: args.file.as_deref().map(absolute).transpose()?,
         tags: args.tags,
         push,
-        oci_outputs,
+        exports,
+        format: match args.format.as_str() {
+            "oci" => shmocker::image::Format::Oci,
+            "docker" => shmocker::image::Format::Docker,
+            other => bail!("--format {other:?}: use oci or docker"),
+        },
         build_args,
         iidfile: args.iidfile.as_deref().map(absolute).transpose()?,
         metadata_file: args.metadata_file.as_deref().map(absolute).transpose()?,
@@ -214,9 +227,9 @@ fn write_results(opts: &BuildOptions, result: &BuildResult) -> Result<()> {
         std::fs::write(path, text)
             .with_context(|| format!("writing --metadata-file {}", path.display()))?;
     }
-    if !opts.push && opts.oci_outputs.is_empty() {
+    if !opts.push && opts.exports.is_empty() {
         eprintln!(
-            "warning: no output specified: the image stays in the store only; add --push or --output type=oci,dest=FILE"
+            "warning: no output specified: the image stays in the store only; add --push or --output (type=oci|docker,dest=FILE or type=local,dest=DIR)"
         );
     }
     Ok(())

@@ -41,8 +41,10 @@ pub struct BuildOptions {
     pub dockerfile: Option<PathBuf>,
     pub tags: Vec<String>,
     pub push: bool,
-    /// OCI image layout tarballs to write.
-    pub oci_outputs: Vec<PathBuf>,
+    /// Files and directories to export the image to (`--output`).
+    pub exports: Vec<Export>,
+    /// OCI or Docker media types (`--format`).
+    pub format: image::Format,
     pub build_args: BTreeMap<String, String>,
     /// The stage to build (`--target`); the last stage when not given.
     pub target: Option<String>,
@@ -58,6 +60,17 @@ pub struct BuildOptions {
     pub store_root: PathBuf,
     pub insecure_registries: Vec<String>,
     pub mapping: IdMapping,
+}
+
+/// An `--output` other than the registry.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Export {
+    /// An OCI image layout tarball.
+    Oci(PathBuf),
+    /// A tarball for `docker load` (also an OCI layout).
+    Docker(PathBuf),
+    /// The image's filesystem, into a directory.
+    Local(PathBuf),
 }
 
 /// A `--secret`: its id and where its value is read (never the value itself).
@@ -465,6 +478,7 @@ impl<'a> Builder<'a> {
     }
 
     async fn finish(&self, state: StageState) -> Result<BuildResult, BuildError> {
+        let format = self.opts.format;
         let mut config = state.config.clone();
         config.created = config
             .history
@@ -478,52 +492,83 @@ impl<'a> Builder<'a> {
             .put_bytes(&config_raw)
             .map_err(|e| internal("storing the config")(e.to_string()))?;
         let config_desc = Descriptor {
-            media_type: image::MEDIA_TYPE_OCI_CONFIG.into(),
+            media_type: format.config().into(),
             digest: config_digest.clone(),
             size: config_raw.len() as u64,
             annotations: None,
             platform: None,
         };
-        let layer_descs: Vec<Descriptor> = state
+        let layers: Vec<BlobRef> = state
             .layers
             .iter()
+            .map(|l| BlobRef {
+                media_type: format.layer(&l.blob.media_type),
+                ..l.blob.clone()
+            })
+            .collect();
+        let layer_descs: Vec<Descriptor> = layers
+            .iter()
             .map(|l| Descriptor {
-                media_type: l.blob.media_type.clone(),
-                digest: l.blob.digest.clone(),
-                size: l.blob.size,
+                media_type: l.media_type.clone(),
+                digest: l.digest.clone(),
+                size: l.size,
                 annotations: None,
                 platform: None,
             })
             .collect();
-        let manifest_raw = image::oci_manifest(&config_desc, &layer_descs);
+        let manifest_raw = image::manifest(format, &config_desc, &layer_descs);
         let manifest_digest = self
             .store
             .put_bytes(&manifest_raw)
             .map_err(|e| internal("storing the manifest")(e.to_string()))?;
         let manifest = Descriptor {
-            media_type: image::MEDIA_TYPE_OCI_MANIFEST.into(),
+            media_type: format.manifest().into(),
             digest: manifest_digest.clone(),
             size: manifest_raw.len() as u64,
             annotations: None,
             platform: None,
         };
         let blobs: Vec<String> = std::iter::once(config_digest.clone())
-            .chain(state.layers.iter().map(|l| l.blob.digest.clone()))
+            .chain(layers.iter().map(|l| l.digest.clone()))
             .collect();
         let name = self.opts.tags.first().map(String::as_str);
-        for dest in &self.opts.oci_outputs {
-            crate::image::layout::write_oci_archive(&self.store, dest, &manifest, &blobs, name)
-                .map_err(|e| BuildError::Input(e.to_string()))?;
-            eprintln!("exported OCI layout to {}", dest.display());
+        for export in &self.opts.exports {
+            match export {
+                Export::Oci(dest) => {
+                    image::layout::write_oci_archive(&self.store, dest, &manifest, &blobs, name)
+                        .map_err(|e| BuildError::Input(e.to_string()))?;
+                    eprintln!("exported an OCI image layout to {}", dest.display());
+                }
+                Export::Docker(dest) => {
+                    let load = image::layout::DockerLoad {
+                        config: config_digest.clone(),
+                        layers: layers.iter().map(|l| l.digest.clone()).collect(),
+                        tags: self.opts.tags.clone(),
+                    };
+                    image::layout::write_docker_archive(
+                        &self.store,
+                        dest,
+                        &manifest,
+                        &blobs,
+                        name,
+                        &load,
+                    )
+                    .map_err(|e| BuildError::Input(e.to_string()))?;
+                    eprintln!("exported a docker-loadable image to {}", dest.display());
+                }
+                Export::Local(dest) => {
+                    self.export_local(&state, dest).await?;
+                    eprintln!("exported the image's filesystem to {}", dest.display());
+                }
+            }
         }
         let mut pushed = Vec::new();
         if self.opts.push {
             let config_blob = BlobRef {
                 digest: config_digest.clone(),
                 size: config_raw.len() as u64,
-                media_type: image::MEDIA_TYPE_OCI_CONFIG.into(),
+                media_type: format.config().into(),
             };
-            let layers: Vec<BlobRef> = state.layers.iter().map(|l| l.blob.clone()).collect();
             for tag in &self.opts.tags {
                 let reference: Reference = tag
                     .parse()
@@ -536,7 +581,7 @@ impl<'a> Builder<'a> {
                         &layers,
                         &config_blob,
                         &manifest_raw,
-                        image::MEDIA_TYPE_OCI_MANIFEST,
+                        format.manifest(),
                         &self.store,
                     )
                     .await
@@ -553,6 +598,56 @@ impl<'a> Builder<'a> {
             manifest,
             pushed,
         })
+    }
+
+    /// Copies the image's filesystem into `dest` (created if missing), owners and modes kept.
+    async fn export_local(&self, state: &StageState, dest: &Path) -> Result<(), BuildError> {
+        let dir = self.store.temp_path("export");
+        let scratch = dir.join("scratch");
+        for d in [
+            dir.join("upper"),
+            dir.join("work"),
+            dir.join("merged"),
+            scratch.clone(),
+        ] {
+            fs::create_dir_all(&d).map_err(|e| internal("export dir")(e.to_string()))?;
+        }
+        fs::create_dir_all(dest).map_err(|e| {
+            BuildError::Input(format!("--output type=local,dest={}: {e}", dest.display()))
+        })?;
+        let spec = crate::sandbox::StepSpec {
+            lower: state
+                .layers
+                .iter()
+                .rev()
+                .map(|l| l.snapshot.clone())
+                .collect(),
+            upper: dir.join("upper"),
+            work: dir.join("work"),
+            merged: dir.join("merged"),
+            empty_dir: self.snapshots.empty_dir(),
+            scratch,
+            action: crate::sandbox::Action::Export {
+                dest: dest.to_path_buf(),
+            },
+        };
+        let result = tokio::task::spawn_blocking(move || {
+            crate::sandbox::run_step(&spec, &[], |line| eprintln!("export: {line}"))
+        })
+        .await
+        .map_err(|e| internal("export task")(e.to_string()))?;
+        let _ = fs::remove_dir_all(&dir);
+        match result.map(|r| r.status) {
+            Ok(crate::sandbox::StepStatus::Exited(0)) => Ok(()),
+            Ok(other) => Err(BuildError::Input(format!(
+                "exporting the filesystem to {} failed: {other:?}",
+                dest.display()
+            ))),
+            Err(e) => Err(BuildError::Input(format!(
+                "exporting the filesystem to {}: {e}",
+                dest.display()
+            ))),
+        }
     }
 
     /// The time to record for something made now: `SOURCE_DATE_EPOCH` when set.

@@ -179,6 +179,41 @@ impl Builder<'_> {
         if state.config.config.env_get("PATH").is_none() {
             state.config.config.env_set("PATH", image::DEFAULT_PATH);
         }
+        // ONBUILD triggers of the base image run first, then leave the image (as in BuildKit).
+        if let Some(serde_json::Value::Array(triggers)) = state.config.config.rest.remove("OnBuild")
+        {
+            for t in triggers.iter().filter_map(|t| t.as_str()) {
+                let parsed = crate::dockerfile::parse(t).map_err(|e| {
+                    self.err(
+                        from,
+                        format!(
+                            "ONBUILD trigger {t:?} of the base image does not parse: {}",
+                            e.message
+                        ),
+                    )
+                })?;
+                for trigger in &parsed.nodes {
+                    if matches!(trigger.keyword.as_str(), "from" | "onbuild" | "maintainer") {
+                        return Err(self.err(
+                            from,
+                            format!(
+                                "{} is not allowed as an ONBUILD trigger",
+                                trigger.keyword.to_uppercase()
+                            ),
+                        ));
+                    }
+                    let step = self.next_step();
+                    eprintln!(
+                        "#{step} [{label} 1/{n}] ONBUILD {}",
+                        display_instruction(trigger)
+                    );
+                    let mut located = trigger.clone();
+                    located.start_line = from.start_line;
+                    located.column = from.column;
+                    Box::pin(self.dispatch(&located, &mut state, step, stages, built)).await?;
+                }
+            }
+        }
         for (i, node) in nodes[1..].iter().enumerate() {
             let step = self.next_step();
             eprintln!(
@@ -400,7 +435,22 @@ impl Builder<'_> {
     ) -> Result<bool, BuildError> {
         let keyword = node.keyword.as_str();
         let supported_flags: &[&str] = match keyword {
-            "copy" => &["--chown", "--chmod", "--from"],
+            "copy" => &[
+                "--chown",
+                "--chmod",
+                "--from",
+                "--link",
+                "--exclude",
+                "--parents",
+            ],
+            "add" => &[
+                "--chown",
+                "--chmod",
+                "--link",
+                "--exclude",
+                "--checksum",
+                "--unpack",
+            ],
             "run" => &["--mount", "--network"],
             _ => &[],
         };
@@ -585,12 +635,42 @@ impl Builder<'_> {
                     .await?;
                 created_by = shown;
             }
-            "copy" => {
+            "copy" | "add" => {
                 let (spec, key) = self.copy_spec(node, state, stages, built).await?;
                 outcome = self
                     .fs_step(node, state, step, key, Action::Copy(spec), vec![])
                     .await?;
-                created_by = format!("COPY {} # buildkit", node.args.join(" "));
+                created_by = format!(
+                    "{} {} # buildkit",
+                    keyword.to_uppercase(),
+                    node.args.join(" ")
+                );
+            }
+            "healthcheck" => {
+                let hc = healthcheck(node).map_err(|m| self.err(node, m))?;
+                created_by = format!(
+                    "HEALTHCHECK {}",
+                    node.original
+                        .split_once(char::is_whitespace)
+                        .map(|(_, r)| r.trim())
+                        .unwrap_or("")
+                );
+                state.config.config.rest.insert("Healthcheck".into(), hc);
+            }
+            "onbuild" => {
+                let trigger = node.args.first().cloned().ok_or_else(|| {
+                    self.err(node, "ONBUILD needs an instruction: ONBUILD RUN ...")
+                })?;
+                let list = state
+                    .config
+                    .config
+                    .rest
+                    .entry("OnBuild")
+                    .or_insert_with(|| serde_json::json!([]));
+                if let Some(a) = list.as_array_mut() {
+                    a.push(serde_json::Value::String(trigger.clone()));
+                }
+                created_by = format!("ONBUILD {trigger}");
             }
             "from" => unreachable!("FROM starts a stage"),
             other => {
@@ -1031,6 +1111,60 @@ impl Builder<'_> {
         }
     }
 
+    /// Downloads an ADD URL into the build's scratch dir (streamed), checks `--checksum`, and
+    /// returns the file (named after the URL's last path segment, mode 0600 as Docker does) and
+    /// its sha256.
+    async fn download(
+        &self,
+        node: &Node,
+        url: &str,
+        checksum: Option<&str>,
+    ) -> Result<(PathBuf, String), BuildError> {
+        use futures_util::StreamExt;
+        use sha2::Digest as _;
+        use std::io::Write;
+        let fail = |m: String| self.err(node, format!("ADD {url}: {m}"));
+        let resp = reqwest::get(url)
+            .await
+            .map_err(|e| fail(format!("{e}; check the URL and the network")))?;
+        if !resp.status().is_success() {
+            return Err(fail(format!("the server answered {}", resp.status())));
+        }
+        let name = url
+            .split(['?', '#'])
+            .next()
+            .and_then(|u| u.rsplit('/').next())
+            .filter(|n| !n.is_empty() && !n.contains(':'))
+            .unwrap_or("download")
+            .to_string();
+        let dir = self.scratch.join(format!(
+            "add-{}",
+            hex::encode(sha2::Sha256::digest(url.as_bytes()))
+        ));
+        fs::create_dir_all(&dir).map_err(|e| fail(e.to_string()))?;
+        let path = dir.join(&name);
+        let mut file = fs::File::create(&path).map_err(|e| fail(e.to_string()))?;
+        let mut hasher = sha2::Sha256::new();
+        let mut stream = resp.bytes_stream();
+        while let Some(chunk) = stream.next().await {
+            let chunk = chunk.map_err(|e| fail(format!("download interrupted: {e}")))?;
+            hasher.update(&chunk);
+            file.write_all(&chunk).map_err(|e| fail(e.to_string()))?;
+        }
+        let digest = format!("sha256:{}", hex::encode(hasher.finalize()));
+        if let Some(expected) = checksum
+            && expected != digest
+        {
+            return Err(fail(format!(
+                "checksum mismatch: --checksum={expected} but the download is {digest}"
+            )));
+        }
+        use std::os::unix::fs::PermissionsExt;
+        fs::set_permissions(&path, fs::Permissions::from_mode(0o600))
+            .map_err(|e| fail(e.to_string()))?;
+        Ok((path, digest))
+    }
+
     /// The directory of a cache mount, kept in the store between builds.
     fn cache_mount_dir(&self, id: &str, uid: u32, gid: u32, mode: u32) -> Result<PathBuf, String> {
         use sha2::Digest as _;
@@ -1079,6 +1213,14 @@ impl Builder<'_> {
         let mut chown = None;
         let mut chmod = None;
         let mut from = None;
+        let mut excludes: Vec<String> = Vec::new();
+        let mut parents = false;
+        let mut link = false;
+        let is_add = node.keyword == "add";
+        let mut checksum: Option<String> = None;
+        let mut unpack: Option<bool> = None;
+        let mut archives: Vec<PathBuf> = Vec::new();
+        let mut extra_key: Vec<String> = Vec::new();
         for f in &node.flags {
             if let Some(v) = f.strip_prefix("--chown=") {
                 chown = Some(self.expand(node, state, v)?);
@@ -1097,6 +1239,18 @@ impl Builder<'_> {
                 );
             } else if let Some(v) = f.strip_prefix("--from=") {
                 from = Some(v.to_string());
+            } else if let Some(v) = f.strip_prefix("--exclude=") {
+                excludes.push(self.expand(node, state, v)?);
+            } else if f == "--parents" || f == "--parents=true" {
+                parents = true;
+            } else if f == "--link" || f == "--link=true" {
+                link = true;
+            } else if let Some(v) = f.strip_prefix("--checksum=") {
+                checksum = Some(self.expand(node, state, v)?);
+            } else if f == "--unpack" || f == "--unpack=true" {
+                unpack = Some(true);
+            } else if f == "--unpack=false" {
+                unpack = Some(false);
             }
         }
         let words: Vec<String> = node
@@ -1112,7 +1266,21 @@ impl Builder<'_> {
         };
         let dest_abs = absolute_in(state.config.config.working_dir.as_deref(), dest);
         let dest_dir_syntax = dest.ends_with('/') || dest == ".";
-        let flags_key = serde_json::json!({"dest": dest_abs, "dest_dir": dest_dir_syntax, "chown": chown, "chmod": chmod});
+        let flags_key = serde_json::json!({"dest": dest_abs, "dest_dir": dest_dir_syntax, "chown": chown, "chmod": chmod, "exclude": excludes, "parents": parents, "link": link});
+        let exclude = if excludes.is_empty() {
+            None
+        } else {
+            Some(
+                crate::dockerfile::dockerignore::Dockerignore::parse(&excludes.join("\n"))
+                    .map_err(|e| self.err(node, format!("--exclude: {e}")))?,
+            )
+        };
+        if from.is_some() && (exclude.is_some() || parents) {
+            return Err(self.err(
+                node,
+                "COPY --from with --exclude or --parents is not supported by this version of shmocker",
+            ));
+        }
 
         if let Some(from) = from {
             if !node.heredocs.is_empty() {
@@ -1140,6 +1308,8 @@ impl Builder<'_> {
                         lower,
                         sources: sources.to_vec(),
                     }),
+                    link,
+                    archives: vec![],
                 },
                 key,
             ));
@@ -1172,18 +1342,99 @@ impl Builder<'_> {
                     "COPY requires at least two arguments: COPY <src>... <dest>",
                 ));
             }
+            if checksum.is_some() && !sources.iter().all(|s| is_url(s)) {
+                return Err(self.err(node, "ADD --checksum applies to URL sources only"));
+            }
             for s in sources {
+                if is_add && is_git_source(s) {
+                    return Err(self.err(
+                        node,
+                        format!("ADD {s}: git sources are not supported by this version of shmocker; clone in a RUN step instead"),
+                    ));
+                }
+                if is_add && is_url(s) {
+                    let (file, hash) = self.download(node, s, checksum.as_deref()).await?;
+                    matched += 1;
+                    extra_key.push(format!("{s}@{hash}"));
+                    if unpack == Some(true)
+                        && matches!(layer::archive_kind(&file), Ok(layer::ArchiveKind::Tar(_)))
+                    {
+                        archives.push(file);
+                        any_dir = true;
+                    } else {
+                        let name = PathBuf::from(file.file_name().unwrap_or_default());
+                        items.push(CopyItem {
+                            src: file,
+                            rel: name,
+                        });
+                    }
+                    continue;
+                }
                 for rel in self
                     .context
                     .matches(s)
                     .map_err(|e| self.err(node, e.to_string()))?
                 {
+                    if is_add && unpack != Some(false) {
+                        let path = self.context.root().join(&rel);
+                        if path.is_file() {
+                            match layer::archive_kind(&path) {
+                                Ok(layer::ArchiveKind::Tar(_)) => {
+                                    matched += 1;
+                                    any_dir = true;
+                                    extra_key.push(
+                                        cache::hash_copy_items(&[CopyItem {
+                                            src: path.clone(),
+                                            rel: PathBuf::from(&rel),
+                                        }])
+                                        .map_err(|e| self.err(node, e.to_string()))?,
+                                    );
+                                    archives.push(path);
+                                    continue;
+                                }
+                                Ok(layer::ArchiveKind::Unsupported(kind)) => {
+                                    return Err(self.err(
+                                        node,
+                                        format!("ADD {rel}: {kind}-compressed archives are not unpacked by this version of shmocker; use a plain or gzip tar, or COPY it and unpack in RUN"),
+                                    ));
+                                }
+                                _ => {}
+                            }
+                        }
+                    }
                     matched += 1;
                     let before = items.len();
                     self.context
                         .items(&rel, &mut items)
                         .map_err(|e| self.err(node, e.to_string()))?;
-                    any_dir |= items[before].rel.as_os_str().is_empty();
+                    if let Some(ex) = &exclude {
+                        // --exclude patterns apply to paths below the source and to its own.
+                        let mut kept = items.split_off(before);
+                        kept.retain(|i| {
+                            let under = Path::new(&rel).join(&i.rel);
+                            !ex.is_excluded(&i.rel.to_string_lossy())
+                                && !ex.is_excluded(&under.to_string_lossy())
+                        });
+                        items.extend(kept);
+                        if items.len() == before {
+                            continue;
+                        }
+                    }
+                    if parents {
+                        // --parents keeps the source's path under the destination.
+                        let prefix = Path::new(&rel).to_path_buf();
+                        let top_is_dir = items[before].rel.as_os_str().is_empty();
+                        for item in &mut items[before..] {
+                            item.rel = if top_is_dir {
+                                prefix.join(&item.rel)
+                            } else {
+                                prefix.clone()
+                            };
+                        }
+                        any_dir = true;
+                    } else {
+                        any_dir |= items[before].rel.as_os_str().is_empty();
+                    }
                 }
             }
         }
@@ -1201,7 +1452,7 @@ impl Builder<'_> {
             .await
             .map_err(|e| internal("hash task")(e.to_string()))?
             .map_err(|e| self.err(node, format!("reading the COPY sources: {e}")))?;
-        let key = serde_json::json!({"copy": hash, "flags": flags_key, "dest_is_dir": dest_is_dir});
+        let key = serde_json::json!({"copy": hash, "flags": flags_key, "dest_is_dir": dest_is_dir, "add": extra_key});
         Ok((
             CopySpec {
                 items,
@@ -1210,6 +1461,8 @@ impl Builder<'_> {
                 chown,
                 chmod,
                 from: None,
+                link,
+                archives,
             },
             key,
         ))
@@ -1244,13 +1497,19 @@ impl Builder<'_> {
         for d in [&upper, &work, &merged, &scratch] {
             fs::create_dir_all(d).map_err(|e| internal("step dir")(e.to_string()))?;
         }
+        // COPY --link makes its layer on its own, independent of the layers below.
+        let linked = matches!(&action, Action::Copy(c) if c.link);
         let spec = StepSpec {
-            lower: state
-                .layers
-                .iter()
-                .rev()
-                .map(|l| l.snapshot.clone())
-                .collect(),
+            lower: if linked {
+                vec![]
+            } else {
+                state
+                    .layers
+                    .iter()
+                    .rev()
+                    .map(|l| l.snapshot.clone())
+                    .collect()
+            },
             upper: upper.clone(),
             work,
             merged,
@@ -1415,6 +1674,111 @@ enum StepOutcome {
     },
 }
 
+/// The `Healthcheck` config field of a HEALTHCHECK instruction, as BuildKit writes it.
+fn healthcheck(node: &Node) -> Result<serde_json::Value, String> {
+    let kind = node.args.first().map(|s| s.to_ascii_uppercase());
+    let mut hc = serde_json::Map::new();
+    match kind.as_deref() {
+        Some("NONE") => {
+            if node.args.len() > 1 || !node.flags.is_empty() {
+                return Err("HEALTHCHECK NONE takes no arguments or options".into());
+            }
+            hc.insert("Test".into(), serde_json::json!(["NONE"]));
+            return Ok(serde_json::Value::Object(hc));
+        }
+        Some("CMD") => {}
+        _ => return Err("HEALTHCHECK must be followed by CMD <command> or NONE".into()),
+    }
+    let rest = &node.args[1..];
+    if rest.is_empty() {
+        return Err("HEALTHCHECK CMD needs a command".into());
+    }
+    let test: Vec<String> = if node.json {
+        std::iter::once("CMD".to_string())
+            .chain(rest.iter().cloned())
+            .collect()
+    } else {
+        vec!["CMD-SHELL".into(), rest.join(" ")]
+    };
+    hc.insert("Test".into(), serde_json::json!(test));
+    for f in &node.flags {
+        let (name, value) = f
+            .split_once('=')
+            .ok_or_else(|| format!("{f}: expected --name=value"))?;
+        let key = match name {
+            "--interval" => "Interval",
+            "--timeout" => "Timeout",
+            "--start-period" => "StartPeriod",
+            "--start-interval" => "StartInterval",
+            "--retries" => {
+                let n: i64 = value
+                    .parse()
+                    .map_err(|_| format!("--retries={value}: not a number"))?;
+                if n < 0 {
+                    return Err("--retries cannot be negative".into());
+                }
+                if n > 0 {
+                    hc.insert("Retries".into(), serde_json::json!(n));
+                }
+                continue;
+            }
+            other => return Err(format!("unknown HEALTHCHECK option {other}")),
+        };
+        let ns = parse_go_duration(value)
+            .ok_or_else(|| format!("{name}={value}: not a duration such as 30s or 1m30s"))?;
+        if ns != 0 && ns < 1_000_000 {
+            return Err(format!("{name}={value} cannot be less than 1ms"));
+        }
+        if ns > 0 {
+            hc.insert(key.into(), serde_json::json!(ns));
+        }
+    }
+    Ok(serde_json::Value::Object(hc))
+}
+
+/// A Go duration (`1h2m3.5s`, `300ms`, `0`) in nanoseconds.
+fn parse_go_duration(s: &str) -> Option<i64> {
+    if s == "0" {
+        return Some(0);
+    }
+    if s.is_empty() {
+        return None;
+    }
+    let mut total = 0f64;
+    let mut rest = s;
+    while !rest.is_empty() {
+        let num_end = rest.find(|c: char| !(c.is_ascii_digit() || c == '.'))?;
+        let value: f64 = rest[..num_end].parse().ok()?;
+        rest = &rest[num_end..];
+        let unit_end = rest
+            .find(|c: char| c.is_ascii_digit() || c == '.')
+            .unwrap_or(rest.len());
+        let mult = match &rest[..unit_end] {
+            "ns" => 1.0,
+            "us" | "µs" => 1e3,
+            "ms" => 1e6,
+            "s" => 1e9,
+            "m" => 60e9,
+            "h" => 3600e9,
+            _ => return None,
+        };
+        total += value * mult;
+        rest = &rest[unit_end..];
+    }
+    Some(total as i64)
+}
+
+fn is_url(s: &str) -> bool {
+    s.starts_with("http://") || s.starts_with("https://")
+}
+
+/// A git source as BuildKit recognises one for ADD.
+fn is_git_source(s: &str) -> bool {
+    s.starts_with("git@")
+        || s.starts_with("git://")
+        || (is_url(s) && (s.ends_with(".git") || s.contains(".git#") || s.contains(".git?")))
+}
+
 /// A heredoc's text, with leading tabs removed for `<<-`.
 fn heredoc_body(doc: &crate::dockerfile::Heredoc) -> String {
     if doc.chomp {
@@ -1556,6 +1920,33 @@ mod tests {
         assert_eq!(parse_size("2m"), Some(2 << 20));
         assert_eq!(parse_size("100"), Some(100));
         assert_eq!(parse_size("x"), None);
+    }
+
+    #[test]
+    fn healthchecks_and_durations_follow_buildkit() {
+        assert_eq!(parse_go_duration("1m30s"), Some(90_000_000_000));
+        assert_eq!(parse_go_duration("500ms"), Some(500_000_000));
+        assert_eq!(parse_go_duration("1.5h"), Some(5_400_000_000_000));
+        assert_eq!(parse_go_duration("3"), None);
+        let parsed = crate::dockerfile::parse(
+            "FROM scratch\nHEALTHCHECK --interval=5s --retries=3 CMD curl -f http://localhost/\nHEALTHCHECK CMD [\"/bin/check\", \"-q\"]\nHEALTHCHECK NONE\n",
+        )
+        .unwrap();
+        let hc = healthcheck(&parsed.nodes[1]).unwrap();
+        assert_eq!(
+            hc["Test"],
+            serde_json::json!(["CMD-SHELL", "curl -f http://localhost/"])
+        );
+        assert_eq!(hc["Interval"], 5_000_000_000i64);
+        assert_eq!(hc["Retries"], 3);
+        assert_eq!(
+            healthcheck(&parsed.nodes[2]).unwrap()["Test"],
+            serde_json::json!(["CMD", "/bin/check", "-q"])
+        );
+        assert_eq!(
+            healthcheck(&parsed.nodes[3]).unwrap()["Test"],
+            serde_json::json!(["NONE"])
+        );
     }
 
     #[test]

@@ -100,6 +100,37 @@ fn run(spec: &StepSpec) -> Result<StepStatus, SandboxError> {
                 copy.dest_is_dir |= has_dir;
             }
             rootfs::copy_into(root, &copy)?;
+            for archive in &copy.archives {
+                let dest = rootfs::mkdir_all(root, &copy.dest, (0, 0))?;
+                let compression = crate::layer::sniff_compression(archive)
+                    .map_err(|e| SandboxError::Setup(e.to_string()))?;
+                let file = File::open(archive).map_err(|e| SandboxError::io(archive, e))?;
+                crate::layer::apply_layer(
+                    std::io::BufReader::new(file),
+                    compression,
+                    &dest,
+                    &crate::layer::ApplyOptions::default(),
+                )
+                .map_err(|e| SandboxError::Setup(format!("ADD {}: {e}", archive.display())))?;
+            }
+            Ok(StepStatus::Exited(0))
+        }
+        Action::Export { dest } => {
+            // cp -a keeps owners, modes, links and times; the rootfs is read through the
+            // overlay, so whiteouts are already applied.
+            let out = std::process::Command::new("cp")
+                .arg("-a")
+                .arg(format!("{}/.", root.display()))
+                .arg(dest)
+                .output()
+                .map_err(|e| SandboxError::io("cp", e))?;
+            if !out.status.success() {
+                return Err(SandboxError::Setup(format!(
+                    "copying the image's filesystem to {}: {}",
+                    dest.display(),
+                    String::from_utf8_lossy(&out.stderr).trim()
+                )));
+            }
             Ok(StepStatus::Exited(0))
         }
         Action::Mkdir { path, user } => {

@@ -89,7 +89,14 @@ pub struct StepSpec {
 pub enum Action {
     Run(ProcessSpec),
     Copy(CopySpec),
-    Mkdir { path: String, user: Option<String> },
+    Mkdir {
+        path: String,
+        user: Option<String>,
+    },
+    /// Copy the whole rootfs, owners and modes kept, into a host directory (`type=local`).
+    Export {
+        dest: PathBuf,
+    },
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -179,6 +186,12 @@ pub struct CopySpec {
     /// context; the helper mounts them read-only and matches `sources` there.
     #[serde(default)]
     pub from: Option<CopyFrom>,
+    /// `--link`: the layer is made on its own, not on top of the image's layers.
+    #[serde(default)]
+    pub link: bool,
+    /// ADD: local tar archives (plain or gzip) unpacked into the destination directory.
+    #[serde(default)]
+    pub archives: Vec<PathBuf>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

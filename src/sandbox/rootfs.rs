@@ -295,6 +295,11 @@ pub fn copy_into(root: &Path, spec: &CopySpec) -> Result<(), SandboxError> {
             let parent = match item.rel.parent() {
                 Some(p) if !p.as_os_str().is_empty() => {
                     let dir = resolve_in_root(&base, &p.to_string_lossy(), true)?;
+                    if !dir.exists() {
+                        // `COPY --parents` names files whose directories are not items.
+                        let rel = dir.strip_prefix(root).unwrap_or(&dir);
+                        mkdir_all(root, &format!("/{}", rel.display()), owner)?;
+                    }
                     if !dir.starts_with(root) {
                         return Err(SandboxError::Setup(format!(
                             "COPY destination {} leaves the image's filesystem",
