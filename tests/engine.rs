@@ -465,3 +465,252 @@ fn copy_from_a_missing_stage_names_the_line() {
     assert!(!out.status.success());
     assert!(stderr(&out).contains("Dockerfile:2:1"), "{}", stderr(&out));
 }
+
+#[test]
+fn add_unpacks_local_archives_and_fetches_urls_with_checksums() {
+    // A local tar.gz and a file served over HTTP on loopback.
+    let staging = scratch_dir(Who::Root);
+    std::fs::create_dir_all(staging.path().join("pkg/inner")).unwrap();
+    std::fs::write(
+        staging.path().join("pkg/inner/file.txt"),
+        "from the archive\n",
+    )
+    .unwrap();
+    let ctx = context(&[("plain.txt", "plain\n")]);
+    common::run_ok(
+        Command::new("tar")
+            .arg("-czf")
+            .arg(ctx.path().join("bundle.tar.gz"))
+            .arg("-C")
+            .arg(staging.path())
+            .arg("pkg"),
+    );
+    let served = b"served over http\n".to_vec();
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let body = served.clone();
+    std::thread::spawn(move || {
+        use std::io::{Read, Write};
+        for stream in listener.incoming().take(4) {
+            let Ok(mut s) = stream else { continue };
+            let mut buf = [0u8; 2048];
+            let _ = s.read(&mut buf);
+            let _ = s.write_all(
+                format!("HTTP/1.0 200 OK\r\nContent-Length: {}\r\n\r\n", body.len()).as_bytes(),
+            );
+            let _ = s.write_all(&body);
+        }
+    });
+    use sha2::Digest;
+    let sum = format!("sha256:{}", hex::encode(sha2::Sha256::digest(&served)));
+    let dockerfile = format!(
+        "ARG BASE\nFROM ${{BASE}}\nADD bundle.tar.gz /opt/\nADD plain.txt /plain.txt\nADD --checksum={sum} http://127.0.0.1:{port}/files/served.txt /downloads/\n"
+    );
+    std::fs::write(ctx.path().join("Dockerfile"), &dockerfile).unwrap();
+    common::run_ok(Command::new("chmod").arg("-R").arg("a+rX").arg(ctx.path()));
+    let store = scratch_dir(Who::User);
+    let out_dir = scratch_dir(Who::User);
+    let oci = out_dir.path().join("img.tar");
+    let base = format!("BASE={}", env().busybox());
+    shmocker_ok(
+        Who::User,
+        store.path(),
+        &[
+            "build",
+            "--build-arg",
+            &base,
+            "--output",
+            &format!("type=oci,dest={}", oci.display()),
+            ctx.path().to_str().unwrap(),
+        ],
+    );
+    let work = scratch_dir(Who::Root);
+    let rootfs = unpack(&format!("oci-archive:{}", oci.display()), work.path());
+    let read =
+        |p: &str| std::fs::read_to_string(rootfs.join(p)).unwrap_or_else(|e| panic!("{p}: {e}"));
+    assert_eq!(read("opt/pkg/inner/file.txt"), "from the archive\n");
+    assert!(
+        !rootfs.join("opt/bundle.tar.gz").exists(),
+        "the archive itself is not copied"
+    );
+    assert_eq!(read("plain.txt"), "plain\n");
+    assert_eq!(read("downloads/served.txt"), "served over http\n");
+    let t = tree(&rootfs);
+    assert_eq!(
+        t["/downloads/served.txt"].mode, 0o600,
+        "remote files are 0600, as in Docker"
+    );
+
+    // A wrong checksum fails at the line and says both digests.
+    let bad = dockerfile.replace(&sum, &format!("sha256:{}", "0".repeat(64)));
+    std::fs::write(ctx.path().join("Dockerfile"), bad).unwrap();
+    let out = shmocker(
+        Who::User,
+        store.path(),
+        &["build", "--build-arg", &base, ctx.path().to_str().unwrap()],
+    );
+    assert!(!out.status.success());
+    let err = stderr(&out);
+    assert!(
+        err.contains("Dockerfile:5:1") && err.contains("checksum mismatch") && err.contains(&sum),
+        "{err}"
+    );
+}
+
+#[test]
+fn copy_flags_link_exclude_parents() {
+    let dockerfile = "ARG BASE\nFROM ${BASE}\nRUN ln -s /etc /linked\nCOPY --link a.txt /linked/a.txt\nCOPY --exclude=*.log logs/ /logs/\nCOPY --parents src/deep/one.txt /p/\n";
+    let store = scratch_dir(Who::User);
+    let (_w, rootfs, _) = build_and_unpack(
+        Who::User,
+        store.path(),
+        &[
+            ("Dockerfile", dockerfile),
+            ("a.txt", "a\n"),
+            ("logs/keep.txt", "keep\n"),
+            ("logs/drop.log", "drop\n"),
+            ("src/deep/one.txt", "one\n"),
+        ],
+        &[],
+    );
+    let t = tree(&rootfs);
+    // --link: the layer is made on its own, so /linked stays the symlink from the RUN below it
+    // and the linked layer's /linked directory replaces it (as BuildKit's --link does).
+    assert!(
+        t.contains_key("/linked/a.txt"),
+        "{:?}",
+        t.keys()
+            .filter(|k| k.starts_with("/linked"))
+            .collect::<Vec<_>>()
+    );
+    assert!(t.contains_key("/logs/keep.txt"));
+    assert!(!t.contains_key("/logs/drop.log"), "--exclude honoured");
+    assert_eq!(
+        std::fs::read_to_string(rootfs.join("p/src/deep/one.txt")).unwrap(),
+        "one\n"
+    );
+}
+
+#[test]
+fn healthcheck_onbuild_and_docker_format() {
+    let parent = "ARG BASE\nFROM ${BASE}\nHEALTHCHECK --interval=30s --retries=2 CMD wget -q -O- http://localhost/ || exit 1\nONBUILD RUN echo triggered > /onbuild-ran\nSTOPSIGNAL SIGTERM\n";
+    let ctx = context(&[("Dockerfile", parent)]);
+    let store = scratch_dir(Who::Root);
+    let tag = unique_ref("onbuild-parent");
+    let base = format!("BASE={}", env().busybox());
+    shmocker_ok(
+        Who::Root,
+        store.path(),
+        &[
+            "build",
+            "--build-arg",
+            &base,
+            "-t",
+            &tag,
+            "--push",
+            "--format",
+            "docker",
+            ctx.path().to_str().unwrap(),
+        ],
+    );
+    let manifest = common::remote_manifest(&tag);
+    assert_eq!(
+        manifest["mediaType"],
+        "application/vnd.docker.distribution.manifest.v2+json"
+    );
+    assert_eq!(
+        manifest["config"]["mediaType"],
+        "application/vnd.docker.container.image.v1+json"
+    );
+    assert!(
+        manifest["layers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|l| l["mediaType"] == "application/vnd.docker.image.rootfs.diff.tar.gzip")
+    );
+    let config = common::remote_config(&tag);
+    assert_eq!(
+        config["config"]["Healthcheck"]["Test"],
+        serde_json::json!(["CMD-SHELL", "wget -q -O- http://localhost/ || exit 1"])
+    );
+    assert_eq!(
+        config["config"]["Healthcheck"]["Interval"],
+        30_000_000_000i64
+    );
+    assert_eq!(config["config"]["Healthcheck"]["Retries"], 2);
+    assert_eq!(
+        config["config"]["OnBuild"],
+        serde_json::json!(["RUN echo triggered > /onbuild-ran"])
+    );
+    assert_eq!(config["config"]["StopSignal"], "SIGTERM");
+
+    // The child runs the trigger, and its own config no longer carries it.
+    let child = context(&[(
+        "Dockerfile",
+        &format!("FROM {tag}\nRUN test -f /onbuild-ran\n"),
+    )]);
+    let out_dir = scratch_dir(Who::Root);
+    let docker_tar = out_dir.path().join("docker.tar");
+    let local = out_dir.path().join("rootfs");
+    shmocker_ok(
+        Who::Root,
+        store.path(),
+        &[
+            "build",
+            "-t",
+            "example.test/child:1",
+            "--output",
+            &format!("type=docker,dest={}", docker_tar.display()),
+            "--output",
+            &format!("type=local,dest={}", local.display()),
+            child.path().to_str().unwrap(),
+        ],
+    );
+    assert_eq!(
+        std::fs::read_to_string(local.join("onbuild-ran")).unwrap(),
+        "triggered\n"
+    );
+    assert!(
+        local.join("bin/busybox").is_file(),
+        "type=local holds the whole filesystem"
+    );
+    let listing =
+        String::from_utf8(common::run_ok(Command::new("tar").arg("-tf").arg(&docker_tar)).stdout)
+            .unwrap();
+    assert!(
+        listing.lines().any(|l| l == "manifest.json") && listing.lines().any(|l| l == "index.json"),
+        "{listing}"
+    );
+    let extract = scratch_dir(Who::Root);
+    common::run_ok(
+        Command::new("tar")
+            .arg("-xf")
+            .arg(&docker_tar)
+            .arg("-C")
+            .arg(extract.path()),
+    );
+    let m: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(extract.path().join("manifest.json")).unwrap())
+            .unwrap();
+    assert_eq!(
+        m[0]["RepoTags"],
+        serde_json::json!(["example.test/child:1"])
+    );
+    let cfg_path = extract.path().join(m[0]["Config"].as_str().unwrap());
+    let cfg: serde_json::Value = serde_json::from_slice(&std::fs::read(cfg_path).unwrap()).unwrap();
+    assert!(
+        cfg["config"]["OnBuild"].is_null(),
+        "triggers do not pass to the child"
+    );
+    for layer in m[0]["Layers"].as_array().unwrap() {
+        assert!(extract.path().join(layer.as_str().unwrap()).is_file());
+    }
+    // skopeo reads the same archive as an OCI layout.
+    let work = scratch_dir(Who::Root);
+    let rootfs = unpack(
+        &format!("oci-archive:{}", docker_tar.display()),
+        work.path(),
+    );
+    assert!(rootfs.join("onbuild-ran").is_file());
+}

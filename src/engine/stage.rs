@@ -452,6 +452,13 @@ impl Builder<'_> {
                 "--unpack",
             ],
             "run" => &["--mount", "--network"],
+            "healthcheck" => &[
+                "--interval",
+                "--timeout",
+                "--start-period",
+                "--start-interval",
+                "--retries",
+            ],
             _ => &[],
         };
         for f in &node.flags {
