@@ -70,6 +70,14 @@ pub struct BuildArgs {
     #[arg(long = "no-cache")]
     pub no_cache: bool,
 
+    /// Import build cache: type=registry,ref=REF or type=local,src=DIR (repeatable).
+    #[arg(long = "cache-from", value_name = "SPEC")]
+    pub cache_from: Vec<String>,
+
+    /// Export build cache: type=registry,ref=REF[,mode=min|max] or type=local,dest=DIR[,mode=...].
+    #[arg(long = "cache-to", value_name = "SPEC")]
+    pub cache_to: Vec<String>,
+
     /// A secret for `RUN --mount=type=secret`: id=ID,src=FILE or id=ID,env=VAR. It is mounted
     /// only while the step runs and never reaches a layer, the config or the cache key.
     #[arg(long = "secret", value_name = "id=ID,src=FILE|env=VAR")]

@@ -12,6 +12,7 @@ use std::process::ExitCode;
 use anyhow::{Context as _, Result, anyhow, bail};
 use clap::Parser;
 
+use shmocker::engine::remote_cache::CacheRef;
 use shmocker::engine::{self, BuildOptions, BuildResult, Export, Secret};
 use shmocker::sandbox::SecretSource;
 use shmocker::sandbox::{helper, userns};
@@ -157,6 +158,16 @@ fn build_options(args: cli::BuildArgs, root: PathBuf) -> Result<BuildOptions> {
         context: absolute(&args.context)?,
         target: args.target,
         no_cache: args.no_cache,
+        cache_from: args
+            .cache_from
+            .iter()
+            .map(|c| CacheRef::parse(c).map_err(|e| anyhow!("--cache-from {c:?}: {e}")))
+            .collect::<Result<_>>()?,
+        cache_to: args
+            .cache_to
+            .iter()
+            .map(|c| CacheRef::parse(c).map_err(|e| anyhow!("--cache-to {c:?}: {e}")))
+            .collect::<Result<_>>()?,
         secrets,
         source_date_epoch,
         dockerfile: args.file.as_deref().map(absolute).transpose()?,

@@ -714,3 +714,76 @@ fn healthcheck_onbuild_and_docker_format() {
     );
     assert!(rootfs.join("onbuild-ran").is_file());
 }
+
+#[test]
+fn cache_exported_to_a_registry_or_directory_is_reused_by_an_empty_store() {
+    let dockerfile = "ARG BASE\nFROM ${BASE} AS build\nRUN echo built > /artifact\nFROM ${BASE}\nCOPY --from=build /artifact /artifact\nRUN echo $RANDOM > /random\n";
+    let ctx = context(&[("Dockerfile", dockerfile)]);
+    let ctx_path = ctx.path().to_str().unwrap();
+    let base = format!("BASE={}", env().busybox());
+    let cache_ref = unique_ref("buildcache");
+    let local_dir = scratch_dir(Who::User);
+    let local_cache = local_dir.path().join("cache");
+    let first_store = scratch_dir(Who::User);
+    let first = shmocker_ok(
+        Who::User,
+        first_store.path(),
+        &[
+            "build",
+            "--build-arg",
+            &base,
+            "--cache-to",
+            &format!("type=registry,ref={cache_ref},mode=max"),
+            "--cache-to",
+            &format!("type=local,dest={}", local_cache.display()),
+            ctx_path,
+        ],
+    );
+    assert!(common::remote_exists(&cache_ref), "the cache was pushed");
+    // mode=max (the registry) has every stage's steps; mode=min (the directory) only the final
+    // stage's, so the build stage's RUN runs again there.
+    for (from, cached) in [
+        (format!("type=registry,ref={cache_ref}"), 3),
+        (format!("type=local,src={}", local_cache.display()), 2),
+    ] {
+        let empty_store = scratch_dir(Who::User);
+        let again = shmocker_ok(
+            Who::User,
+            empty_store.path(),
+            &[
+                "build",
+                "--build-arg",
+                &base,
+                "--cache-from",
+                &from,
+                ctx_path,
+            ],
+        );
+        assert_eq!(digest(&again), digest(&first), "same digest from {from}");
+        let err = stderr(&again);
+        assert_eq!(
+            err.matches(" CACHED").count(),
+            cached,
+            "cached steps with {from}: {err}"
+        );
+    }
+    // An unreadable cache only warns.
+    let empty_store = scratch_dir(Who::User);
+    let out = shmocker_ok(
+        Who::User,
+        empty_store.path(),
+        &[
+            "build",
+            "--build-arg",
+            &base,
+            "--cache-from",
+            &format!("type=registry,ref={}/no/cache:here", env().registry()),
+            ctx_path,
+        ],
+    );
+    assert!(
+        stderr(&out).contains("warning: --cache-from"),
+        "{}",
+        stderr(&out)
+    );
+}

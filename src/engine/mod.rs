@@ -13,6 +13,7 @@
 
 pub mod cache;
 pub mod context;
+pub mod remote_cache;
 mod stage;
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -50,6 +51,10 @@ pub struct BuildOptions {
     pub target: Option<String>,
     /// Run every step, ignoring the cache (`--no-cache`); results still go into the cache.
     pub no_cache: bool,
+    /// Caches to import before the build (`--cache-from`).
+    pub cache_from: Vec<remote_cache::CacheRef>,
+    /// Where to export the cache after the build (`--cache-to`).
+    pub cache_to: Vec<remote_cache::CacheRef>,
     /// Secrets for `RUN --mount=type=secret` (`--secret id=ID,src=FILE|env=VAR`).
     pub secrets: Vec<Secret>,
     /// `SOURCE_DATE_EPOCH`: every time in the image (history, config, file mtimes newer than it)
@@ -150,6 +155,8 @@ struct Builder<'a> {
     global_args: Vec<(String, Option<String>)>,
     /// Images pulled for `COPY --from=<image>` and `--mount=from=<image>`, by name.
     images: tokio::sync::Mutex<BTreeMap<String, Arc<StageState>>>,
+    /// Where the layers of imported cache records can be fetched.
+    layer_sources: Vec<remote_cache::LayerSource>,
 }
 
 /// Runs the build described by `opts`.
@@ -223,7 +230,19 @@ pub async fn build(opts: &BuildOptions) -> Result<BuildResult, BuildError> {
         scratch: scratch.clone(),
         global_args: Vec::new(),
         images: tokio::sync::Mutex::new(BTreeMap::new()),
+        layer_sources: Vec::new(),
     };
+    for from in &opts.cache_from {
+        match remote_cache::import(from, &b.cache, &b.registry).await {
+            Ok((n, source)) => {
+                eprintln!("#0 imported {n} cache records from {from:?}");
+                b.layer_sources.push(source);
+            }
+            Err(e) => eprintln!(
+                "warning: --cache-from {from:?} could not be read ({e}); building without it"
+            ),
+        }
+    }
     let result = b.run(&parsed.nodes).await;
     let _ = fs::remove_dir_all(&scratch);
     let result = result?;
@@ -380,7 +399,30 @@ impl<'a> Builder<'a> {
             .remove(&target)
             .expect("target stage built");
         let state = Arc::try_unwrap(state).unwrap_or_else(|arc| (*arc).clone());
-        self.finish(state).await
+        let all_records: BTreeMap<String, cache::Record> = built
+            .lock()
+            .expect("stage map")
+            .values()
+            .flat_map(|s| s.records.iter().cloned())
+            .chain(state.records.iter().cloned())
+            .collect();
+        let target_records: BTreeMap<String, cache::Record> =
+            state.records.iter().cloned().collect();
+        let result = self.finish(state).await?;
+        for to in &self.opts.cache_to {
+            let records = if to.is_max() {
+                &all_records
+            } else {
+                &target_records
+            };
+            match remote_cache::export(to, records, &self.store, &self.registry).await {
+                Ok(()) => eprintln!("exported {} cache records to {to:?}", records.len()),
+                Err(e) => eprintln!(
+                    "warning: --cache-to {to:?} could not be written ({e}); the image is built all the same"
+                ),
+            }
+        }
+        Ok(result)
     }
 
     /// For each stage, the stages it needs first.

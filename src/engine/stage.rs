@@ -41,6 +41,8 @@ pub(super) struct StageState {
     /// The time of the last history entry, given to config-only steps so that a rebuild from
     /// cache writes the same config.
     pub last_created: String,
+    /// The cache records of the steps that made this image, for `--cache-to`.
+    pub records: Vec<(String, Record)>,
 }
 
 impl StageState {
@@ -269,6 +271,7 @@ impl Builder<'_> {
                 shell: default_shell(),
                 cache_key: "scratch".into(),
                 last_created: self.now_or_epoch0(),
+                records: vec![],
             });
         }
         let reference: Reference = image.parse().map_err(|e| {
@@ -347,6 +350,7 @@ impl Builder<'_> {
             shell: default_shell(),
             cache_key: pulled.manifest_digest.clone(),
             last_created,
+            records: vec![],
         })
     }
 
@@ -1172,6 +1176,26 @@ impl Builder<'_> {
         Ok((path, digest))
     }
 
+    /// Fetches the layer of an imported cache record from where `--cache-from` found it.
+    async fn fetch_cached_layer(&self, l: &CachedLayer) -> bool {
+        let blob = BlobRef {
+            digest: l.digest.clone(),
+            size: l.size,
+            media_type: l.media_type.clone(),
+        };
+        for source in &self.layer_sources {
+            match super::remote_cache::fetch_layer(source, &blob, &self.store, &self.registry).await
+            {
+                Ok(()) => return true,
+                Err(e) => eprintln!(
+                    "warning: cache layer {} could not be fetched ({e}); the step runs instead",
+                    l.digest
+                ),
+            }
+        }
+        false
+    }
+
     /// The directory of a cache mount, kept in the store between builds.
     fn cache_mount_dir(&self, id: &str, uid: u32, gid: u32, mode: u32) -> Result<PathBuf, String> {
         use sha2::Digest as _;
@@ -1609,6 +1633,7 @@ impl Builder<'_> {
                 "warning: could not write the build cache: {e}; the build goes on without it"
             );
         }
+        state.records.push((key.clone(), record));
         state.cache_key = key;
         let has_layer = made.is_some();
         if let Some(layer) = made {
@@ -1632,7 +1657,7 @@ impl Builder<'_> {
         record: &Record,
     ) -> Result<Option<StepOutcome>, BuildError> {
         if let Some(l) = &record.layer {
-            if !self.store.has_blob(&l.digest) {
+            if !self.store.has_blob(&l.digest) && !self.fetch_cached_layer(l).await {
                 return Ok(None);
             }
             let snapshot = self
@@ -1660,6 +1685,7 @@ impl Builder<'_> {
             });
         }
         state.cache_key = key.to_string();
+        state.records.push((key.to_string(), record.clone()));
         let created = match self.opts.source_date_epoch {
             Some(_) => self.now(),
             None => record.created.clone(),
