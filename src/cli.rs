@@ -70,6 +70,10 @@ pub struct BuildArgs {
     #[arg(long = "no-cache")]
     pub no_cache: bool,
 
+    /// Do not use the cache for these stages (by name; repeatable or comma-separated).
+    #[arg(long = "no-cache-filter", value_name = "STAGE", value_delimiter = ',')]
+    pub no_cache_filter: Vec<String>,
+
     /// Import build cache: type=registry,ref=REF or type=local,src=DIR (repeatable).
     #[arg(long = "cache-from", value_name = "SPEC")]
     pub cache_from: Vec<String>,

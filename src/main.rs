@@ -158,6 +158,7 @@ fn build_options(args: cli::BuildArgs, root: PathBuf) -> Result<BuildOptions> {
         context: absolute(&args.context)?,
         target: args.target,
         no_cache: args.no_cache,
+        no_cache_filter: args.no_cache_filter,
         cache_from: args
             .cache_from
             .iter()

@@ -787,3 +787,38 @@ fn cache_exported_to_a_registry_or_directory_is_reused_by_an_empty_store() {
         stderr(&out)
     );
 }
+
+#[test]
+fn no_cache_filter_reruns_only_the_named_stage() {
+    let store = scratch_dir(Who::User);
+    let ctx = context(&[("Dockerfile", MULTISTAGE)]);
+    let base = format!("BASE={}", env().busybox());
+    let args = [
+        "build",
+        "--build-arg",
+        &base,
+        "--target",
+        "builder",
+        ctx.path().to_str().unwrap(),
+    ];
+    shmocker_ok(Who::User, store.path(), &args);
+    let mut filtered = args.to_vec();
+    filtered.insert(1, "--no-cache-filter=builder");
+    let err = stderr(&shmocker_ok(Who::User, store.path(), &filtered));
+    let lines: Vec<&str> = err.lines().collect();
+    let after = |needle: &str| {
+        let i = lines
+            .iter()
+            .position(|l| l.contains(needle))
+            .unwrap_or_else(|| panic!("{needle}: {err}"));
+        lines[i + 1]
+    };
+    assert!(
+        after("RUN echo base > /base.txt").ends_with("CACHED"),
+        "{err}"
+    );
+    assert!(
+        after("RUN echo built > /artifact").contains("DONE"),
+        "{err}"
+    );
+}

@@ -78,11 +78,82 @@ pub fn step_key(parent: &str, material: &serde_json::Value) -> String {
     hex::encode(h.finalize())
 }
 
+/// Remembered content hashes of files, by their identity and change times, so that an unchanged
+/// large context is not read again on every build (the file-metadata cache).
+#[derive(Debug, Default)]
+pub struct FileHashes {
+    path: Option<PathBuf>,
+    known: std::sync::Mutex<std::collections::HashMap<String, String>>,
+    changed: std::sync::atomic::AtomicBool,
+}
+
+impl FileHashes {
+    /// Loads the remembered hashes of `store` (none when the file is missing or damaged).
+    pub fn load(store: &Store) -> FileHashes {
+        let path = store.root().join("cache").join("file-hashes.json");
+        let known = fs::read(&path)
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok())
+            .unwrap_or_default();
+        FileHashes {
+            path: Some(path),
+            known: std::sync::Mutex::new(known),
+            changed: Default::default(),
+        }
+    }
+
+    /// Writes the hashes back (atomically) if any were added.
+    pub fn save(&self) -> io::Result<()> {
+        let Some(path) = &self.path else {
+            return Ok(());
+        };
+        if !self.changed.load(std::sync::atomic::Ordering::Relaxed) {
+            return Ok(());
+        }
+        let data = serde_json::to_vec(&*self.known.lock().expect("file hashes"))?;
+        if let Some(dir) = path.parent() {
+            fs::create_dir_all(dir)?;
+        }
+        let tmp = path.with_extension(format!("{}.partial", std::process::id()));
+        fs::write(&tmp, data)?;
+        fs::rename(&tmp, path)
+    }
+
+    fn hash(&self, path: &Path, meta: &fs::Metadata) -> io::Result<String> {
+        use std::os::unix::fs::MetadataExt;
+        // Any change to the file changes its ctime; with inode and size that identifies a version.
+        let id = format!(
+            "{}:{}:{}:{}.{}:{}.{}:{}",
+            meta.dev(),
+            meta.ino(),
+            meta.size(),
+            meta.mtime(),
+            meta.mtime_nsec(),
+            meta.ctime(),
+            meta.ctime_nsec(),
+            path.display()
+        );
+        if let Some(h) = self.known.lock().expect("file hashes").get(&id) {
+            return Ok(h.clone());
+        }
+        let mut h = Sha256::new();
+        hash_file(path, &mut h)?;
+        let hex = hex::encode(h.finalize());
+        self.known
+            .lock()
+            .expect("file hashes")
+            .insert(id, hex.clone());
+        self.changed
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+        Ok(hex)
+    }
+}
+
 /// A content hash of the files a COPY takes: each item's path under the destination, type, mode
 /// and contents (or link target). Source paths on the host and modification times do not count,
 /// as in BuildKit, so the same files in a fresh checkout hit the same cache (the layer then keeps
 /// the times of the build that made it).
-pub fn hash_copy_items(items: &[CopyItem]) -> io::Result<String> {
+pub fn hash_copy_items(items: &[CopyItem], hashes: &FileHashes) -> io::Result<String> {
     use std::os::unix::fs::MetadataExt;
     let mut h = Sha256::new();
     for item in items {
@@ -92,7 +163,7 @@ pub fn hash_copy_items(items: &[CopyItem]) -> io::Result<String> {
         if meta.file_type().is_symlink() {
             h.update(fs::read_link(&item.src)?.as_os_str().as_encoded_bytes());
         } else if meta.is_file() {
-            hash_file(&item.src, &mut h)?;
+            h.update(hashes.hash(&item.src, &meta)?.as_bytes());
         }
         h.update(b"\n");
     }
@@ -152,9 +223,18 @@ mod tests {
                 rel: "f".into(),
             }]
         };
-        let h1 = hash_copy_items(&items(d1.path())).unwrap();
-        assert_eq!(h1, hash_copy_items(&items(d2.path())).unwrap());
+        let store_dir = tempfile::tempdir().unwrap();
+        let store = Store::open(store_dir.path()).unwrap();
+        let hashes = FileHashes::load(&store);
+        let h1 = hash_copy_items(&items(d1.path()), &hashes).unwrap();
+        assert_eq!(h1, hash_copy_items(&items(d2.path()), &hashes).unwrap());
         fs::write(d2.path().join("f"), "diff").unwrap();
-        assert_ne!(h1, hash_copy_items(&items(d2.path())).unwrap());
+        assert_ne!(h1, hash_copy_items(&items(d2.path()), &hashes).unwrap());
+        // Remembered across builds, and still right after a change.
+        hashes.save().unwrap();
+        let again = FileHashes::load(&store);
+        assert_eq!(h1, hash_copy_items(&items(d1.path()), &again).unwrap());
+        fs::write(d1.path().join("f"), "changed").unwrap();
+        assert_ne!(h1, hash_copy_items(&items(d1.path()), &again).unwrap());
     }
 }

@@ -51,6 +51,8 @@ pub struct BuildOptions {
     pub target: Option<String>,
     /// Run every step, ignoring the cache (`--no-cache`); results still go into the cache.
     pub no_cache: bool,
+    /// Stages whose steps always run (`--no-cache-filter`).
+    pub no_cache_filter: Vec<String>,
     /// Caches to import before the build (`--cache-from`).
     pub cache_from: Vec<remote_cache::CacheRef>,
     /// Where to export the cache after the build (`--cache-to`).
@@ -157,6 +159,8 @@ struct Builder<'a> {
     images: tokio::sync::Mutex<BTreeMap<String, Arc<StageState>>>,
     /// Where the layers of imported cache records can be fetched.
     layer_sources: Vec<remote_cache::LayerSource>,
+    /// Content hashes of context files, remembered between builds.
+    file_hashes: Arc<cache::FileHashes>,
 }
 
 /// Runs the build described by `opts`.
@@ -217,6 +221,7 @@ pub async fn build(opts: &BuildOptions) -> Result<BuildResult, BuildError> {
         insecure_hosts: opts.insecure_registries.clone(),
         ..Default::default()
     });
+    let store_for_hashes = store.clone();
     let mut b = Builder {
         opts,
         store,
@@ -231,6 +236,7 @@ pub async fn build(opts: &BuildOptions) -> Result<BuildResult, BuildError> {
         global_args: Vec::new(),
         images: tokio::sync::Mutex::new(BTreeMap::new()),
         layer_sources: Vec::new(),
+        file_hashes: Arc::new(cache::FileHashes::load(&store_for_hashes)),
     };
     for from in &opts.cache_from {
         match remote_cache::import(from, &b.cache, &b.registry).await {
@@ -244,6 +250,9 @@ pub async fn build(opts: &BuildOptions) -> Result<BuildResult, BuildError> {
         }
     }
     let result = b.run(&parsed.nodes).await;
+    if let Err(e) = b.file_hashes.save() {
+        eprintln!("warning: could not save the context hash cache: {e}");
+    }
     let _ = fs::remove_dir_all(&scratch);
     let result = result?;
     eprintln!(

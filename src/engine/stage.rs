@@ -43,6 +43,8 @@ pub(super) struct StageState {
     pub last_created: String,
     /// The cache records of the steps that made this image, for `--cache-to`.
     pub records: Vec<(String, Record)>,
+    /// The stage's name (`AS name`), for `--no-cache-filter`.
+    pub stage_name: Option<String>,
 }
 
 impl StageState {
@@ -178,6 +180,7 @@ impl Builder<'_> {
             }
             None => (*self.image_state(from, &image, step).await?).clone(),
         };
+        state.stage_name = stages[idx].name.clone();
         if state.config.config.env_get("PATH").is_none() {
             state.config.config.env_set("PATH", image::DEFAULT_PATH);
         }
@@ -272,6 +275,7 @@ impl Builder<'_> {
                 cache_key: "scratch".into(),
                 last_created: self.now_or_epoch0(),
                 records: vec![],
+                stage_name: None,
             });
         }
         let reference: Reference = image.parse().map_err(|e| {
@@ -351,6 +355,7 @@ impl Builder<'_> {
             cache_key: pulled.manifest_digest.clone(),
             last_created,
             records: vec![],
+            stage_name: None,
         })
     }
 
@@ -1096,9 +1101,10 @@ impl Builder<'_> {
                         self.context
                             .items(&rel, &mut items)
                             .map_err(|e| self.err(node, e.to_string()))?;
-                        let hash = cache::hash_copy_items(&items).map_err(|e| {
-                            self.err(node, format!("hashing the mount source: {e}"))
-                        })?;
+                        let hash =
+                            cache::hash_copy_items(&items, &self.file_hashes).map_err(|e| {
+                                self.err(node, format!("hashing the mount source: {e}"))
+                            })?;
                         Ok((
                             RunMount {
                                 target: target.clone(),
@@ -1414,10 +1420,13 @@ impl Builder<'_> {
                                     matched += 1;
                                     any_dir = true;
                                     extra_key.push(
-                                        cache::hash_copy_items(&[CopyItem {
-                                            src: path.clone(),
-                                            rel: PathBuf::from(&rel),
-                                        }])
+                                        cache::hash_copy_items(
+                                            &[CopyItem {
+                                                src: path.clone(),
+                                                rel: PathBuf::from(&rel),
+                                            }],
+                                            &self.file_hashes,
+                                        )
                                         .map_err(|e| self.err(node, e.to_string()))?,
                                     );
                                     archives.push(path);
@@ -1479,10 +1488,12 @@ impl Builder<'_> {
             ));
         }
         let hash_items = items.clone();
-        let hash = tokio::task::spawn_blocking(move || cache::hash_copy_items(&hash_items))
-            .await
-            .map_err(|e| internal("hash task")(e.to_string()))?
-            .map_err(|e| self.err(node, format!("reading the COPY sources: {e}")))?;
+        let hashes = self.file_hashes.clone();
+        let hash =
+            tokio::task::spawn_blocking(move || cache::hash_copy_items(&hash_items, &hashes))
+                .await
+                .map_err(|e| internal("hash task")(e.to_string()))?
+                .map_err(|e| self.err(node, format!("reading the COPY sources: {e}")))?;
         let key = serde_json::json!({"copy": hash, "flags": flags_key, "dest_is_dir": dest_is_dir, "add": extra_key});
         Ok((
             CopySpec {
@@ -1512,7 +1523,14 @@ impl Builder<'_> {
         helper_env: Vec<(String, String)>,
     ) -> Result<StepOutcome, BuildError> {
         let key = cache::step_key(&state.cache_key, &key_material);
+        let filtered = state.stage_name.as_ref().is_some_and(|n| {
+            self.opts
+                .no_cache_filter
+                .iter()
+                .any(|f| f.eq_ignore_ascii_case(n))
+        });
         if !self.opts.no_cache
+            && !filtered
             && let Some(record) = self.cache.get(&key)
             && let Some(outcome) = self.use_cached(node, state, &key, &record).await?
         {
