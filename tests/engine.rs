@@ -94,44 +94,34 @@ fn multistage_builds_only_what_the_target_needs() {
     );
 }
 
+/// Runs a build that must fail; asserts each needle is in its error output.
+fn fails_with(dockerfile: &str, extra: &[&str], needles: &[&str]) {
+    let store = scratch_dir(Who::Root);
+    let ctx = context(&[("Dockerfile", dockerfile)]);
+    let mut args = vec!["build"];
+    args.extend_from_slice(extra);
+    args.push(ctx.path().to_str().unwrap());
+    let out = shmocker(Who::Root, store.path(), &args);
+    assert!(!out.status.success(), "the build should fail");
+    let err = stderr(&out);
+    for needle in needles {
+        assert!(err.contains(needle), "{needle:?} missing from: {err}");
+    }
+}
+
 #[test]
 fn unknown_target_and_stage_cycles_are_clear_errors() {
-    let store = scratch_dir(Who::Root);
-    let ctx = context(&[("Dockerfile", MULTISTAGE)]);
-    let out = shmocker(
-        Who::Root,
-        store.path(),
-        &["build", "--target", "nope", ctx.path().to_str().unwrap()],
+    // The message lists the stages there are.
+    fails_with(
+        MULTISTAGE,
+        &["--target", "nope"],
+        &["target stage \"nope\" could not be found", "builder"],
     );
-    assert!(!out.status.success());
-    assert!(
-        stderr(&out).contains("target stage \"nope\" could not be found"),
-        "{}",
-        stderr(&out)
-    );
-    assert!(
-        stderr(&out).contains("builder"),
-        "lists the stages: {}",
-        stderr(&out)
-    );
-
     let cyclic = "FROM scratch AS a\nCOPY --from=b /x /x\nFROM scratch AS b\nCOPY --from=a /y /y\n";
-    let ctx = context(&[("Dockerfile", cyclic)]);
-    let out = shmocker(
-        Who::Root,
-        store.path(),
-        &["build", "--target", "b", ctx.path().to_str().unwrap()],
-    );
-    assert!(!out.status.success());
-    assert!(
-        stderr(&out).contains("circular dependency"),
-        "{}",
-        stderr(&out)
-    );
-    assert!(
-        stderr(&out).contains("Dockerfile:"),
-        "names the line: {}",
-        stderr(&out)
+    fails_with(
+        cyclic,
+        &["--target", "b"],
+        &["circular dependency", "Dockerfile:"],
     );
 }
 

@@ -555,14 +555,7 @@ impl Builder<'_> {
                         ports.extend(expose_ports(&word).map_err(|m| self.err(node, m))?);
                     }
                 }
-                let map = state
-                    .config
-                    .config
-                    .exposed_ports
-                    .get_or_insert_with(BTreeMap::new);
-                for p in &ports {
-                    map.insert(p.clone(), serde_json::json!({}));
-                }
+                add_keys(&mut state.config.config.exposed_ports, &ports);
                 created_by = format!(
                     "EXPOSE map[{}]",
                     ports
@@ -581,14 +574,7 @@ impl Builder<'_> {
                     }
                     vols.push(v);
                 }
-                let map = state
-                    .config
-                    .config
-                    .volumes
-                    .get_or_insert_with(BTreeMap::new);
-                for v in &vols {
-                    map.insert(v.clone(), serde_json::json!({}));
-                }
+                add_keys(&mut state.config.config.volumes, &vols);
                 created_by = format!("VOLUME [{}]", vols.join(" "));
             }
             "shell" => {
@@ -1879,6 +1865,14 @@ fn unpack_verified(
         ));
     }
     Ok(report.warnings)
+}
+
+/// Adds `keys` to a config set written as a map to empty objects (ExposedPorts, Volumes).
+fn add_keys(set: &mut Option<BTreeMap<String, serde_json::Value>>, keys: &[String]) {
+    let map = set.get_or_insert_with(BTreeMap::new);
+    for k in keys {
+        map.insert(k.clone(), serde_json::json!({}));
+    }
 }
 
 /// `dir` made absolute against the working directory, as WORKDIR and COPY destinations are.
