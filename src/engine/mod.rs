@@ -21,7 +21,9 @@ use crate::dockerfile::{self, Node, shell::Lex};
 use crate::image::{self, ContainerConfig, Descriptor, History, ImageConfig};
 use crate::layer::{self, ApplyOptions, Compression, DiffOptions};
 use crate::registry::{BlobRef, Platform, Registry, RegistryError, RegistryOptions};
-use crate::sandbox::{self, Action, CopySpec, IdMapping, ProcessSpec, StepSpec, StepStatus};
+use crate::sandbox::{
+    self, Action, CopySpec, IdMapping, ProcessSpec, Snapshotter, StepSpec, StepStatus,
+};
 use crate::snapshot::Snapshots;
 use crate::store::Store;
 use context::Context;
@@ -42,6 +44,8 @@ pub struct BuildOptions {
     pub store_root: PathBuf,
     pub insecure_registries: Vec<String>,
     pub mapping: IdMapping,
+    /// How each step's rootfs is stacked (chosen by `detect::ladder`).
+    pub snapshotter: Snapshotter,
 }
 
 /// What a finished build produced.
@@ -981,6 +985,7 @@ impl Builder<'_> {
             merged,
             empty_dir: self.snapshots.empty_dir(),
             action,
+            snapshotter: self.opts.snapshotter,
         };
         let step_no = self.step_no;
         let started = Instant::now();
