@@ -338,6 +338,23 @@ impl TreeDiff<'_> {
         (md.ctime(), md.ctime_nsec()) >= self.marks.since
     }
 
+    /// Whether a directory was made by the step rather than by [`materialize`]: by its birth
+    /// time where the filesystem records one (an inode number may be reused by a directory
+    /// removed and made again), else by its inode.
+    fn made_by_step(&self, md: &Metadata) -> bool {
+        match md.created() {
+            Ok(born) => {
+                let since = std::time::UNIX_EPOCH
+                    + std::time::Duration::new(
+                        self.marks.since.0.max(0) as u64,
+                        self.marks.since.1.clamp(0, 999_999_999) as u32,
+                    );
+                born >= since
+            }
+            Err(_) => !self.marks.dirs.contains(&(md.dev(), md.ino())),
+        }
+    }
+
     /// Compares the directory `mdir` with its layers `dirs`; `udir` exists. Returns whether
     /// anything below changed.
     fn dir(&mut self, dirs: &[PathBuf], mdir: &Path, udir: &Path) -> Result<bool, LayerError> {
@@ -356,7 +373,7 @@ impl TreeDiff<'_> {
             present.insert(name);
             if md.is_dir() {
                 match lower {
-                    Lower::Dir(ds, lmd) if self.marks.dirs.contains(&(md.dev(), md.ino())) => {
+                    Lower::Dir(ds, lmd) if !self.made_by_step(&md) => {
                         fs::create_dir(&up).map_err(io_err("creating", &up))?;
                         let below = self.dir(&ds, &mp, &up)?;
                         let meta_changed = md.mode() != lmd.mode()
@@ -413,15 +430,27 @@ fn make_whiteout(p: &Path) -> Result<(), LayerError> {
 
 /// Rewrites an upper dir written by fuse-overlayfs into kernel overlayfs form, in place (see the
 /// module docs). Directory times are kept.
-pub fn normalize_fuse_upper(upper: &Path) -> Result<(), LayerError> {
+///
+/// fuse-overlayfs marks every directory it creates opaque; overlayfs only one made where the
+/// layers (`lowers`, topmost first) have something, so the mark is kept only there.
+pub fn normalize_fuse_upper(upper: &Path, lowers: &[PathBuf]) -> Result<(), LayerError> {
     let md = fs::symlink_metadata(upper).map_err(io_err("lstat", upper))?;
-    normalize_dir(upper, &md)
+    normalize_dir(upper, &md, lowers, false)
 }
 
 const FUSE_OPAQUE_XATTR: &str = "user.fuseoverlayfs.opaque";
 
-fn normalize_dir(dir: &Path, md: &Metadata) -> Result<(), LayerError> {
-    let mut opaque = matches!(xattr::get(dir, FUSE_OPAQUE_XATTR), Ok(Some(v)) if v == b"y");
+/// `lowers`: this directory in each layer where it shows through; `in_layers`: whether the
+/// layers have anything at this path.
+fn normalize_dir(
+    dir: &Path,
+    md: &Metadata,
+    lowers: &[PathBuf],
+    in_layers: bool,
+) -> Result<(), LayerError> {
+    let mut opaque = matches!(xattr::get(dir, FUSE_OPAQUE_XATTR), Ok(Some(v)) if v == b"y")
+        || lstat(&dir.join(".wh..wh..opq"))?.is_some();
+    let lowers: &[PathBuf] = if opaque { &[] } else { lowers };
     let mut edited = false;
     let mut names: Vec<OsString> = Vec::new();
     for e in fs::read_dir(dir).map_err(io_err("listing", dir))? {
@@ -445,12 +474,19 @@ fn normalize_dir(dir: &Path, md: &Metadata) -> Result<(), LayerError> {
             }
             edited = true;
         } else if m.is_dir() {
-            normalize_dir(&p, &m)?;
+            let (below, present) = match resolve(lowers, &name)?.0 {
+                Lower::Dir(ds, _) => (ds, true),
+                Lower::NonDir => (Vec::new(), true),
+                Lower::Absent => (Vec::new(), false),
+            };
+            normalize_dir(&p, &m, &below, present)?;
         }
     }
     if opaque {
         let _ = xattr::remove(dir, FUSE_OPAQUE_XATTR);
-        xattr::set(dir, "user.overlay.opaque", b"y").map_err(io_err("marking opaque", dir))?;
+        if in_layers {
+            xattr::set(dir, "user.overlay.opaque", b"y").map_err(io_err("marking opaque", dir))?;
+        }
     }
     if edited || opaque {
         let (atime, mtime) = times(md);

@@ -168,7 +168,7 @@ fn unmount_rootfs(root: &Path) -> Result<(), SandboxError> {
 }
 
 fn normalize_upper(spec: &StepSpec) -> Result<(), SandboxError> {
-    crate::layer::normalize_fuse_upper(&spec.upper).map_err(|e| {
+    crate::layer::normalize_fuse_upper(&spec.upper, &lower_dirs(spec)).map_err(|e| {
         SandboxError::Setup(format!(
             "reading the changes fuse-overlayfs recorded in {}: {e}",
             spec.upper.display()
