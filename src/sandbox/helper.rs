@@ -553,9 +553,15 @@ fn init(root: &Path, process: &ProcessSpec, report: &mut File) -> Result<i32, Sa
         ForkResult::Child => {
             let err = (|| -> Result<(), SandboxError> {
                 let groups: Vec<Gid> = user.groups.iter().map(|g| Gid::from_raw(*g)).collect();
-                nix::unistd::setgroups(&groups).map_err(|e| {
-                    SandboxError::sys("setgroups (supplementary groups not mapped?)", e)
-                })?;
+                // A single-ID namespace is made with setgroups denied (the kernel's condition for
+                // an unprivileged gid map): there are no other groups to switch to anyway.
+                let setgroups_denied =
+                    fs::read_to_string("/proc/self/setgroups").is_ok_and(|s| s.trim() == "deny");
+                if !setgroups_denied {
+                    nix::unistd::setgroups(&groups).map_err(|e| {
+                        SandboxError::sys("setgroups (supplementary groups not mapped?)", e)
+                    })?;
+                }
                 let gid = Gid::from_raw(user.gid);
                 nix::unistd::setresgid(gid, gid, gid).map_err(|e| unmapped("gid", user.gid, e))?;
                 let uid = Uid::from_raw(user.uid);
