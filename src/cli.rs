@@ -23,10 +23,24 @@ pub struct Cli {
     pub command: Command,
 }
 
+// Parsed once per run: the size of the largest variant does not matter.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Build an image from a Dockerfile and a context directory.
     Build(BuildArgs),
+    /// Probe what this machine allows a build (user namespaces, ID maps, overlayfs,
+    /// fuse-overlayfs, reflinks, the store's filesystem, seccomp and AppArmor), name the CI
+    /// environment, and say how to get a stronger mode.
+    #[command(visible_alias = "doctor")]
+    Detect(DetectArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct DetectArgs {
+    /// `table` for people, `json` for tools (schema: docs/detect.md).
+    #[arg(long, value_name = "FORMAT", default_value = "table", value_parser = ["table", "json"])]
+    pub format: String,
 }
 
 #[derive(Debug, Args)]
@@ -98,4 +112,18 @@ pub struct BuildArgs {
     /// Talk plain HTTP to this registry (HOST[:PORT]). localhost and 127.0.0.0/8 always are.
     #[arg(long = "insecure-registry", value_name = "HOST")]
     pub insecure_registries: Vec<String>,
+
+    /// Use this isolation instead of the strongest that works: root, subordinate-ids or
+    /// single-id. The build fails if it does not work here.
+    #[arg(long, value_name = "LEVEL", value_parser = ["root", "subordinate-ids", "single-id"])]
+    pub isolation: Option<String>,
+
+    /// Refuse to build with an isolation weaker than this (root > subordinate-ids > single-id).
+    #[arg(long = "min-isolation", value_name = "LEVEL", value_parser = ["root", "subordinate-ids", "single-id"])]
+    pub min_isolation: Option<String>,
+
+    /// How step rootfs are stacked: auto (the fastest that works), overlayfs, fuse-overlayfs or
+    /// copy.
+    #[arg(long, value_name = "NAME", default_value = "auto", value_parser = ["auto", "overlayfs", "fuse-overlayfs", "copy"])]
+    pub snapshotter: String,
 }

@@ -2,6 +2,7 @@
 //! context into an OCI image and pushes it; see README.md and docs/ for the user's view, and
 //! ARCHITECTURE in docs/ for how the modules below follow a build.
 
+pub mod detect;
 pub mod dockerfile;
 pub mod engine;
 pub mod image;

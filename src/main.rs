@@ -12,6 +12,7 @@ use std::process::ExitCode;
 use anyhow::{Context as _, Result, anyhow, bail};
 use clap::Parser;
 
+use shmocker::detect;
 use shmocker::engine::remote_cache::CacheRef;
 use shmocker::engine::{self, BuildOptions, BuildResult, Export, Secret};
 use shmocker::sandbox::SecretSource;
@@ -44,9 +45,42 @@ fn run(cli: cli::Cli) -> Result<ExitCode> {
         None => default_root()?,
     };
     match cli.command {
+        cli::Command::Detect(args) => {
+            let planned = userns::plan_mapping();
+            let report = detect::run(&root, &planned)?;
+            let choice = detect::ladder::choose(&report, &planned, &Default::default());
+            if args.format == "json" {
+                let mut doc = serde_json::to_value(&report)?;
+                doc["choice"] = match &choice {
+                    Ok(c) => serde_json::json!({
+                        "isolation": c.isolation.name(),
+                        "snapshotter": c.snapshotter.name(),
+                        "skipped": c.skipped.iter().map(|s| serde_json::json!({"rung": s.rung, "reason": s.reason})).collect::<Vec<_>>(),
+                    }),
+                    Err(e) => serde_json::json!({ "refused": e.to_string() }),
+                };
+                println!("{}", serde_json::to_string_pretty(&doc)?);
+            } else {
+                print!("{}", detect::render_table(&report, choice.as_ref().ok()));
+                if let Err(e) = &choice {
+                    println!("\n{e}");
+                }
+            }
+            Ok(if choice.is_ok() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            })
+        }
         cli::Command::Build(args) => {
+            let request = ladder_request(&args)?;
             let mut opts = build_options(args, root)?;
-            let mapping = userns::plan_mapping();
+            let planned = userns::plan_mapping();
+            let report = detect::run(&opts.store_root, &planned)?;
+            let choice = detect::ladder::choose(&report, &planned, &request)?;
+            eprint!("{}", choice.describe());
+            opts.snapshotter = choice.snapshotter;
+            let mapping = choice.mapping;
             match userns::enter(mapping)? {
                 userns::Entered::ParentDone(code) => Ok(code),
                 userns::Entered::Inside(mapping) => {
@@ -67,6 +101,22 @@ fn run(cli: cli::Cli) -> Result<ExitCode> {
             }
         }
     }
+}
+
+fn ladder_request(args: &cli::BuildArgs) -> Result<detect::ladder::Request> {
+    let level = |s: &Option<String>| {
+        s.as_deref()
+            .map(str::parse)
+            .transpose()
+            .map_err(|e: String| anyhow!(e))
+    };
+    Ok(detect::ladder::Request {
+        isolation: level(&args.isolation)?,
+        min_isolation: level(&args.min_isolation)?,
+        snapshotter: shmocker::sandbox::Snapshotter::ALL
+            .into_iter()
+            .find(|s| s.name() == args.snapshotter),
+    })
 }
 
 fn absolute(p: &Path) -> Result<PathBuf> {
@@ -186,6 +236,7 @@ fn build_options(args: cli::BuildArgs, root: PathBuf) -> Result<BuildOptions> {
         store_root: root,
         insecure_registries: args.insecure_registries,
         mapping: userns::IdMapping::Identity,
+        snapshotter: Default::default(),
     })
 }
 

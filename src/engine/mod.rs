@@ -67,6 +67,8 @@ pub struct BuildOptions {
     pub store_root: PathBuf,
     pub insecure_registries: Vec<String>,
     pub mapping: IdMapping,
+    /// How each step's rootfs is stacked (chosen by `detect::ladder`).
+    pub snapshotter: crate::sandbox::Snapshotter,
 }
 
 /// An `--output` other than the registry.
@@ -678,6 +680,7 @@ impl<'a> Builder<'a> {
             merged: dir.join("merged"),
             empty_dir: self.snapshots.empty_dir(),
             scratch,
+            snapshotter: self.opts.snapshotter,
             action: crate::sandbox::Action::Export {
                 dest: dest.to_path_buf(),
             },

@@ -1550,6 +1550,7 @@ impl Builder<'_> {
             merged,
             empty_dir: self.snapshots.empty_dir(),
             scratch,
+            snapshotter: self.opts.snapshotter,
             action,
         };
         let started = Instant::now();

@@ -77,6 +77,7 @@
 mod apply;
 mod diff;
 mod tarfmt;
+mod treediff;
 
 #[cfg(test)]
 mod tests;
@@ -86,6 +87,7 @@ use std::path::{Path, PathBuf};
 
 pub use apply::apply_layer;
 pub use diff::{diff_upper_to_blob, dir_to_blob, is_empty_upper};
+pub use treediff::{CopyMarks, diff_tree_to_upper, materialize, normalize_fuse_upper};
 
 use crate::store::StoreError;
 

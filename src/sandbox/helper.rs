@@ -29,7 +29,8 @@ use nix::unistd::{ForkResult, Gid, Pid, Uid, chdir, execve, fork, pipe2, pivot_r
 
 use super::rootfs;
 use super::{
-    Action, MountKind, Network, ProcessSpec, SandboxError, SecretSource, StepSpec, StepStatus,
+    Action, MountKind, Network, ProcessSpec, SandboxError, SecretSource, Snapshotter, StepSpec,
+    StepStatus,
 };
 
 pub const SUBCOMMAND: &str = "__sandbox";
@@ -69,9 +70,19 @@ fn run(spec: &StepSpec) -> Result<StepStatus, SandboxError> {
         None::<&str>,
     )
     .map_err(|e| SandboxError::sys("making mounts private", e))?;
-    mount_overlay(spec)?;
+    let marks = match spec.snapshotter {
+        Snapshotter::Overlayfs => {
+            mount_overlay(spec)?;
+            None
+        }
+        Snapshotter::FuseOverlayfs => {
+            mount_fuse_overlay(spec)?;
+            None
+        }
+        Snapshotter::Copy => Some(prepare_copy(spec)?),
+    };
     let root = spec.merged.as_path();
-    match &spec.action {
+    let status = match &spec.action {
         Action::Copy(copy) => {
             let mut copy = copy.clone();
             if let Some(from) = &copy.from {
@@ -113,7 +124,7 @@ fn run(spec: &StepSpec) -> Result<StepStatus, SandboxError> {
                 )
                 .map_err(|e| SandboxError::Setup(format!("ADD {}: {e}", archive.display())))?;
             }
-            Ok(StepStatus::Exited(0))
+            StepStatus::Exited(0)
         }
         Action::Export { dest } => {
             // cp -a keeps owners, modes, links and times; the rootfs is read through the
@@ -131,7 +142,7 @@ fn run(spec: &StepSpec) -> Result<StepStatus, SandboxError> {
                     String::from_utf8_lossy(&out.stderr).trim()
                 )));
             }
-            Ok(StepStatus::Exited(0))
+            StepStatus::Exited(0)
         }
         Action::Mkdir { path, user } => {
             let owner = match user {
@@ -142,19 +153,186 @@ fn run(spec: &StepSpec) -> Result<StepStatus, SandboxError> {
                 _ => (0, 0),
             };
             rootfs::mkdir_all(root, path, owner)?;
-            Ok(StepStatus::Exited(0))
+            StepStatus::Exited(0)
         }
         Action::Run(process) => {
+            let etc_before = dir_times(&root.join("etc"));
             let mut stubs = make_mount_points(root)?;
             let binds = prepare_run_mounts(spec, process, &mut stubs)?;
+            let etc_with_stubs = dir_times(&root.join("etc"));
             let status = run_process(root, process, &binds);
-            // The overlay must be gone before its upper dir is edited directly.
-            umount2(root, MntFlags::MNT_DETACH)
-                .map_err(|e| SandboxError::sys("unmounting the step's overlay", e))?;
-            remove_stubs(spec, &stubs)?;
-            status
+            let etc_after = dir_times(&root.join("etc"));
+            // The rootfs must be unmounted before its upper dir is edited directly.
+            unmount_rootfs(root)?;
+            if spec.snapshotter == Snapshotter::FuseOverlayfs {
+                normalize_upper(spec)?;
+            }
+            if spec.snapshotter == Snapshotter::Copy {
+                remove_stubs_in(root, &stubs)?;
+                // Making and removing the stubs changed /etc's mtime: put back the one the
+                // command left, or the image's when the command did not touch /etc, so that
+                // the tree comparison sees what overlayfs would.
+                if let (Some(before), Some(with), Some(after)) =
+                    (etc_before, etc_with_stubs, etc_after)
+                {
+                    set_dir_times(
+                        &root.join("etc"),
+                        if with == after { before } else { after },
+                    )?;
+                }
+            } else {
+                let etc = spec.upper.join("etc");
+                let etc_upper = dir_times(&etc);
+                remove_stubs(spec, &stubs)?;
+                // Removing a stub changed the copied-up /etc's mtime: keep the command's.
+                if let Some(t) = etc_upper
+                    && dir_times(&etc).is_some()
+                {
+                    set_dir_times(&etc, t)?;
+                }
+            }
+            let status = status?;
+            if let Some(marks) = &marks {
+                diff_copy(spec, marks)?;
+            }
+            return Ok(status);
+        }
+    };
+    match spec.snapshotter {
+        Snapshotter::Overlayfs => {}
+        Snapshotter::FuseOverlayfs => {
+            unmount_rootfs(root)?;
+            normalize_upper(spec)?;
+        }
+        Snapshotter::Copy => {
+            unmount_rootfs(root)?;
+            if let Some(marks) = &marks {
+                diff_copy(spec, marks)?;
+            }
         }
     }
+    Ok(status)
+}
+
+fn lower_dirs(spec: &StepSpec) -> Vec<PathBuf> {
+    if spec.lower.is_empty() {
+        vec![spec.empty_dir.clone()]
+    } else {
+        spec.lower.clone()
+    }
+}
+
+fn unmount_rootfs(root: &Path) -> Result<(), SandboxError> {
+    umount2(root, MntFlags::empty())
+        .or_else(|_| umount2(root, MntFlags::MNT_DETACH))
+        .map_err(|e| SandboxError::sys("unmounting the step's rootfs", e))
+}
+
+fn normalize_upper(spec: &StepSpec) -> Result<(), SandboxError> {
+    crate::layer::normalize_fuse_upper(&spec.upper, &lower_dirs(spec)).map_err(|e| {
+        SandboxError::Setup(format!(
+            "reading the changes fuse-overlayfs recorded in {}: {e}",
+            spec.upper.display()
+        ))
+    })
+}
+
+/// The copy snapshotter: the layers stacked into `merged`, which is then bound onto itself so
+/// that it is a mount point (pivot_root needs one).
+fn prepare_copy(spec: &StepSpec) -> Result<crate::layer::CopyMarks, SandboxError> {
+    let marks =
+        crate::layer::materialize(&lower_dirs(spec), &spec.merged, &spec.work).map_err(|e| {
+            SandboxError::Setup(format!(
+                "copying the image's layers into {}: {e}",
+                spec.merged.display()
+            ))
+        })?;
+    bind(&spec.merged, &spec.merged, true)?;
+    Ok(marks)
+}
+
+fn diff_copy(spec: &StepSpec, marks: &crate::layer::CopyMarks) -> Result<(), SandboxError> {
+    let warnings =
+        crate::layer::diff_tree_to_upper(&lower_dirs(spec), &spec.merged, &spec.upper, marks)
+            .map_err(|e| {
+                SandboxError::Setup(format!(
+                    "comparing the step's rootfs {} with its layers: {e}",
+                    spec.merged.display()
+                ))
+            })?;
+    for w in marks.warnings.iter().chain(&warnings) {
+        eprintln!("warning: {w}");
+    }
+    Ok(())
+}
+
+fn dir_times(p: &Path) -> Option<(i64, i64, i64, i64)> {
+    let m = fs::symlink_metadata(p).ok().filter(|m| m.is_dir())?;
+    Some((m.atime(), m.atime_nsec(), m.mtime(), m.mtime_nsec()))
+}
+
+fn set_dir_times(p: &Path, t: (i64, i64, i64, i64)) -> Result<(), SandboxError> {
+    use nix::sys::time::TimeSpec;
+    nix::sys::stat::utimensat(
+        nix::fcntl::AT_FDCWD,
+        p,
+        &TimeSpec::new(t.0, t.1),
+        &TimeSpec::new(t.2, t.3),
+        nix::sys::stat::UtimensatFlags::NoFollowSymlink,
+    )
+    .map_err(|e| SandboxError::sys(format!("restoring the times of {}", p.display()), e))
+}
+
+/// fuse-overlayfs, run inside this helper's user and mount namespaces (it mounts with mount(2)
+/// there, so no setuid fusermount3 is involved). It returns once the mount is in place and
+/// stays in the background until the rootfs is unmounted.
+fn mount_fuse_overlay(spec: &StepSpec) -> Result<(), SandboxError> {
+    let mut paths = lower_dirs(spec);
+    paths.extend([spec.upper.clone(), spec.work.clone(), spec.merged.clone()]);
+    if let Some(bad) = paths.iter().find(|p| {
+        let s = p.to_string_lossy();
+        s.contains(':') || s.contains(',')
+    }) {
+        return Err(SandboxError::Setup(format!(
+            "fuse-overlayfs cannot use {}: the path contains ':' or ','; choose a store path without them (--root DIR)",
+            bad.display()
+        )));
+    }
+    let lower: Vec<String> = lower_dirs(spec)
+        .iter()
+        .map(|p| p.display().to_string())
+        .collect();
+    let opts = format!(
+        "lowerdir={},upperdir={},workdir={}",
+        lower.join(":"),
+        spec.upper.display(),
+        spec.work.display()
+    );
+    let out = std::process::Command::new("fuse-overlayfs")
+        .arg("-o")
+        .arg(&opts)
+        .arg(&spec.merged)
+        .stdin(std::process::Stdio::null())
+        .output()
+        .map_err(|e| {
+            SandboxError::Setup(format!(
+                "starting fuse-overlayfs: {e}; install it (apt-get install fuse-overlayfs) or choose another --snapshotter"
+            ))
+        })?;
+    if !out.status.success() {
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        let stderr: Vec<&str> = stderr
+            .lines()
+            .filter(|l| !l.contains("unknown argument ignored"))
+            .collect();
+        return Err(SandboxError::Setup(format!(
+            "fuse-overlayfs could not mount {} ({}): {}; check that /dev/fuse is accessible (run `shmocker detect`)",
+            spec.merged.display(),
+            out.status,
+            stderr.join(" ")
+        )));
+    }
+    Ok(())
 }
 
 /// Mounts a read-only overlay of `lower` (topmost first) at `target`: the view of a stage or
@@ -322,6 +500,22 @@ fn remove_stubs(spec: &StepSpec, stubs: &[Stub]) -> Result<(), SandboxError> {
             && m.gid() == lower.gid()
         {
             fs::remove_dir(&up).map_err(|e| SandboxError::io(&up, e))?;
+        }
+    }
+    Ok(())
+}
+
+/// The copy snapshotter's [`remove_stubs`]: the stubs are in the rootfs itself.
+fn remove_stubs_in(root: &Path, stubs: &[Stub]) -> Result<(), SandboxError> {
+    for stub in stubs.iter().rev() {
+        let p = root.join(&stub.rel);
+        let Ok(m) = fs::symlink_metadata(&p) else {
+            continue;
+        };
+        if stub.dir && m.is_dir() && dir_is_empty(&p) {
+            fs::remove_dir(&p).map_err(|e| SandboxError::io(&p, e))?;
+        } else if !stub.dir && m.is_file() && m.len() == 0 {
+            fs::remove_file(&p).map_err(|e| SandboxError::io(&p, e))?;
         }
     }
     Ok(())
@@ -609,9 +803,15 @@ fn init(
         ForkResult::Child => {
             let err = (|| -> Result<(), SandboxError> {
                 let groups: Vec<Gid> = user.groups.iter().map(|g| Gid::from_raw(*g)).collect();
-                nix::unistd::setgroups(&groups).map_err(|e| {
-                    SandboxError::sys("setgroups (supplementary groups not mapped?)", e)
-                })?;
+                // A single-ID namespace is made with setgroups denied (the kernel's condition for
+                // an unprivileged gid map): there are no other groups to switch to anyway.
+                let setgroups_denied =
+                    fs::read_to_string("/proc/self/setgroups").is_ok_and(|s| s.trim() == "deny");
+                if !setgroups_denied {
+                    nix::unistd::setgroups(&groups).map_err(|e| {
+                        SandboxError::sys("setgroups (supplementary groups not mapped?)", e)
+                    })?;
+                }
                 let gid = Gid::from_raw(user.gid);
                 nix::unistd::setresgid(gid, gid, gid).map_err(|e| unmapped("gid", user.gid, e))?;
                 let uid = Uid::from_raw(user.uid);

@@ -83,6 +83,43 @@ pub struct StepSpec {
     /// A private directory of the step for the helper's own files (secrets, read-only views).
     pub scratch: PathBuf,
     pub action: Action,
+    /// How the rootfs is stacked from `lower` (see [`Snapshotter`]).
+    #[serde(default)]
+    pub snapshotter: Snapshotter,
+}
+
+/// How a step's rootfs is made from the image's layers, fastest first. Whatever the choice, the
+/// step's changes end up in `upper` in kernel overlayfs form (0/0 character devices for
+/// whiteouts, `user.overlay.opaque` on opaque directories), so the layer and the committed
+/// snapshot do not depend on it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Snapshotter {
+    /// Kernel overlayfs with `userxattr` (Linux >= 5.11 in a user namespace).
+    #[default]
+    Overlayfs,
+    /// The `fuse-overlayfs` program over /dev/fuse; its upper dir is rewritten into kernel form.
+    FuseOverlayfs,
+    /// A full copy of the layers into `merged` (extents shared by `copy_file_range` where the
+    /// filesystem can reflink); the changes are found by comparing the trees afterwards.
+    Copy,
+}
+
+impl Snapshotter {
+    pub const ALL: [Snapshotter; 3] = [
+        Snapshotter::Overlayfs,
+        Snapshotter::FuseOverlayfs,
+        Snapshotter::Copy,
+    ];
+
+    /// The name used on the command line and in reports.
+    pub fn name(self) -> &'static str {
+        match self {
+            Snapshotter::Overlayfs => "overlayfs",
+            Snapshotter::FuseOverlayfs => "fuse-overlayfs",
+            Snapshotter::Copy => "copy",
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

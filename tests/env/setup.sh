@@ -74,6 +74,7 @@ PACKAGES=(
     docker-registry:docker-registry uidmap:newuidmap fuse-overlayfs:fuse-overlayfs
     busybox-static:busybox buildah:buildah skopeo:skopeo umoci:umoci runc:runc
     apache2-utils:htpasswd openssl:openssl jq:jq curl:curl util-linux:runuser
+    python3-seccomp:python3
 )
 
 CHECK_BUILDAH=0
