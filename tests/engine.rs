@@ -549,7 +549,7 @@ fn add_unpacks_local_archives_and_fetches_urls_with_checksums() {
 
 #[test]
 fn copy_flags_link_exclude_parents() {
-    let dockerfile = "ARG BASE\nFROM ${BASE}\nRUN ln -s /etc /linked\nCOPY --link a.txt /linked/a.txt\nCOPY --exclude=*.log logs/ /logs/\nCOPY --parents src/deep/one.txt /p/\n";
+    let dockerfile = "ARG BASE\nFROM ${BASE}\nRUN ln -s /etc /linked\nCOPY --link a.txt /linked/a.txt\nCOPY --exclude=*.log logs/ /logs/\nCOPY --parents src/deep/one.txt /p/\nCOPY --chmod=u+x,go-r a.txt /sym.txt\n";
     let store = scratch_dir(Who::User);
     let (_w, rootfs, _) = build_and_unpack(
         Who::User,
@@ -579,6 +579,7 @@ fn copy_flags_link_exclude_parents() {
         std::fs::read_to_string(rootfs.join("p/src/deep/one.txt")).unwrap(),
         "one\n"
     );
+    assert_eq!(t["/sym.txt"].mode, 0o700, "symbolic --chmod applied to the file's 0644");
 }
 
 #[test]

@@ -1249,17 +1249,9 @@ impl Builder<'_> {
                 chown = Some(self.expand(node, state, v)?);
             } else if let Some(v) = f.strip_prefix("--chmod=") {
                 let v = self.expand(node, state, v)?;
-                chmod = Some(
-                    u32::from_str_radix(&v, 8)
-                        .ok()
-                        .filter(|m| *m <= 0o7777)
-                        .ok_or_else(|| {
-                            self.err(
-                                node,
-                                format!("--chmod={v}: expected an octal mode such as 0755"),
-                            )
-                        })?,
-                );
+                crate::sandbox::rootfs::chmod_mode(&v, 0o644, false)
+                    .map_err(|e| self.err(node, e.to_string()))?;
+                chmod = Some(v);
             } else if let Some(v) = f.strip_prefix("--from=") {
                 from = Some(v.to_string());
             } else if let Some(v) = f.strip_prefix("--exclude=") {

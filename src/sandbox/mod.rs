@@ -217,8 +217,8 @@ pub struct CopySpec {
     pub dest_is_dir: bool,
     /// `--chown` as written (names resolved in the image's /etc/passwd and /etc/group).
     pub chown: Option<String>,
-    /// `--chmod` as an octal mode.
-    pub chmod: Option<u32>,
+    /// `--chmod`: an octal or symbolic mode (see `rootfs::chmod_mode`).
+    pub chmod: Option<String>,
     /// `--from`: copy from these layers (a stage or an image, topmost first) instead of the
     /// context; the helper mounts them read-only and matches `sources` there.
     #[serde(default)]
