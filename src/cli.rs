@@ -88,6 +88,11 @@ pub struct BuildArgs {
     #[arg(long = "no-cache-filter", value_name = "STAGE", value_delimiter = ',')]
     pub no_cache_filter: Vec<String>,
 
+    /// An SSH agent for `RUN --mount=type=ssh`: ID (the agent at $SSH_AUTH_SOCK) or
+    /// ID=SOCKET; `default` is the id mounts use when they name none.
+    #[arg(long = "ssh", value_name = "ID[=SOCKET]")]
+    pub ssh: Vec<String>,
+
     /// Import build cache: type=registry,ref=REF or type=local,src=DIR (repeatable).
     #[arg(long = "cache-from", value_name = "SPEC")]
     pub cache_from: Vec<String>,

@@ -209,6 +209,22 @@ fn build_options(args: cli::BuildArgs, root: PathBuf) -> Result<BuildOptions> {
         target: args.target,
         no_cache: args.no_cache,
         no_cache_filter: args.no_cache_filter,
+        ssh: args
+            .ssh
+            .iter()
+            .map(|spec| {
+                let (id, socket) = match spec.split_once('=') {
+                    Some((id, path)) => (id.to_string(), PathBuf::from(path)),
+                    None => (
+                        spec.clone(),
+                        std::env::var_os("SSH_AUTH_SOCK").map(PathBuf::from).ok_or_else(|| {
+                            anyhow!("--ssh {spec}: SSH_AUTH_SOCK is not set; start an agent or give --ssh {spec}=/path/to/socket")
+                        })?,
+                    ),
+                };
+                Ok((id, absolute(&socket)?))
+            })
+            .collect::<Result<_>>()?,
         cache_from: args
             .cache_from
             .iter()

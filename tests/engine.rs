@@ -579,7 +579,10 @@ fn copy_flags_link_exclude_parents() {
         std::fs::read_to_string(rootfs.join("p/src/deep/one.txt")).unwrap(),
         "one\n"
     );
-    assert_eq!(t["/sym.txt"].mode, 0o700, "symbolic --chmod applied to the file's 0644");
+    assert_eq!(
+        t["/sym.txt"].mode, 0o700,
+        "symbolic --chmod applied to the file's 0644"
+    );
 }
 
 #[test]
@@ -811,5 +814,51 @@ fn no_cache_filter_reruns_only_the_named_stage() {
     assert!(
         after("RUN echo built > /artifact").contains("DONE"),
         "{err}"
+    );
+}
+
+#[test]
+fn ssh_mount_forwards_the_agent_socket() {
+    let user = env().user();
+    let agent_dir = scratch_dir(Who::User);
+    let sock = agent_dir.path().join("agent.sock");
+    let agent = Command::new("runuser")
+        .args(["-u", user, "--", "ssh-agent", "-D", "-a"])
+        .arg(&sock)
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .expect("ssh-agent (openssh-client) must be installed");
+    struct Kill(std::process::Child);
+    impl Drop for Kill {
+        fn drop(&mut self) {
+            // runuser passes SIGTERM on to the agent; SIGKILL would leave the agent behind.
+            let pid = nix::unistd::Pid::from_raw(self.0.id() as i32);
+            let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+            let _ = self.0.wait();
+        }
+    }
+    let _agent = Kill(agent);
+    for _ in 0..50 {
+        if sock.exists() {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    let dockerfile = "ARG BASE\nFROM ${BASE}\nRUN --mount=type=ssh test -S \"$SSH_AUTH_SOCK\" && echo \"$SSH_AUTH_SOCK\" > /ssh-ok\n";
+    let store = scratch_dir(Who::User);
+    let ssh = format!("default={}", sock.display());
+    let (_w, rootfs, _) = build_and_unpack(
+        Who::User,
+        store.path(),
+        &[("Dockerfile", dockerfile)],
+        &["--ssh", &ssh],
+    );
+    assert_eq!(
+        std::fs::read_to_string(rootfs.join("ssh-ok")).unwrap(),
+        "/run/buildkit/ssh_agent.0\n"
+    );
+    assert!(
+        !rootfs.join("run/buildkit").exists(),
+        "the socket's mount point left no trace"
     );
 }

@@ -51,6 +51,8 @@ pub struct BuildOptions {
     pub target: Option<String>,
     /// Run every step, ignoring the cache (`--no-cache`); results still go into the cache.
     pub no_cache: bool,
+    /// SSH agent sockets for `RUN --mount=type=ssh` (`--ssh ID[=SOCKET]`), by id.
+    pub ssh: Vec<(String, PathBuf)>,
     /// Stages whose steps always run (`--no-cache-filter`).
     pub no_cache_filter: Vec<String>,
     /// Caches to import before the build (`--cache-from`).

@@ -821,6 +821,12 @@ impl Builder<'_> {
         }});
         let mut spec = spec;
         spec.env.extend(proxy_env);
+        if let Some((_, sock)) = helper_env
+            .iter()
+            .find(|(k, _)| k.starts_with("SHMOCKER_SSH_"))
+        {
+            spec.env.push(format!("SSH_AUTH_SOCK={sock}"));
+        }
         self.write_network_files()?;
         let prefix = if build_args.is_empty() {
             String::new()
@@ -1104,10 +1110,44 @@ impl Builder<'_> {
                     }
                 }
             }
-            "ssh" => Err(self.err(
-                node,
-                "RUN --mount=type=ssh is not supported by this version of shmocker",
-            )),
+            "ssh" => {
+                let id = kv.get("id").cloned().unwrap_or_else(|| "default".into());
+                let n = helper_env
+                    .iter()
+                    .filter(|(k, _)| k.starts_with("SHMOCKER_SSH_"))
+                    .count();
+                let target = abs(&target.unwrap_or_else(|| format!("/run/buildkit/ssh_agent.{n}")));
+                let required = kv.get("required").is_some_and(|v| v == "true");
+                let Some((_, socket)) = self.opts.ssh.iter().find(|(i, _)| *i == id) else {
+                    if required {
+                        return Err(self.err(
+                            node,
+                            format!("ssh agent {id:?} is required but was not given; pass --ssh {id} (uses $SSH_AUTH_SOCK) or --ssh {id}=/path/to/agent.sock"),
+                        ));
+                    }
+                    return Ok((
+                        RunMount {
+                            target: target.clone(),
+                            kind: MountKind::Tmpfs { size: Some(4096) },
+                            readonly: true,
+                        },
+                        serde_json::json!({"ssh-absent": id, "target": target}),
+                    ));
+                };
+                // The step finds the agent where BuildKit puts it, through SSH_AUTH_SOCK.
+                helper_env.push((format!("SHMOCKER_SSH_{n}"), target.clone()));
+                Ok((
+                    RunMount {
+                        target: target.clone(),
+                        kind: MountKind::Bind {
+                            source: socket.clone(),
+                        },
+                        readonly: false,
+                    },
+                    serde_json::json!({"ssh": id, "target": target}),
+                ))
+            }
+
             other => Err(bad(&format!(
                 "unknown mount type {other:?}; use cache, secret, tmpfs or bind"
             ))),

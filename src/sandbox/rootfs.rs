@@ -390,9 +390,7 @@ pub fn chmod_mode(spec: &str, current: u32, is_dir: bool) -> Result<u32, Sandbox
     }
     let mut mode = current;
     for clause in spec.split(',') {
-        let who_end = clause
-            .find(['+', '-', '='])
-            .ok_or_else(bad)?;
+        let who_end = clause.find(['+', '-', '=']).ok_or_else(bad)?;
         let (who, mut rest) = clause.split_at(who_end);
         let mut mask = 0u32;
         for c in who.chars() {
