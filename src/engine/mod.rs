@@ -217,6 +217,10 @@ pub async fn build(opts: &BuildOptions) -> Result<BuildResult, BuildError> {
         ))
     })?;
     let snapshots = Snapshots::new(&store).map_err(|e| BuildError::Internal(e.to_string()))?;
+    let stale = store.clean_stale_tmp();
+    if stale > 0 {
+        eprintln!("#0 removed {stale} leftovers of interrupted builds from the store");
+    }
     let cache =
         cache::Cache::new(&store).map_err(|e| internal("opening the cache")(e.to_string()))?;
     let scratch = store.temp_path("build");
