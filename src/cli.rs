@@ -88,6 +88,11 @@ pub struct BuildArgs {
     #[arg(long = "no-cache-filter", value_name = "STAGE", value_delimiter = ',')]
     pub no_cache_filter: Vec<String>,
 
+    /// Allow an extra privilege: security.insecure lets `RUN --security=insecure` run without
+    /// the sandbox's restrictions (masked /proc paths, reduced capabilities, no_new_privs).
+    #[arg(long = "allow", value_name = "ENTITLEMENT")]
+    pub allow: Vec<String>,
+
     /// An SSH agent for `RUN --mount=type=ssh`: ID (the agent at $SSH_AUTH_SOCK) or
     /// ID=SOCKET; `default` is the id mounts use when they name none.
     #[arg(long = "ssh", value_name = "ID[=SOCKET]")]

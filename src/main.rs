@@ -209,6 +209,14 @@ fn build_options(args: cli::BuildArgs, root: PathBuf) -> Result<BuildOptions> {
         target: args.target,
         no_cache: args.no_cache,
         no_cache_filter: args.no_cache_filter,
+        allow_insecure: {
+            for a in &args.allow {
+                if a != "security.insecure" {
+                    bail!("--allow {a}: the only entitlement is security.insecure");
+                }
+            }
+            !args.allow.is_empty()
+        },
         ssh: args
             .ssh
             .iter()

@@ -460,7 +460,7 @@ impl Builder<'_> {
                 "--checksum",
                 "--unpack",
             ],
-            "run" => &["--mount", "--network"],
+            "run" => &["--mount", "--network", "--security"],
             "healthcheck" => &[
                 "--interval",
                 "--timeout",
@@ -757,6 +757,7 @@ impl Builder<'_> {
         BuildError,
     > {
         let mut network = Network::Host;
+        let mut insecure = false;
         let mut mounts = Vec::new();
         let mut key_mounts = Vec::new();
         let mut helper_env = Vec::new();
@@ -770,6 +771,23 @@ impl Builder<'_> {
                         return Err(self.err(
                             node,
                             format!("RUN --network={other}: expected none, host or default"),
+                        ));
+                    }
+                };
+            } else if let Some(v) = f.strip_prefix("--security=") {
+                insecure = match v {
+                    "insecure" if self.opts.allow_insecure => true,
+                    "insecure" => {
+                        return Err(self.err(
+                            node,
+                            "RUN --security=insecure needs the build to allow it: add --allow security.insecure",
+                        ));
+                    }
+                    "sandbox" => false,
+                    other => {
+                        return Err(self.err(
+                            node,
+                            format!("RUN --security={other}: expected sandbox or insecure"),
                         ));
                     }
                 };
@@ -814,10 +832,11 @@ impl Builder<'_> {
             resolv_conf: self.scratch.join("resolv.conf"),
             mounts,
             network,
+            insecure,
         };
         let key = serde_json::json!({"run": {
             "args": spec.args, "env": spec.env, "cwd": spec.cwd, "user": spec.user,
-            "network": format!("{:?}", spec.network), "mounts": key_mounts,
+            "network": format!("{:?}", spec.network), "mounts": key_mounts, "insecure": spec.insecure,
         }});
         let mut spec = spec;
         spec.env.extend(proxy_env);
