@@ -911,3 +911,33 @@ fn run_steps_are_hardened_unless_insecure_is_allowed() {
         stderr(&out)
     );
 }
+
+#[test]
+fn build_network_none_applies_to_every_run_unless_a_step_overrides_it() {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        use std::io::{Read, Write};
+        for stream in listener.incoming().take(4) {
+            let Ok(mut s) = stream else { continue };
+            let mut buf = [0u8; 1024];
+            let _ = s.read(&mut buf);
+            let _ = s.write_all(b"HTTP/1.0 200 OK\r\nContent-Length: 3\r\n\r\nok\n");
+        }
+    });
+    let dockerfile = format!(
+        "ARG BASE\nFROM ${{BASE}}\nRUN (wget -q -T 3 -O /a http://127.0.0.1:{port}/ && echo reached || echo unreachable) > /default-step\nRUN --network=host wget -q -O /b http://127.0.0.1:{port}/\n"
+    );
+    let store = scratch_dir(Who::User);
+    let (_w, rootfs, _) = build_and_unpack(
+        Who::User,
+        store.path(),
+        &[("Dockerfile", &dockerfile)],
+        &["--network", "none"],
+    );
+    assert_eq!(
+        std::fs::read_to_string(rootfs.join("default-step")).unwrap(),
+        "unreachable\n"
+    );
+    assert_eq!(std::fs::read_to_string(rootfs.join("b")).unwrap(), "ok\n");
+}

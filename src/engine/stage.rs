@@ -756,7 +756,7 @@ impl Builder<'_> {
         ),
         BuildError,
     > {
-        let mut network = Network::Host;
+        let mut network = self.opts.network;
         let mut insecure = false;
         let mut mounts = Vec::new();
         let mut key_mounts = Vec::new();
@@ -766,7 +766,8 @@ impl Builder<'_> {
             if let Some(v) = f.strip_prefix("--network=") {
                 network = match v {
                     "none" => Network::None,
-                    "host" | "default" => Network::Host,
+                    "host" => Network::Host,
+                    "default" => self.opts.network,
                     other => {
                         return Err(self.err(
                             node,
