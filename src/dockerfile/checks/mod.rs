@@ -279,8 +279,9 @@ impl Report {
         out
     }
 
-    /// The documented JSON form (docs/checks.md): version 1.
-    pub fn to_json(&self, file: &str) -> serde_json::Value {
+    /// The documented JSON form (docs/checks.md), version 1, pretty-printed with the keys in
+    /// the documented order.
+    pub fn to_json(&self, file: &str) -> String {
         #[derive(Serialize)]
         struct JsonFinding<'a> {
             rule: &'a str,
@@ -293,27 +294,35 @@ impl Report {
             end_line: usize,
             end_column: usize,
         }
-        let findings: Vec<JsonFinding<'_>> = self
-            .findings
-            .iter()
-            .map(|f| JsonFinding {
-                rule: f.rule,
-                level: f.level,
-                message: &f.message,
-                url: &f.url,
-                file,
-                line: f.line,
-                column: f.column,
-                end_line: f.end_line,
-                end_column: f.end_column,
-            })
-            .collect();
-        serde_json::json!({
-            "version": 1,
-            "findings": findings,
-            "errors": self.errors(),
-            "warnings": self.warnings(),
-        })
+        #[derive(Serialize)]
+        struct JsonReport<'a> {
+            version: u32,
+            findings: Vec<JsonFinding<'a>>,
+            errors: usize,
+            warnings: usize,
+        }
+        let report = JsonReport {
+            version: 1,
+            findings: self
+                .findings
+                .iter()
+                .map(|f| JsonFinding {
+                    rule: f.rule,
+                    level: f.level,
+                    message: &f.message,
+                    url: &f.url,
+                    file,
+                    line: f.line,
+                    column: f.column,
+                    end_line: f.end_line,
+                    end_column: f.end_column,
+                })
+                .collect(),
+            errors: self.errors(),
+            warnings: self.warnings(),
+        };
+        // Serialising plain strings and numbers cannot fail.
+        serde_json::to_string_pretty(&report).unwrap_or_default()
     }
 }
 

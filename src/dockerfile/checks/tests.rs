@@ -682,7 +682,8 @@ fn text_output_points_at_the_span() {
 fn json_output_shape() {
     let src = "# check=error=true\nFROM alpine AS Build\n";
     let r = run(src);
-    let v = r.to_json("Dockerfile");
+    let text = r.to_json("Dockerfile");
+    let v: serde_json::Value = serde_json::from_str(&text).unwrap();
     assert_eq!(
         v,
         serde_json::json!({
@@ -702,7 +703,23 @@ fn json_output_shape() {
             "warnings": 0,
         })
     );
-    let empty = run("FROM alpine\n").to_json("Dockerfile");
+    // Keys come in the documented order.
+    let keys = [
+        "\"rule\"",
+        "\"level\"",
+        "\"message\"",
+        "\"url\"",
+        "\"file\"",
+        "\"line\"",
+        "\"column\"",
+        "\"end_line\"",
+        "\"end_column\"",
+    ];
+    let at: Vec<usize> = keys.iter().map(|k| text.find(k).unwrap()).collect();
+    assert!(at.windows(2).all(|w| w[0] < w[1]), "{text}");
+    assert!(text.find("\"version\"") < text.find("\"findings\""));
+    let empty: serde_json::Value =
+        serde_json::from_str(&run("FROM alpine\n").to_json("Dockerfile")).unwrap();
     assert_eq!(
         empty,
         serde_json::json!({"version": 1, "findings": [], "errors": 0, "warnings": 0})
