@@ -34,6 +34,30 @@ pub enum Command {
     /// environment, and say how to get a stronger mode.
     #[command(visible_alias = "doctor")]
     Detect(DetectArgs),
+    /// Check a Dockerfile against BuildKit's build checks without building it. Exits 0 when
+    /// there is no error-level finding, 1 when there is, 2 when the Dockerfile does not parse.
+    Check(CheckArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct CheckArgs {
+    /// The build context (for its .dockerignore).
+    #[arg(value_name = "CONTEXT", default_value = ".")]
+    pub context: PathBuf,
+
+    /// The Dockerfile (default: CONTEXT/Dockerfile).
+    #[arg(short = 'f', long = "file", value_name = "FILE")]
+    pub file: Option<PathBuf>,
+
+    /// Output for people (text) or for programs (json; schema in docs/checks.md).
+    #[arg(long, value_enum, default_value = "text")]
+    pub format: CheckFormat,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum CheckFormat {
+    Text,
+    Json,
 }
 
 #[derive(Debug, Args)]

@@ -40,6 +40,10 @@ fn main() -> ExitCode {
 }
 
 fn run(cli: cli::Cli) -> Result<ExitCode> {
+    // A check reads two files and needs neither the store nor a user namespace.
+    if let cli::Command::Check(args) = &cli.command {
+        return Ok(check(args));
+    }
     let root = match cli.root {
         Some(r) => absolute(&r)?,
         None => default_root()?,
@@ -72,6 +76,7 @@ fn run(cli: cli::Cli) -> Result<ExitCode> {
                 ExitCode::FAILURE
             })
         }
+        cli::Command::Check(args) => Ok(check(&args)),
         cli::Command::Build(args) => {
             let request = ladder_request(&args)?;
             let mut opts = build_options(args, root)?;
@@ -101,6 +106,73 @@ fn run(cli: cli::Cli) -> Result<ExitCode> {
             }
         }
     }
+}
+
+/// `shmocker check`: exit 0 without error-level findings, 1 with, 2 when the Dockerfile cannot
+/// be read or does not parse.
+fn check(args: &cli::CheckArgs) -> ExitCode {
+    use shmocker::dockerfile::{self, checks};
+    let path = args
+        .file
+        .clone()
+        .unwrap_or_else(|| args.context.join("Dockerfile"));
+    let file = path.display().to_string();
+    let source = match std::fs::read_to_string(&path) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("error: cannot read Dockerfile {file}: {e}; name one with -f FILE");
+            return ExitCode::from(2);
+        }
+    };
+    let ignore = match read_dockerignore(&args.context, &path) {
+        Ok(i) => i,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            return ExitCode::from(2);
+        }
+    };
+    let report = dockerfile::parse(&source)
+        .map_err(|e| (e.line, e.column, e.message))
+        .and_then(|parsed| {
+            checks::check(&source, &parsed, ignore.as_ref())
+                .map_err(|e| (e.line, e.column, e.message))
+        });
+    let report = match report {
+        Ok(r) => r,
+        Err((line, column, message)) => {
+            eprintln!("{file}:{line}:{column}: error: {message}");
+            return ExitCode::from(2);
+        }
+    };
+    match args.format {
+        cli::CheckFormat::Json => println!("{}", report.to_json(&file)),
+        cli::CheckFormat::Text => {
+            print!("{}", report.render_text(&file, &source));
+            if report.findings.is_empty() {
+                eprintln!("{file}: no findings");
+            }
+        }
+    }
+    ExitCode::from(u8::from(report.errors() > 0))
+}
+
+/// The .dockerignore a build of `dockerfile` uses: `FILE.dockerignore` beside the Dockerfile,
+/// else the context's.
+fn read_dockerignore(
+    context: &Path,
+    dockerfile: &Path,
+) -> Result<Option<shmocker::dockerfile::dockerignore::Dockerignore>> {
+    let beside = dockerfile
+        .file_name()
+        .map(|n| dockerfile.with_file_name(format!("{}.dockerignore", n.to_string_lossy())));
+    for path in beside.into_iter().chain([context.join(".dockerignore")]) {
+        if let Ok(text) = std::fs::read_to_string(&path) {
+            return shmocker::dockerfile::dockerignore::Dockerignore::parse(&text)
+                .map(Some)
+                .with_context(|| path.display().to_string());
+        }
+    }
+    Ok(None)
 }
 
 fn ladder_request(args: &cli::BuildArgs) -> Result<detect::ladder::Request> {

@@ -5,6 +5,7 @@
 //! Everything here is pure text processing (no I/O) so it can be tested
 //! against BuildKit's own test data byte for byte.
 
+pub mod checks;
 pub mod dockerignore;
 mod json;
 pub mod parser;

@@ -708,7 +708,7 @@ fn unknown_instruction(cmd: &str) -> String {
     msg
 }
 
-fn levenshtein(a: &str, b: &str) -> usize {
+pub(crate) fn levenshtein(a: &str, b: &str) -> usize {
     let b: Vec<char> = b.chars().collect();
     let mut prev: Vec<usize> = (0..=b.len()).collect();
     for (i, ca) in a.chars().enumerate() {
@@ -1251,5 +1251,155 @@ mod tests {
         }
         assert_eq!(p("RUN a\\\r\n b\r\n").nodes[0].args, vec!["a b"]);
         assert_eq!(p("\u{feff}  FROM a").nodes[0].column, 3);
+    }
+
+    // --- the project's own cases, beyond BuildKit's test data -------------------------------
+
+    #[test]
+    fn heredoc_several_in_one_run_with_a_command() {
+        let r = p(
+            "FROM a\nRUN cat <<A <<-\"B\" > /out && \\\n    wc -l /out\nfirst $X\nA\n\tsecond $X\n\tB\nRUN after\n",
+        );
+        let run = &r.nodes[1];
+        assert_eq!(run.keyword, "run");
+        assert!(!run.json);
+        assert_eq!(run.args, vec!["cat <<A <<-\"B\" > /out &&     wc -l /out"]);
+        let docs: Vec<_> = run
+            .heredocs
+            .iter()
+            .map(|h| (h.name.as_str(), h.content.as_str(), h.expand, h.chomp))
+            .collect();
+        assert_eq!(
+            docs,
+            vec![
+                ("A", "first $X\n", true, false),
+                ("B", "\tsecond $X\n", false, true),
+            ]
+        );
+        assert_eq!((run.start_line, run.end_line, run.column), (2, 7, 1));
+        assert_eq!(
+            chomp_heredoc_content(&run.heredocs[1].content),
+            "second $X\n"
+        );
+        assert_eq!(r.nodes[2].start_line, 8);
+    }
+
+    #[test]
+    fn heredoc_quoted_delimiters_and_copy() {
+        // Single quotes, double quotes and a partly quoted word all make the body literal.
+        for (marker, name) in [("<<'EOT'", "EOT"), ("<<\"EOT\"", "EOT"), ("<<E'O'T", "EOT")] {
+            let src = format!("FROM a\nRUN {marker}\n$HOME\nEOT\n");
+            let doc = &p(&src).nodes[1].heredocs[0];
+            assert_eq!((doc.name.as_str(), doc.expand), (name, false), "{marker}");
+            assert_eq!(doc.content, "$HOME\n");
+        }
+        let r = p(
+            "FROM a\nCOPY --chmod=0755 <<-EOF /usr/local/bin/run.sh\n\t#!/bin/sh\n\techo hi\n\tEOF\nADD <<one <<two /dest/\n1\none\n2\ntwo\n",
+        );
+        let copy = &r.nodes[1];
+        assert_eq!(copy.flags, vec!["--chmod=0755"]);
+        assert_eq!(copy.args, vec!["<<-EOF", "/usr/local/bin/run.sh"]);
+        assert!(copy.heredocs[0].chomp && copy.heredocs[0].expand);
+        assert_eq!(copy.heredocs[0].content, "\t#!/bin/sh\n\techo hi\n");
+        assert_eq!((copy.start_line, copy.end_line), (2, 5));
+        let add = &r.nodes[2];
+        assert_eq!(add.keyword, "add");
+        assert_eq!(add.args, vec!["<<one", "<<two", "/dest/"]);
+        assert_eq!(add.heredocs.len(), 2);
+        assert_eq!((add.start_line, add.end_line), (6, 10));
+    }
+
+    #[test]
+    fn run_flags() {
+        let r = p(
+            "FROM a\nRUN --mount=type=cache,target=/x,sharing=locked --network=none --security=insecure make all\nRUN --mount=type=secret,id=tok,required=true [\"sh\", \"-c\", \"x\"]\n",
+        );
+        let n = &r.nodes[1];
+        assert_eq!(
+            n.flags,
+            vec![
+                "--mount=type=cache,target=/x,sharing=locked",
+                "--network=none",
+                "--security=insecure"
+            ]
+        );
+        assert_eq!(n.args, vec!["make all"]);
+        assert!(!n.json);
+        let n = &r.nodes[2];
+        assert_eq!(n.flags, vec!["--mount=type=secret,id=tok,required=true"]);
+        assert!(n.json);
+        assert_eq!(n.args, vec!["sh", "-c", "x"]);
+    }
+
+    #[test]
+    fn copy_and_add_flags() {
+        let r = p(concat!(
+            "FROM a\n",
+            "COPY --from=build --chown=app:app --chmod=755 --link /out/app /usr/bin/\n",
+            "COPY --chmod=u+x,g-w --parents --exclude=*.md --exclude=tmp/ src/ ./dst/\n",
+            "ADD --checksum=sha256:24454f830cdd571e2c4ad15481119c43b0cafe48a52a06a39fefcc0abfc4ea1c https://example.com/a.tgz /a.tgz\n",
+            "ADD --keep-git-dir=true --unpack=false https://github.com/moby/buildkit.git#v0.14.0 /src\n",
+            "COPY [\"--not-a-flag\", \"/d\"]\n",
+        ));
+        let n = &r.nodes;
+        assert_eq!(
+            n[1].flags,
+            vec!["--from=build", "--chown=app:app", "--chmod=755", "--link"]
+        );
+        assert_eq!(n[1].args, vec!["/out/app", "/usr/bin/"]);
+        assert_eq!(
+            n[2].flags,
+            vec![
+                "--chmod=u+x,g-w",
+                "--parents",
+                "--exclude=*.md",
+                "--exclude=tmp/"
+            ]
+        );
+        assert_eq!(n[2].args, vec!["src/", "./dst/"]);
+        assert_eq!(
+            n[3].flags,
+            vec![
+                "--checksum=sha256:24454f830cdd571e2c4ad15481119c43b0cafe48a52a06a39fefcc0abfc4ea1c"
+            ]
+        );
+        assert_eq!(n[3].args, vec!["https://example.com/a.tgz", "/a.tgz"]);
+        assert_eq!(n[4].flags, vec!["--keep-git-dir=true", "--unpack=false"]);
+        assert_eq!(
+            n[4].args,
+            vec!["https://github.com/moby/buildkit.git#v0.14.0", "/src"]
+        );
+        assert!(n[5].flags.is_empty() && n[5].json);
+        assert_eq!(n[5].args, vec!["--not-a-flag", "/d"]);
+    }
+
+    #[test]
+    fn from_platform_and_healthcheck_options() {
+        let r = p(concat!(
+            "FROM --platform=linux/arm64/v8 busybox:1.36 AS arm\n",
+            "HEALTHCHECK --interval=30s --timeout=3s --start-period=5s --start-interval=1s --retries=3 \\\n",
+            "  CMD curl -f http://localhost/ || exit 1\n",
+            "HEALTHCHECK CMD [\"/bin/check\", \"--fast\"]\n",
+        ));
+        let from = &r.nodes[0];
+        assert_eq!(from.flags, vec!["--platform=linux/arm64/v8"]);
+        assert_eq!(from.args, vec!["busybox:1.36", "AS", "arm"]);
+        let hc = &r.nodes[1];
+        assert_eq!(
+            hc.flags,
+            vec![
+                "--interval=30s",
+                "--timeout=3s",
+                "--start-period=5s",
+                "--start-interval=1s",
+                "--retries=3"
+            ]
+        );
+        assert_eq!(hc.args, vec!["CMD", "curl -f http://localhost/ || exit 1"]);
+        assert!(!hc.json);
+        assert_eq!((hc.start_line, hc.end_line), (2, 3));
+        let hc = &r.nodes[2];
+        assert!(hc.flags.is_empty() && hc.json);
+        assert_eq!(hc.args, vec!["CMD", "/bin/check", "--fast"]);
     }
 }

@@ -210,10 +210,9 @@ pub async fn build(opts: &BuildOptions) -> Result<BuildResult, BuildError> {
         location: format!("{file_name}:{}:{}", e.line, e.column),
         message: e.message.clone(),
     })?;
-    for w in &parsed.warnings {
-        eprintln!("warning: {file_name}:{}: {}", w.line, w.message);
-    }
     let ignore = read_dockerignore(context_dir, &dockerfile_path)?;
+    dockerfile::checks::run_for_build(&file_name, &source, &parsed, ignore.as_ref())
+        .map_err(|e| BuildError::Input(e.to_string()))?;
     let store = Store::open(&opts.store_root).map_err(|e| {
         BuildError::Input(format!(
             "cannot open the store at {}: {e}; pick another with --root DIR",
