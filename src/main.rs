@@ -13,6 +13,7 @@ use anyhow::{Context as _, Result, anyhow, bail};
 use clap::Parser;
 
 use shmocker::engine::{self, BuildOptions, BuildResult};
+use shmocker::progress::Reporting;
 use shmocker::sandbox::{helper, userns};
 
 fn main() -> ExitCode {
@@ -43,28 +44,114 @@ fn run(cli: cli::Cli) -> Result<ExitCode> {
     };
     match cli.command {
         cli::Command::Build(args) => {
-            let mut opts = build_options(args, root)?;
-            let mapping = userns::plan_mapping();
-            match userns::enter(mapping)? {
-                userns::Entered::ParentDone(code) => Ok(code),
-                userns::Entered::Inside(mapping) => {
-                    if let userns::IdMapping::Single { reason, .. } = &mapping {
-                        eprintln!("warning: {}", mapping.describe());
-                        let _ = reason;
-                    }
-                    opts.mapping = mapping;
-                    let runtime = tokio::runtime::Builder::new_multi_thread()
-                        .enable_all()
-                        .build()
-                        .context("starting the async runtime")?;
-                    let result = runtime.block_on(engine::build(&opts))?;
-                    write_results(&opts, &result)?;
-                    println!("{}", result.manifest.digest);
-                    Ok(ExitCode::SUCCESS)
-                }
+            let opts = build_options(args, root)?;
+            build_in_userns(opts, |opts, result| {
+                let result = result?;
+                write_results(opts, &result)?;
+                println!("{}", result.manifest.digest);
+                Ok(ExitCode::SUCCESS)
+            })
+        }
+        cli::Command::Ci(args) => run_ci(args, root),
+    }
+}
+
+/// Enters the user namespace (the parent waits for the child and returns its exit code), runs
+/// the build inside it on a fresh tokio runtime, and hands the outcome to `then`.
+fn build_in_userns(
+    mut opts: BuildOptions,
+    then: impl FnOnce(&BuildOptions, Result<BuildResult, engine::BuildError>) -> Result<ExitCode>,
+) -> Result<ExitCode> {
+    let mapping = userns::plan_mapping();
+    match userns::enter(mapping)? {
+        userns::Entered::ParentDone(code) => Ok(code),
+        userns::Entered::Inside(mapping) => {
+            if let userns::IdMapping::Single { reason, .. } = &mapping {
+                eprintln!("warning: {}", mapping.describe());
+                let _ = reason;
             }
+            opts.mapping = mapping;
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()
+                .context("starting the async runtime")?;
+            let result = runtime.block_on(engine::build(&opts));
+            then(&opts, result)
         }
     }
+}
+
+/// `shmocker ci`: the plan from the CI's environment, then the same build as `build`, then
+/// the CI's outputs, summary and reports (for a failed build too).
+fn run_ci(args: cli::CiArgs, root: PathBuf) -> Result<ExitCode> {
+    use shmocker::ci::{self, metadata::split_list};
+    let env = ci::Env::from_process();
+    let lists = |v: &[String], commas: bool| -> Vec<String> {
+        v.iter().flat_map(|s| split_list(s, commas)).collect()
+    };
+    let context = absolute(&args.context)?;
+    let labels = parse_labels(&lists(&args.labels, false))?;
+    let request = ci::run::Request {
+        provider: args.provider,
+        default_branch: args.default_branch.clone(),
+        context: context.clone(),
+        images: lists(&args.images, true),
+        tags: lists(&args.tags, true),
+        labels: labels.clone(),
+        push: args.push,
+    };
+    let plan = ci::run::plan(&env, &request)?;
+    if args.dry_run {
+        let shown = serde_json::json!({
+            "provider": plan.ctx.provider,
+            "act": plan.ctx.act,
+            "git": plan.ctx.git,
+            "tags": plan.tags,
+            "labels": plan.labels,
+            "derived": plan.derived,
+            "credentials": plan.ctx.credentials.iter().map(|c| format!("{} (user '{}' from {})", c.registry, c.username, c.origin)).collect::<Vec<_>>(),
+        });
+        println!("{}", serde_json::to_string_pretty(&shown)?);
+        return Ok(ExitCode::SUCCESS);
+    }
+    ci::run::mask_secrets(&plan.ctx);
+    let build_args = cli::BuildArgs {
+        context,
+        file: args.file,
+        tags: plan.tags.clone(),
+        push: args.push,
+        outputs: lists(&args.outputs, false),
+        build_args: lists(&args.build_args, false),
+        iidfile: args.iidfile,
+        metadata_file: args.metadata_file,
+        insecure_registries: args.insecure_registries,
+        labels: vec![],
+        progress: args.progress,
+    };
+    let mut opts = build_options(build_args, root)?;
+    let (reporting, recorder) = ci::run::reporter(&plan.ctx, args.progress);
+    opts.reporter = reporting;
+    opts.registry_credentials = plan.ctx.credentials.clone();
+    opts.labels = plan.labels.clone();
+    let report_dir = ci::run::report_dir(&plan.ctx, args.report_dir.as_deref());
+    build_in_userns(opts, |opts, result| {
+        ci::run::after_build(&env, &plan, opts, &recorder, &result, report_dir.as_deref())?;
+        let result = result?;
+        write_results(opts, &result)?;
+        println!("{}", result.manifest.digest);
+        Ok(ExitCode::SUCCESS)
+    })
+}
+
+fn parse_labels(labels: &[String]) -> Result<BTreeMap<String, String>> {
+    labels
+        .iter()
+        .map(|l| {
+            l.split_once('=')
+                .map(|(k, v)| (k.trim().to_string(), v.to_string()))
+                .ok_or_else(|| anyhow!("label {l:?}: expected KEY=VALUE"))
+        })
+        .collect()
 }
 
 fn absolute(p: &Path) -> Result<PathBuf> {
@@ -139,6 +226,9 @@ fn build_options(args: cli::BuildArgs, root: PathBuf) -> Result<BuildOptions> {
         store_root: root,
         insecure_registries: args.insecure_registries,
         mapping: userns::IdMapping::Identity,
+        reporter: Reporting::from_arc(args.progress.reporter()),
+        registry_credentials: vec![],
+        labels: parse_labels(&args.labels)?,
     })
 }
 

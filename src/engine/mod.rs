@@ -20,7 +20,10 @@ use oci_client::Reference;
 use crate::dockerfile::{self, Node, shell::Lex};
 use crate::image::{self, ContainerConfig, Descriptor, History, ImageConfig};
 use crate::layer::{self, ApplyOptions, Compression, DiffOptions};
-use crate::registry::{BlobRef, Platform, Registry, RegistryError, RegistryOptions};
+use crate::progress::{Event, Location, Reporting};
+use crate::registry::{
+    BlobRef, ExplicitCredentials, Platform, Registry, RegistryError, RegistryOptions,
+};
 use crate::sandbox::{self, Action, CopySpec, IdMapping, ProcessSpec, StepSpec, StepStatus};
 use crate::snapshot::Snapshots;
 use crate::store::Store;
@@ -42,6 +45,12 @@ pub struct BuildOptions {
     pub store_root: PathBuf,
     pub insecure_registries: Vec<String>,
     pub mapping: IdMapping,
+    /// Where progress events go (plain lines on standard error by default).
+    pub reporter: Reporting,
+    /// Registry credentials given by the caller (a CI's token); they win over docker's files.
+    pub registry_credentials: Vec<ExplicitCredentials>,
+    /// Labels set on the image after the Dockerfile's own (`--label`; they win, as in docker).
+    pub labels: BTreeMap<String, String>,
 }
 
 /// What a finished build produced.
@@ -181,7 +190,10 @@ pub async fn build(opts: &BuildOptions) -> Result<BuildResult, BuildError> {
         message: e.message.clone(),
     })?;
     for w in &parsed.warnings {
-        eprintln!("warning: {file_name}:{}: {}", w.line, w.message);
+        opts.reporter.report(Event::Warning {
+            location: Some(Location::new(&file_name, w.line, 1)),
+            message: w.message.clone(),
+        });
     }
     let ignore = read_dockerignore(context_dir, &dockerfile_path)?;
     let store = Store::open(&opts.store_root).map_err(|e| {
@@ -195,6 +207,7 @@ pub async fn build(opts: &BuildOptions) -> Result<BuildResult, BuildError> {
     fs::create_dir_all(&scratch).map_err(|e| internal("build dir")(e.to_string()))?;
     let registry = Registry::new(RegistryOptions {
         insecure_hosts: opts.insecure_registries.clone(),
+        credentials: opts.registry_credentials.clone(),
         ..Default::default()
     });
     let mut b = Builder {
@@ -211,11 +224,10 @@ pub async fn build(opts: &BuildOptions) -> Result<BuildResult, BuildError> {
     let result = b.run(&parsed.nodes).await;
     let _ = fs::remove_dir_all(&scratch);
     let result = result?;
-    eprintln!(
-        "built {} in {:.1}s",
-        result.manifest.digest,
-        started.elapsed().as_secs_f64()
-    );
+    opts.reporter.report(Event::Finished {
+        digest: result.manifest.digest.clone(),
+        elapsed_secs: started.elapsed().as_secs_f64(),
+    });
     Ok(result)
 }
 
@@ -385,7 +397,13 @@ impl Builder<'_> {
         let base_stage = stages.stages[..idx]
             .iter()
             .position(|(name, _)| name.as_deref() == Some(image.to_ascii_lowercase().as_str()));
-        self.announce(total, &format!("FROM {image}"));
+        self.opts.reporter.report(Event::StageStarted {
+            stage: idx,
+            name: stages.stages[idx].0.clone(),
+            base: image.clone(),
+        });
+        self.announce_at(from, total, &format!("FROM {image}"));
+        let from_started = Instant::now();
         let mut state = match base_stage {
             Some(i) => {
                 let mut s = built
@@ -395,27 +413,56 @@ impl Builder<'_> {
                 s.args.clear();
                 s
             }
-            None => self.base_image(from, &image).await?,
+            None => {
+                let pulled = self.base_image(from, &image).await;
+                self.report_failure(from, &pulled);
+                pulled?
+            }
         };
+        self.opts.reporter.report(Event::StepDone {
+            step: self.step_no,
+            elapsed_secs: from_started.elapsed().as_secs_f64(),
+        });
         if state.config.config.env_get("PATH").is_none() {
             state.config.config.env_set("PATH", image::DEFAULT_PATH);
         }
         for node in &nodes[1..] {
             self.step_no += 1;
-            self.announce(total, &display_instruction(node));
+            self.announce_at(node, total, &display_instruction(node));
             let started = Instant::now();
-            self.dispatch(node, &mut state, global).await?;
-            eprintln!(
-                "#{} DONE {:.1}s",
-                self.step_no,
-                started.elapsed().as_secs_f64()
-            );
+            let dispatched = self.dispatch(node, &mut state, global).await;
+            self.report_failure(node, &dispatched);
+            dispatched?;
+            self.opts.reporter.report(Event::StepDone {
+                step: self.step_no,
+                elapsed_secs: started.elapsed().as_secs_f64(),
+            });
         }
         Ok(state)
     }
 
-    fn announce(&self, total: usize, what: &str) {
-        eprintln!("#{} [{}/{}] {}", self.step_no, self.step_no, total, what);
+    fn announce_at(&self, node: &Node, total: usize, what: &str) {
+        self.opts.reporter.report(Event::StepStarted {
+            step: self.step_no,
+            total,
+            instruction: what.to_string(),
+            location: Location::new(&self.file_name, node.start_line, node.column),
+        });
+    }
+
+    fn report_failure<T>(&self, node: &Node, result: &Result<T, BuildError>) {
+        if let Err(e) = result {
+            self.opts.reporter.report(Event::StepFailed {
+                step: self.step_no,
+                location: Location::new(&self.file_name, node.start_line, node.column),
+                message: match e {
+                    BuildError::At { message, .. } | BuildError::StepFailed { message, .. } => {
+                        message.clone()
+                    }
+                    other => other.to_string(),
+                },
+            });
+        }
     }
 
     async fn base_image(&mut self, node: &Node, image: &str) -> Result<StageState, BuildError> {
@@ -449,10 +496,11 @@ impl Builder<'_> {
             .pull_manifest(&reference, &host)
             .await
             .map_err(reg_err)?;
-        eprintln!(
-            "#{} resolved {} to {}",
-            self.step_no, image, pulled.manifest_digest
-        );
+        self.opts.reporter.report(Event::Pulled {
+            step: self.step_no,
+            image: image.to_string(),
+            digest: pulled.manifest_digest.clone(),
+        });
         let config: ImageConfig = serde_json::from_slice(&pulled.config_raw).map_err(|e| {
             self.err(
                 node,
@@ -551,7 +599,10 @@ impl Builder<'_> {
         match res {
             Ok(warnings) => {
                 for w in warnings {
-                    eprintln!("warning: layer {digest}: {w}");
+                    self.opts.reporter.report(Event::Warning {
+                        location: None,
+                        message: format!("layer {digest}: {w}"),
+                    });
                 }
                 Ok(())
             }
@@ -984,9 +1035,14 @@ impl Builder<'_> {
         };
         let step_no = self.step_no;
         let started = Instant::now();
+        let reporter = self.opts.reporter.clone();
         let result = tokio::task::spawn_blocking(move || {
             sandbox::run_step(&spec, &scratch, |line| {
-                eprintln!("#{step_no} {:.3} {line}", started.elapsed().as_secs_f64());
+                reporter.report(Event::StepOutput {
+                    step: step_no,
+                    elapsed_secs: started.elapsed().as_secs_f64(),
+                    line: line.to_string(),
+                });
             })
         })
         .await
@@ -1062,6 +1118,10 @@ impl Builder<'_> {
 
     async fn finish(&mut self, mut state: StageState) -> Result<BuildResult, BuildError> {
         state.config.created = Some(image::now_rfc3339());
+        if !self.opts.labels.is_empty() {
+            let labels = state.config.config.labels.get_or_insert_with(BTreeMap::new);
+            labels.extend(self.opts.labels.clone());
+        }
         let config_raw = serde_json::to_vec(&state.config)
             .map_err(|e| internal("serialising the config")(e.to_string()))?;
         let config_digest = self
@@ -1105,7 +1165,9 @@ impl Builder<'_> {
         for dest in &self.opts.oci_outputs {
             crate::image::layout::write_oci_archive(&self.store, dest, &manifest, &blobs, name)
                 .map_err(|e| BuildError::Input(e.to_string()))?;
-            eprintln!("exported OCI layout to {}", dest.display());
+            self.opts.reporter.report(Event::Exported {
+                dest: dest.display().to_string(),
+            });
         }
         let mut pushed = Vec::new();
         if self.opts.push {
@@ -1119,7 +1181,9 @@ impl Builder<'_> {
                 let reference: Reference = tag
                     .parse()
                     .map_err(|e| BuildError::Input(format!("invalid tag {tag:?}: {e}")))?;
-                eprintln!("pushing {tag}");
+                self.opts
+                    .reporter
+                    .report(Event::Pushing { tag: tag.clone() });
                 let digest = self
                     .registry
                     .push_image(
@@ -1135,7 +1199,10 @@ impl Builder<'_> {
                         location: format!("pushing {tag}"),
                         source: Box::new(source),
                     })?;
-                eprintln!("pushed {tag}@{digest}");
+                self.opts.reporter.report(Event::Pushed {
+                    tag: tag.clone(),
+                    digest: digest.clone(),
+                });
                 pushed.push(tag.clone());
             }
         }

@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# The action's build step: `shmocker ci` with the inputs, which arrive as SHMOCKER_*
+# environment variables. shmocker itself writes the outputs (imageid, digest, metadata) to
+# $GITHUB_OUTPUT and the job summary to $GITHUB_STEP_SUMMARY.
+set -euo pipefail
+bin=${SHMOCKER_BIN:?the setup step found no shmocker}
+args=(ci --provider github "${SHMOCKER_CONTEXT:-.}")
+[[ -n "${SHMOCKER_FILE:-}" ]] && args+=(--file "$SHMOCKER_FILE")
+# List inputs go as they are; shmocker splits them (tags on newlines and commas, the others on
+# newlines only, as docker/build-push-action does).
+[[ -n "${SHMOCKER_TAGS:-}" ]] && args+=(--tag "$SHMOCKER_TAGS")
+[[ -n "${SHMOCKER_LABELS:-}" ]] && args+=(--label "$SHMOCKER_LABELS")
+[[ -n "${SHMOCKER_BUILD_ARGS:-}" ]] && args+=(--build-arg "$SHMOCKER_BUILD_ARGS")
+[[ -n "${SHMOCKER_OUTPUTS:-}" ]] && args+=(--output "$SHMOCKER_OUTPUTS")
+case "${SHMOCKER_PUSH:-false}" in
+  true) args+=(--push) ;;
+  false | "") ;;
+  *)
+    echo "::error title=shmocker::push: expected true or false, got '$SHMOCKER_PUSH'"
+    exit 1
+    ;;
+esac
+exec "$bin" "${args[@]}"
