@@ -1,9 +1,10 @@
 //! GitHub Actions' language: workflow commands in the log, step outputs, the job summary.
 //!
-//! The log: a `::group::` per stage; plain progress lines inside it; a step's own output
-//! wrapped in `::stop-commands::<random token>` ... `::<token>::`, so that a RUN step printing
-//! `::set-output`, `::add-mask::` or a `##[...]` line cannot issue workflow commands (GitHub
-//! docs, "Stopping and starting workflow commands"); `::error file=…,line=…::` annotations at
+//! The log: a `::group::` per stage; plain progress lines inside it, always printed between
+//! `::stop-commands::<random token>` and `::<token>::`, so that neither a RUN step's output nor
+//! a Dockerfile line shown in the progress can issue workflow commands by printing
+//! `::set-output`, `::add-mask::` or `##[...]` (GitHub docs, "Stopping and starting workflow
+//! commands"); our own commands are printed with commands resumed; `::error file=…,line=…::` annotations at
 //! the Dockerfile line of the failing step and `::warning` ones for warnings with a line, at
 //! most [`ANNOTATIONS_PER_LEVEL`] of each (GitHub shows no more per step), then one `::notice`
 //! with the totals. Secrets are announced with `::add-mask::` before anything else is printed.
@@ -89,7 +90,7 @@ impl GithubReporter {
     pub fn mask(&self, secret: &str) {
         if let Ok(mut st) = self.state.lock() {
             for line in secret.lines().filter(|l| !l.trim().is_empty()) {
-                let _ = writeln!(st.out, "::add-mask::{}", escape_data(line));
+                command(&mut st, &format!("::add-mask::{}", escape_data(line)));
             }
         }
     }
@@ -136,6 +137,23 @@ impl GithubReporter {
     }
 }
 
+/// Prints a line of text with workflow commands stopped: nothing in it (a Dockerfile line, a
+/// step's output) can be taken for a command.
+fn text(st: &mut State, line: &str) {
+    if st.stopped.is_none() {
+        let token = random_token();
+        let _ = writeln!(st.out, "::stop-commands::{token}");
+        st.stopped = Some(token);
+    }
+    let _ = writeln!(st.out, "{line}");
+}
+
+/// Prints one of our own workflow commands, with commands resumed.
+fn command(st: &mut State, line: &str) {
+    resume(st);
+    let _ = writeln!(st.out, "{line}");
+}
+
 fn resume(st: &mut State) {
     if let Some(token) = st.stopped.take() {
         let _ = writeln!(st.out, "::{token}::");
@@ -143,9 +161,8 @@ fn resume(st: &mut State) {
 }
 
 fn close_group(st: &mut State) {
-    resume(st);
     if st.group_open {
-        let _ = writeln!(st.out, "::endgroup::");
+        command(st, "::endgroup::");
         st.group_open = false;
     }
 }
@@ -163,25 +180,14 @@ impl Reporter for GithubReporter {
                     Some(n) => format!("stage {n}: FROM {base}"),
                     None => format!("stage {stage}: FROM {base}"),
                 };
-                let _ = writeln!(st.out, "::group::{}", escape_data(&title));
+                command(st, &format!("::group::{}", escape_data(&title)));
                 st.group_open = true;
-            }
-            Event::StepOutput { .. } => {
-                if st.stopped.is_none() {
-                    let token = random_token();
-                    let _ = writeln!(st.out, "::stop-commands::{token}");
-                    st.stopped = Some(token);
-                }
-                if let Some(line) = plain_line(event) {
-                    let _ = writeln!(st.out, "{line}");
-                }
             }
             Event::StepFailed {
                 location, message, ..
             } => {
-                resume(st);
                 if let Some(line) = plain_line(event) {
-                    let _ = writeln!(st.out, "{line}");
+                    text(st, &line);
                 }
                 close_group(st);
                 self.annotate(
@@ -193,9 +199,8 @@ impl Reporter for GithubReporter {
                 );
             }
             Event::Warning { location, message } => {
-                resume(st);
                 if let Some(line) = plain_line(event) {
-                    let _ = writeln!(st.out, "{line}");
+                    text(st, &line);
                 }
                 if location.is_some() {
                     self.annotate(st, "warning", location.as_ref(), "shmocker", message);
@@ -204,15 +209,12 @@ impl Reporter for GithubReporter {
             Event::Exported { .. } | Event::Pushing { .. } | Event::Finished { .. } => {
                 close_group(st);
                 if let Some(line) = plain_line(event) {
-                    let _ = writeln!(st.out, "{line}");
+                    text(st, &line);
                 }
             }
             other => {
-                if matches!(other, Event::StepDone { .. } | Event::StepCached { .. }) {
-                    resume(st);
-                }
                 if let Some(line) = plain_line(other) {
-                    let _ = writeln!(st.out, "{line}");
+                    text(st, &line);
                 }
             }
         }
@@ -226,12 +228,14 @@ impl Reporter for GithubReporter {
         let st = &mut *st;
         close_group(st);
         if st.errors > ANNOTATIONS_PER_LEVEL || st.warnings > ANNOTATIONS_PER_LEVEL {
-            let _ = writeln!(
-                st.out,
+            let notice = format!(
                 "::notice title=shmocker::{} errors and {} warnings in all; only the first {ANNOTATIONS_PER_LEVEL} of each are annotations, the log has every one",
                 st.errors, st.warnings
             );
+            command(st, &notice);
         }
+        // Whatever runs after shmocker in this step gets its commands back.
+        resume(st);
         let _ = st.out.flush();
     }
 }
@@ -283,7 +287,7 @@ mod tests {
     }
 
     #[test]
-    fn step_output_cannot_issue_workflow_commands() {
+    fn text_lines_cannot_issue_workflow_commands() {
         let sink = Sink::default();
         let r = GithubReporter::new(Box::new(sink.clone()), Some("/ws".into()));
         r.report(&Event::StageStarted {
@@ -294,18 +298,13 @@ mod tests {
         r.report(&Event::StepStarted {
             step: 2,
             total: 2,
-            instruction: "RUN echo".into(),
+            instruction: "RUN echo ##[set-output name=a;]b".into(),
             location: loc(2),
         });
         r.report(&Event::StepOutput {
             step: 2,
             elapsed_secs: 0.1,
             line: "::add-mask::x".into(),
-        });
-        r.report(&Event::StepOutput {
-            step: 2,
-            elapsed_secs: 0.1,
-            line: "##[set-output name=a;]b".into(),
         });
         r.report(&Event::StepDone {
             step: 2,
@@ -315,14 +314,18 @@ mod tests {
         let text = sink.text();
         let lines: Vec<&str> = text.lines().collect();
         assert_eq!(lines[0], "::group::stage 0: FROM busybox");
-        let token = lines[2].strip_prefix("::stop-commands::").expect(&text);
+        let token = lines[1].strip_prefix("::stop-commands::").expect(&text);
         assert_eq!(token.len(), 32);
-        assert_eq!(lines[3], "#2 0.100 ::add-mask::x");
-        assert_eq!(lines[5], format!("::{token}::"));
-        assert_eq!(lines[6], "#2 DONE 0.2s");
-        assert_eq!(lines[7], "::endgroup::");
-        // Every line the step printed sits between stop and resume.
-        assert!(lines.iter().filter(|l| l.starts_with("::")).count() == 4);
+        assert_eq!(
+            &lines[2..],
+            &[
+                "#2 [2/2] RUN echo ##[set-output name=a;]b",
+                "#2 0.100 ::add-mask::x",
+                "#2 DONE 0.2s",
+                &format!("::{token}::"),
+                "::endgroup::",
+            ]
+        );
     }
 
     #[test]
