@@ -618,6 +618,9 @@ jobs:
         .arg(format!("SHMOCKER_TEST_BIN={}", binary().display()))
         .arg("--env")
         .arg(format!("SHMOCKER_TEST_RESULT={}", result.display()))
+        // act copies the workspace and the action into its cache on every run and never
+        // cleans up: keep that cache in the test's scratch dir.
+        .env("XDG_CACHE_HOME", repo.path().join(".cache"))
         .current_dir(repo.path())
         .output()
         .unwrap();
