@@ -26,6 +26,8 @@ pub struct Cli {
     pub command: Command,
 }
 
+// Parsed once per run: the size of the largest variant does not matter.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Build an image from a Dockerfile and a context directory.
@@ -33,6 +35,18 @@ pub enum Command {
     /// Build in a CI job: tags, labels and registry credentials come from the CI's environment
     /// (GitHub Actions, GitLab CI, CircleCI), and results go where the CI shows them.
     Ci(CiArgs),
+    /// Probe what this machine allows a build (user namespaces, ID maps, overlayfs,
+    /// fuse-overlayfs, reflinks, the store's filesystem, seccomp and AppArmor), name the CI
+    /// environment, and say how to get a stronger mode.
+    #[command(visible_alias = "doctor")]
+    Detect(DetectArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct DetectArgs {
+    /// `table` for people, `json` for tools (schema: docs/detect.md).
+    #[arg(long, value_name = "FORMAT", default_value = "table", value_parser = ["table", "json"])]
+    pub format: String,
 }
 
 #[derive(Debug, Args)]
@@ -53,8 +67,9 @@ pub struct BuildArgs {
     #[arg(long)]
     pub push: bool,
 
-    /// Where the result goes: type=oci,dest=FILE (an OCI image layout tarball) or
-    /// type=registry (push the tags). Repeatable.
+    /// Where the result goes (repeatable): type=registry (push the tags), type=oci,dest=FILE
+    /// (an OCI image layout tarball), type=docker,dest=FILE (a tarball for `docker load`), or
+    /// type=local,dest=DIR (the image's filesystem).
     #[arg(short = 'o', long = "output", value_name = "SPEC")]
     pub outputs: Vec<String>,
 
@@ -62,6 +77,40 @@ pub struct BuildArgs {
     /// environment.
     #[arg(long = "build-arg", value_name = "NAME[=VALUE]")]
     pub build_args: Vec<String>,
+
+    /// Media types of the image: oci (default) or docker.
+    #[arg(long, value_name = "oci|docker", default_value = "oci")]
+    pub format: String,
+
+    /// Build this stage (by its `AS` name) instead of the last one; only the stages it needs run.
+    #[arg(long, value_name = "STAGE")]
+    pub target: Option<String>,
+
+    /// Run every step even when the cache holds its result.
+    #[arg(long = "no-cache")]
+    pub no_cache: bool,
+
+    /// Do not use the cache for these stages (by name; repeatable or comma-separated).
+    #[arg(long = "no-cache-filter", value_name = "STAGE", value_delimiter = ',')]
+    pub no_cache_filter: Vec<String>,
+
+    /// An SSH agent for `RUN --mount=type=ssh`: ID (the agent at $SSH_AUTH_SOCK) or
+    /// ID=SOCKET; `default` is the id mounts use when they name none.
+    #[arg(long = "ssh", value_name = "ID[=SOCKET]")]
+    pub ssh: Vec<String>,
+
+    /// Import build cache: type=registry,ref=REF or type=local,src=DIR (repeatable).
+    #[arg(long = "cache-from", value_name = "SPEC")]
+    pub cache_from: Vec<String>,
+
+    /// Export build cache: type=registry,ref=REF[,mode=min|max] or type=local,dest=DIR[,mode=...].
+    #[arg(long = "cache-to", value_name = "SPEC")]
+    pub cache_to: Vec<String>,
+
+    /// A secret for `RUN --mount=type=secret`: id=ID,src=FILE or id=ID,env=VAR. It is mounted
+    /// only while the step runs and never reaches a layer, the config or the cache key.
+    #[arg(long = "secret", value_name = "id=ID,src=FILE|env=VAR")]
+    pub secrets: Vec<String>,
 
     /// Write the image ID (the digest of its config) to FILE.
     #[arg(long, value_name = "FILE")]
@@ -75,6 +124,20 @@ pub struct BuildArgs {
     #[arg(long = "insecure-registry", value_name = "HOST")]
     pub insecure_registries: Vec<String>,
 
+    /// Use this isolation instead of the strongest that works: root, subordinate-ids or
+    /// single-id. The build fails if it does not work here.
+    #[arg(long, value_name = "LEVEL", value_parser = ["root", "subordinate-ids", "single-id"])]
+    pub isolation: Option<String>,
+
+    /// Refuse to build with an isolation weaker than this (root > subordinate-ids > single-id).
+    #[arg(long = "min-isolation", value_name = "LEVEL", value_parser = ["root", "subordinate-ids", "single-id"])]
+    pub min_isolation: Option<String>,
+
+    /// How step rootfs are stacked: auto (the fastest that works), overlayfs, fuse-overlayfs or
+    /// copy.
+    #[arg(long, value_name = "NAME", default_value = "auto", value_parser = ["auto", "overlayfs", "fuse-overlayfs", "copy"])]
+    pub snapshotter: String,
+
     /// Set a label on the image: KEY=VALUE (repeatable; wins over the Dockerfile's LABEL).
     #[arg(long = "label", value_name = "KEY=VALUE")]
     pub labels: Vec<String>,
@@ -86,39 +149,16 @@ pub struct BuildArgs {
 
 #[derive(Debug, Args)]
 pub struct CiArgs {
-    /// The build context.
-    #[arg(value_name = "CONTEXT", default_value = ".")]
-    pub context: PathBuf,
-
-    /// The Dockerfile (default: CONTEXT/Dockerfile).
-    #[arg(short = 'f', long = "file", value_name = "FILE")]
-    pub file: Option<PathBuf>,
+    /// Everything `build` takes. In `ci`, list values (`--tag`, `--label`, `--build-arg`,
+    /// `--output`) may also hold several entries, newline-separated (tags also comma-separated),
+    /// as the action's inputs do; with no `--tag`, tags are derived from the CI.
+    #[command(flatten)]
+    pub build: BuildArgs,
 
     /// Image names to tag with the derived tags (repeatable, or a comma/newline list).
     /// Default: ghcr.io/OWNER/REPO on GitHub, $CI_REGISTRY_IMAGE on GitLab.
     #[arg(long = "image", value_name = "NAME")]
     pub images: Vec<String>,
-
-    /// Full image references (repeatable, or a comma/newline list); when given, no tags are
-    /// derived from the CI.
-    #[arg(short = 't', long = "tag", value_name = "NAME:TAG")]
-    pub tags: Vec<String>,
-
-    /// KEY=VALUE labels (repeatable, or a newline list); they win over the derived OCI labels.
-    #[arg(long = "label", value_name = "KEY=VALUE")]
-    pub labels: Vec<String>,
-
-    /// Build-time variables, NAME=VALUE (repeatable, or a newline list).
-    #[arg(long = "build-arg", value_name = "NAME[=VALUE]")]
-    pub build_args: Vec<String>,
-
-    /// Push every tag to its registry.
-    #[arg(long)]
-    pub push: bool,
-
-    /// Outputs, as for build (repeatable, or a newline list).
-    #[arg(short = 'o', long = "output", value_name = "SPEC")]
-    pub outputs: Vec<String>,
 
     /// The CI to act for (default: detected from the environment).
     #[arg(long, value_enum)]
@@ -134,23 +174,6 @@ pub struct CiArgs {
     /// CircleCI, none elsewhere.
     #[arg(long = "report-dir", value_name = "DIR")]
     pub report_dir: Option<PathBuf>,
-
-    /// Write the image ID (the digest of its config) to FILE.
-    #[arg(long, value_name = "FILE")]
-    pub iidfile: Option<PathBuf>,
-
-    /// Write build results as JSON to FILE (buildx's keys).
-    #[arg(long = "metadata-file", value_name = "FILE")]
-    pub metadata_file: Option<PathBuf>,
-
-    /// Talk plain HTTP to this registry (HOST[:PORT]).
-    #[arg(long = "insecure-registry", value_name = "HOST")]
-    pub insecure_registries: Vec<String>,
-
-    /// How progress is shown; auto speaks the CI's language (GitHub groups and annotations,
-    /// GitLab sections).
-    #[arg(long, value_enum, default_value = "auto")]
-    pub progress: ProgressMode,
 
     /// Print what would be built (CI, tags, labels) as JSON and stop.
     #[arg(long = "dry-run")]

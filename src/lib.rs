@@ -3,6 +3,7 @@
 //! ARCHITECTURE in docs/ for how the modules below follow a build.
 
 pub mod ci;
+pub mod detect;
 pub mod dockerfile;
 pub mod engine;
 pub mod image;

@@ -12,8 +12,11 @@ use std::process::ExitCode;
 use anyhow::{Context as _, Result, anyhow, bail};
 use clap::Parser;
 
-use shmocker::engine::{self, BuildOptions, BuildResult};
+use shmocker::detect;
+use shmocker::engine::remote_cache::CacheRef;
+use shmocker::engine::{self, BuildOptions, BuildResult, Export, Secret};
 use shmocker::progress::Reporting;
+use shmocker::sandbox::SecretSource;
 use shmocker::sandbox::{helper, userns};
 
 fn main() -> ExitCode {
@@ -43,9 +46,37 @@ fn run(cli: cli::Cli) -> Result<ExitCode> {
         None => default_root()?,
     };
     match cli.command {
+        cli::Command::Detect(args) => {
+            let planned = userns::plan_mapping();
+            let report = detect::run(&root, &planned)?;
+            let choice = detect::ladder::choose(&report, &planned, &Default::default());
+            if args.format == "json" {
+                let mut doc = serde_json::to_value(&report)?;
+                doc["choice"] = match &choice {
+                    Ok(c) => serde_json::json!({
+                        "isolation": c.isolation.name(),
+                        "snapshotter": c.snapshotter.name(),
+                        "skipped": c.skipped.iter().map(|s| serde_json::json!({"rung": s.rung, "reason": s.reason})).collect::<Vec<_>>(),
+                    }),
+                    Err(e) => serde_json::json!({ "refused": e.to_string() }),
+                };
+                println!("{}", serde_json::to_string_pretty(&doc)?);
+            } else {
+                print!("{}", detect::render_table(&report, choice.as_ref().ok()));
+                if let Err(e) = &choice {
+                    println!("\n{e}");
+                }
+            }
+            Ok(if choice.is_ok() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            })
+        }
         cli::Command::Build(args) => {
+            let request = ladder_request(&args)?;
             let opts = build_options(args, root)?;
-            build_in_userns(opts, |opts, result| {
+            build_in_userns(opts, &request, |opts, result| {
                 let result = result?;
                 write_results(opts, &result)?;
                 println!("{}", result.manifest.digest);
@@ -56,13 +87,20 @@ fn run(cli: cli::Cli) -> Result<ExitCode> {
     }
 }
 
-/// Enters the user namespace (the parent waits for the child and returns its exit code), runs
-/// the build inside it on a fresh tokio runtime, and hands the outcome to `then`.
+/// Chooses the mode (detect's ladder), enters the user namespace (the parent waits for the
+/// child and returns its exit code), runs the build inside it on a fresh tokio runtime, and
+/// hands the outcome to `then`.
 fn build_in_userns(
     mut opts: BuildOptions,
+    request: &detect::ladder::Request,
     then: impl FnOnce(&BuildOptions, Result<BuildResult, engine::BuildError>) -> Result<ExitCode>,
 ) -> Result<ExitCode> {
-    let mapping = userns::plan_mapping();
+    let planned = userns::plan_mapping();
+    let report = detect::run(&opts.store_root, &planned)?;
+    let choice = detect::ladder::choose(&report, &planned, request)?;
+    eprint!("{}", choice.describe());
+    opts.snapshotter = choice.snapshotter;
+    let mapping = choice.mapping;
     match userns::enter(mapping)? {
         userns::Entered::ParentDone(code) => Ok(code),
         userns::Entered::Inside(mapping) => {
@@ -89,16 +127,20 @@ fn run_ci(args: cli::CiArgs, root: PathBuf) -> Result<ExitCode> {
     let lists = |v: &[String], commas: bool| -> Vec<String> {
         v.iter().flat_map(|s| split_list(s, commas)).collect()
     };
-    let context = absolute(&args.context)?;
-    let labels = parse_labels(&lists(&args.labels, false))?;
+    let mut build = args.build;
+    build.labels = lists(&build.labels, false);
+    build.build_args = lists(&build.build_args, false);
+    build.outputs = lists(&build.outputs, false);
+    build.cache_from = lists(&build.cache_from, false);
+    build.cache_to = lists(&build.cache_to, false);
     let request = ci::run::Request {
         provider: args.provider,
         default_branch: args.default_branch.clone(),
-        context: context.clone(),
+        context: absolute(&build.context)?,
         images: lists(&args.images, true),
-        tags: lists(&args.tags, true),
-        labels: labels.clone(),
-        push: args.push,
+        tags: lists(&build.tags, true),
+        labels: parse_labels(&build.labels)?,
+        push: build.push,
     };
     let plan = ci::run::plan(&env, &request)?;
     if args.dry_run {
@@ -115,26 +157,16 @@ fn run_ci(args: cli::CiArgs, root: PathBuf) -> Result<ExitCode> {
         return Ok(ExitCode::SUCCESS);
     }
     ci::run::mask_secrets(&plan.ctx);
-    let build_args = cli::BuildArgs {
-        context,
-        file: args.file,
-        tags: plan.tags.clone(),
-        push: args.push,
-        outputs: lists(&args.outputs, false),
-        build_args: lists(&args.build_args, false),
-        iidfile: args.iidfile,
-        metadata_file: args.metadata_file,
-        insecure_registries: args.insecure_registries,
-        labels: vec![],
-        progress: args.progress,
-    };
-    let mut opts = build_options(build_args, root)?;
-    let (reporting, recorder) = ci::run::reporter(&plan.ctx, args.progress);
+    build.tags = plan.tags.clone();
+    let progress = build.progress;
+    let ladder = ladder_request(&build)?;
+    let mut opts = build_options(build, root)?;
+    let (reporting, recorder) = ci::run::reporter(&plan.ctx, progress);
     opts.reporter = reporting;
     opts.registry_credentials = plan.ctx.credentials.clone();
     opts.labels = plan.labels.clone();
     let report_dir = ci::run::report_dir(&plan.ctx, args.report_dir.as_deref());
-    build_in_userns(opts, |opts, result| {
+    build_in_userns(opts, &ladder, |opts, result| {
         ci::run::after_build(&env, &plan, opts, &recorder, &result, report_dir.as_deref())?;
         let result = result?;
         write_results(opts, &result)?;
@@ -152,6 +184,22 @@ fn parse_labels(labels: &[String]) -> Result<BTreeMap<String, String>> {
                 .ok_or_else(|| anyhow!("label {l:?}: expected KEY=VALUE"))
         })
         .collect()
+}
+
+fn ladder_request(args: &cli::BuildArgs) -> Result<detect::ladder::Request> {
+    let level = |s: &Option<String>| {
+        s.as_deref()
+            .map(str::parse)
+            .transpose()
+            .map_err(|e: String| anyhow!(e))
+    };
+    Ok(detect::ladder::Request {
+        isolation: level(&args.isolation)?,
+        min_isolation: level(&args.min_isolation)?,
+        snapshotter: shmocker::sandbox::Snapshotter::ALL
+            .into_iter()
+            .find(|s| s.name() == args.snapshotter),
+    })
 }
 
 fn absolute(p: &Path) -> Result<PathBuf> {
@@ -175,22 +223,30 @@ fn default_root() -> Result<PathBuf> {
 
 fn build_options(args: cli::BuildArgs, root: PathBuf) -> Result<BuildOptions> {
     let mut push = args.push;
-    let mut oci_outputs = Vec::new();
+    let mut exports = Vec::new();
     for spec in &args.outputs {
         let fields = parse_kv_list(spec).with_context(|| {
             format!("--output {spec:?}: expected type=oci,dest=FILE or type=registry")
         })?;
         match fields.get("type").map(String::as_str) {
-            Some("oci") => {
+            Some(kind @ ("oci" | "docker" | "local" | "tar")) => {
                 let dest = fields
                     .get("dest")
-                    .ok_or_else(|| anyhow!("--output {spec:?}: type=oci needs dest=FILE"))?;
-                oci_outputs.push(absolute(Path::new(dest))?);
+                    .ok_or_else(|| anyhow!("--output {spec:?}: type={kind} needs dest=PATH"))?;
+                let dest = absolute(Path::new(dest))?;
+                exports.push(match kind {
+                    "oci" => Export::Oci(dest),
+                    "docker" => Export::Docker(dest),
+                    "local" => Export::Local(dest),
+                    _ => bail!(
+                        "--output {spec:?}: type=tar is not supported; use type=oci or type=docker"
+                    ),
+                });
             }
             Some("registry") => push = true,
             Some("image") if fields.get("push").map(String::as_str) == Some("true") => push = true,
             Some(other) => bail!(
-                "--output {spec:?}: unsupported output type {other:?}; this version writes type=oci,dest=FILE or type=registry"
+                "--output {spec:?}: unsupported output type {other:?}; use type=registry, type=oci,dest=FILE, type=docker,dest=FILE or type=local,dest=DIR"
             ),
             None => {
                 bail!("--output {spec:?}: missing type=; use type=oci,dest=FILE or type=registry")
@@ -214,22 +270,98 @@ fn build_options(args: cli::BuildArgs, root: PathBuf) -> Result<BuildOptions> {
             }
         }
     }
+    let mut secrets = Vec::new();
+    for spec in &args.secrets {
+        secrets.push(parse_secret(spec)?);
+    }
+    // SOURCE_DATE_EPOCH as BuildKit takes it: from the environment, or as a build arg.
+    let epoch_text = build_args
+        .get("SOURCE_DATE_EPOCH")
+        .cloned()
+        .or_else(|| std::env::var("SOURCE_DATE_EPOCH").ok())
+        .filter(|v| !v.is_empty());
+    let source_date_epoch = epoch_text
+        .map(|v| {
+            v.parse::<i64>().map_err(|_| {
+                anyhow!("SOURCE_DATE_EPOCH={v:?} is not a number of seconds since 1970")
+            })
+        })
+        .transpose()?;
     Ok(BuildOptions {
         context: absolute(&args.context)?,
+        target: args.target,
+        no_cache: args.no_cache,
+        no_cache_filter: args.no_cache_filter,
+        ssh: args
+            .ssh
+            .iter()
+            .map(|spec| {
+                let (id, socket) = match spec.split_once('=') {
+                    Some((id, path)) => (id.to_string(), PathBuf::from(path)),
+                    None => (
+                        spec.clone(),
+                        std::env::var_os("SSH_AUTH_SOCK").map(PathBuf::from).ok_or_else(|| {
+                            anyhow!("--ssh {spec}: SSH_AUTH_SOCK is not set; start an agent or give --ssh {spec}=/path/to/socket")
+                        })?,
+                    ),
+                };
+                Ok((id, absolute(&socket)?))
+            })
+            .collect::<Result<_>>()?,
+        cache_from: args
+            .cache_from
+            .iter()
+            .map(|c| CacheRef::parse(c).map_err(|e| anyhow!("--cache-from {c:?}: {e}")))
+            .collect::<Result<_>>()?,
+        cache_to: args
+            .cache_to
+            .iter()
+            .map(|c| CacheRef::parse(c).map_err(|e| anyhow!("--cache-to {c:?}: {e}")))
+            .collect::<Result<_>>()?,
+        secrets,
+        source_date_epoch,
         dockerfile: args.file.as_deref().map(absolute).transpose()?,
         tags: args.tags,
         push,
-        oci_outputs,
+        exports,
+        format: match args.format.as_str() {
+            "oci" => shmocker::image::Format::Oci,
+            "docker" => shmocker::image::Format::Docker,
+            other => bail!("--format {other:?}: use oci or docker"),
+        },
         build_args,
         iidfile: args.iidfile.as_deref().map(absolute).transpose()?,
         metadata_file: args.metadata_file.as_deref().map(absolute).transpose()?,
         store_root: root,
         insecure_registries: args.insecure_registries,
         mapping: userns::IdMapping::Identity,
+        snapshotter: Default::default(),
         reporter: Reporting::from_arc(args.progress.reporter()),
         registry_credentials: vec![],
         labels: parse_labels(&args.labels)?,
     })
+}
+
+fn parse_secret(spec: &str) -> Result<Secret> {
+    let fields = parse_kv_list(spec)
+        .with_context(|| format!("--secret {spec:?}: expected id=ID,src=FILE or id=ID,env=VAR"))?;
+    let id = fields
+        .get("id")
+        .cloned()
+        .ok_or_else(|| anyhow!("--secret {spec:?}: missing id=ID"))?;
+    let source = match (
+        fields.get("src").or_else(|| fields.get("source")),
+        fields.get("env"),
+    ) {
+        (Some(src), None) => SecretSource::File(absolute(Path::new(src))?),
+        (None, Some(var)) => SecretSource::Env(var.clone()),
+        (None, None) => {
+            // As docker: `--secret id=X` alone takes the environment variable X.
+            SecretSource::Env(id.clone())
+        }
+        (Some(_), Some(_)) => bail!("--secret {spec:?}: give src= or env=, not both"),
+    };
+    Ok(Secret { id, source })
 }
 
 fn parse_kv_list(spec: &str) -> Result<BTreeMap<String, String>> {
@@ -260,9 +392,9 @@ fn write_results(opts: &BuildOptions, result: &BuildResult) -> Result<()> {
         std::fs::write(path, text)
             .with_context(|| format!("writing --metadata-file {}", path.display()))?;
     }
-    if !opts.push && opts.oci_outputs.is_empty() {
+    if !opts.push && opts.exports.is_empty() {
         eprintln!(
-            "warning: no output specified: the image stays in the store only; add --push or --output type=oci,dest=FILE"
+            "warning: no output specified: the image stays in the store only; add --push or --output (type=oci|docker,dest=FILE or type=local,dest=DIR)"
         );
     }
     Ok(())

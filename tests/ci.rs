@@ -432,7 +432,16 @@ fn harness_env(work: &Path) -> Vec<(&'static str, String)> {
 
 #[test]
 fn the_action_runs_as_github_runs_composite_steps() {
-    let ctx = context(&[("app/Dockerfile", &injecting_dockerfile())]);
+    // The injecting Dockerfile as stage `main`, a secret it must read, and a later stage
+    // that `target` leaves out.
+    let dockerfile = injecting_dockerfile()
+        .replacen("\n", " AS main\n", 1)
+        .replace(
+            "RUN echo",
+            "RUN --mount=type=secret,id=tok test \"$(cat /run/secrets/tok)\" = s3 && echo",
+        )
+        + "FROM scratch AS other\n";
+    let ctx = context(&[("app/Dockerfile", &dockerfile), ("tok.txt", "s3")]);
     let work = scratch_dir(Who::Root);
     let root = scratch_dir(Who::Root);
     let image = format!("{}/tests/ci-action-{}", env().registry(), unique());
@@ -448,6 +457,12 @@ fn the_action_runs_as_github_runs_composite_steps() {
             ("labels", "org.example.a=1\norg.example.b=x,y"),
             ("build-args", "GREETING=hi, there"),
             ("push", "true"),
+            ("target", "main"),
+            ("no-cache", "true"),
+            (
+                "secret-files",
+                &format!("tok={}/tok.txt", ctx.path().display()),
+            ),
         ],
         &base,
         ctx.path(),
@@ -477,6 +492,12 @@ fn the_action_runs_as_github_runs_composite_steps() {
     // The summary is the build step's, capped; the setup step wrote none.
     assert!(setup.summary.is_empty());
     assert!(build.summary.contains(&digest) && build.summary.len() < 1024 * 1024);
+    // `target` built stage main only: its three steps, none from the scratch stage.
+    assert!(
+        build.summary.contains("| Cached steps | 0 of 3 |"),
+        "{}",
+        build.summary
+    );
     // The token is masked before anything else and never shown; the RUN step's commands are inert.
     let cmds = processed_commands(&build.stdout);
     assert_eq!(cmds[0], ("add-mask".into(), "ghs_HarnessSecret42".into()));
@@ -502,13 +523,8 @@ fn the_action_refuses_inputs_the_engine_cannot_honour() {
     let (runs, outputs) = run_action(
         &[
             ("binary", &bin),
-            ("target", "app"),
-            ("no-cache", "true"),
             ("platforms", "linux/arm64"),
-            ("cache-from", "type=gha"),
-            ("cache-to", "type=gha"),
             ("secrets", "a=b"),
-            ("secret-files", "a=/x"),
         ],
         &base,
         ctx.path(),
@@ -517,7 +533,7 @@ fn the_action_refuses_inputs_the_engine_cannot_honour() {
     assert_eq!(runs.len(), 1, "the build must not start");
     assert!(!runs[0].status.success());
     assert!(
-        runs[0].stdout.contains("::error title=shmocker::this version of shmocker does not support these inputs yet: target (only the last stage is built), cache-from, cache-to, no-cache, secrets, secret-files, platforms (the runner's own platform is built)."),
+        runs[0].stdout.contains("::error title=shmocker::this version of shmocker does not support these inputs yet: secrets (inline values; give files with secret-files), platforms (the runner's own platform is built)."),
         "{}",
         runs[0].stdout
     );

@@ -11,15 +11,7 @@ fail() {
 
 # Inputs named as docker/build-push-action names them but not supported by this version.
 unsupported=()
-[[ -n "${SHMOCKER_UNSUPPORTED_TARGET:-}" ]] && unsupported+=("target (only the last stage is built)")
-[[ -n "${SHMOCKER_UNSUPPORTED_CACHE_FROM:-}" ]] && unsupported+=("cache-from")
-[[ -n "${SHMOCKER_UNSUPPORTED_CACHE_TO:-}" ]] && unsupported+=("cache-to")
-case "${SHMOCKER_UNSUPPORTED_NO_CACHE:-false}" in
-  "" | false) ;;
-  *) unsupported+=("no-cache") ;;
-esac
-[[ -n "${SHMOCKER_UNSUPPORTED_SECRETS:-}" ]] && unsupported+=("secrets")
-[[ -n "${SHMOCKER_UNSUPPORTED_SECRET_FILES:-}" ]] && unsupported+=("secret-files")
+[[ -n "${SHMOCKER_UNSUPPORTED_SECRETS:-}" ]] && unsupported+=("secrets (inline values; give files with secret-files)")
 [[ -n "${SHMOCKER_UNSUPPORTED_PLATFORMS:-}" ]] && unsupported+=("platforms (the runner's own platform is built)")
 if ((${#unsupported[@]})); then
   list=$(printf '%s, ' "${unsupported[@]}")

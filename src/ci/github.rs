@@ -297,7 +297,9 @@ mod tests {
         });
         r.report(&Event::StepStarted {
             step: 2,
-            total: 2,
+            stage: "stage-0".into(),
+            index: 2,
+            count: 2,
             instruction: "RUN echo ##[set-output name=a;]b".into(),
             location: loc(2),
         });
@@ -319,7 +321,7 @@ mod tests {
         assert_eq!(
             &lines[2..],
             &[
-                "#2 [2/2] RUN echo ##[set-output name=a;]b",
+                "#2 [stage-0 2/2] RUN echo ##[set-output name=a;]b",
                 "#2 0.100 ::add-mask::x",
                 "#2 DONE 0.2s",
                 &format!("::{token}::"),

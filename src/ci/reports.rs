@@ -403,8 +403,7 @@ mod tests {
     fn facts() -> BuildFacts {
         let step = |n: usize, instr: &str, outcome: Outcome| StepRecord {
             step: n,
-            stage: 0,
-            stage_name: None,
+            stage: "stage-0".into(),
             instruction: instr.into(),
             location: Location::new("/p/Dockerfile", n, 1),
             outcome,

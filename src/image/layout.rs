@@ -35,6 +35,41 @@ pub fn write_oci_archive(
     blobs: &[String],
     name: Option<&str>,
 ) -> Result<(), LayoutError> {
+    write_archive(store, dest, manifest, blobs, name, None)
+}
+
+/// What `docker load` needs besides the OCI layout: the config and layer paths, and the tags.
+pub struct DockerLoad {
+    pub config: String,
+    pub layers: Vec<String>,
+    pub tags: Vec<String>,
+}
+
+/// Writes a tar that is both an OCI image layout and loadable by `docker load` (its
+/// `manifest.json` names the config and layers inside `blobs/`), as BuildKit's docker exporter.
+pub fn write_docker_archive(
+    store: &Store,
+    dest: &Path,
+    manifest: &Descriptor,
+    blobs: &[String],
+    name: Option<&str>,
+    load: &DockerLoad,
+) -> Result<(), LayoutError> {
+    write_archive(store, dest, manifest, blobs, name, Some(load))
+}
+
+fn blob_name(digest: &str) -> Result<String, LayoutError> {
+    Ok(format!("blobs/sha256/{}", digest_hex(digest)?))
+}
+
+fn write_archive(
+    store: &Store,
+    dest: &Path,
+    manifest: &Descriptor,
+    blobs: &[String],
+    name: Option<&str>,
+    docker: Option<&DockerLoad>,
+) -> Result<(), LayoutError> {
     let io_err = |source| LayoutError::Io {
         path: dest.to_path_buf(),
         source,
@@ -61,6 +96,19 @@ pub fn write_oci_archive(
         });
         let index = serde_json::to_vec(&index).expect("an index always serialises");
         append_bytes(&mut tar, "index.json", &index)?;
+        if let Some(load) = docker {
+            let layers: Vec<String> = load
+                .layers
+                .iter()
+                .map(|d| blob_name(d))
+                .collect::<Result<_, _>>()?;
+            let m = serde_json::json!([{
+                "Config": blob_name(&load.config)?,
+                "RepoTags": load.tags,
+                "Layers": layers,
+            }]);
+            append_bytes(&mut tar, "manifest.json", m.to_string().as_bytes())?;
+        }
         append_dir(&mut tar, "blobs/")?;
         append_dir(&mut tar, "blobs/sha256/")?;
         let mut seen = std::collections::BTreeSet::new();

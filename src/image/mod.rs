@@ -21,6 +21,45 @@ pub const MEDIA_TYPE_OCI_INDEX: &str = "application/vnd.oci.image.index.v1+json"
 pub const MEDIA_TYPE_OCI_CONFIG: &str = "application/vnd.oci.image.config.v1+json";
 pub const MEDIA_TYPE_OCI_LAYER_GZIP: &str = "application/vnd.oci.image.layer.v1.tar+gzip";
 
+pub const MEDIA_TYPE_DOCKER_MANIFEST: &str = "application/vnd.docker.distribution.manifest.v2+json";
+pub const MEDIA_TYPE_DOCKER_CONFIG: &str = "application/vnd.docker.container.image.v1+json";
+pub const MEDIA_TYPE_DOCKER_LAYER_GZIP: &str = "application/vnd.docker.image.rootfs.diff.tar.gzip";
+
+/// Which family of media types an image is written with (`--format`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Format {
+    #[default]
+    Oci,
+    Docker,
+}
+
+impl Format {
+    pub fn manifest(self) -> &'static str {
+        match self {
+            Format::Oci => MEDIA_TYPE_OCI_MANIFEST,
+            Format::Docker => MEDIA_TYPE_DOCKER_MANIFEST,
+        }
+    }
+    pub fn config(self) -> &'static str {
+        match self {
+            Format::Oci => MEDIA_TYPE_OCI_CONFIG,
+            Format::Docker => MEDIA_TYPE_DOCKER_CONFIG,
+        }
+    }
+    /// The media type of a gzip layer in this format; other layer types are kept as they are.
+    pub fn layer(self, media_type: &str) -> String {
+        let gzip = matches!(
+            media_type,
+            MEDIA_TYPE_OCI_LAYER_GZIP | MEDIA_TYPE_DOCKER_LAYER_GZIP
+        );
+        match (self, gzip) {
+            (Format::Oci, true) => MEDIA_TYPE_OCI_LAYER_GZIP.into(),
+            (Format::Docker, true) => MEDIA_TYPE_DOCKER_LAYER_GZIP.into(),
+            _ => media_type.into(),
+        }
+    }
+}
+
 /// Comment BuildKit puts on every history entry of a Dockerfile build.
 pub const HISTORY_COMMENT: &str = "buildkit.dockerfile.v0";
 
@@ -153,11 +192,11 @@ pub struct Descriptor {
     pub platform: Option<Value>,
 }
 
-/// The OCI image manifest for a config and its layers, serialised (the bytes that get hashed).
-pub fn oci_manifest(config: &Descriptor, layers: &[Descriptor]) -> Vec<u8> {
+/// The image manifest for a config and its layers, serialised (the bytes that get hashed).
+pub fn manifest(format: Format, config: &Descriptor, layers: &[Descriptor]) -> Vec<u8> {
     let manifest = serde_json::json!({
         "schemaVersion": 2,
-        "mediaType": MEDIA_TYPE_OCI_MANIFEST,
+        "mediaType": format.manifest(),
         "config": config,
         "layers": layers,
     });

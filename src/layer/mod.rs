@@ -77,15 +77,17 @@
 mod apply;
 mod diff;
 mod tarfmt;
+mod treediff;
 
 #[cfg(test)]
 mod tests;
 
 use std::io;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 pub use apply::apply_layer;
 pub use diff::{diff_upper_to_blob, dir_to_blob, is_empty_upper};
+pub use treediff::{CopyMarks, diff_tree_to_upper, materialize, normalize_fuse_upper};
 
 use crate::store::StoreError;
 
@@ -123,6 +125,69 @@ impl Compression {
                 hint: "expected an OCI or Docker layer media type (tar or tar+gzip)",
             }),
         }
+    }
+}
+
+/// What ADD finds in a local source file, from its first bytes (as Docker decides).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ArchiveKind {
+    /// A tar archive, plain or gzip-compressed: ADD unpacks it.
+    Tar(Compression),
+    /// bzip2, xz or zstd: Docker unpacks these too; shmocker does not yet.
+    Unsupported(&'static str),
+    /// Anything else: ADD copies it as a file.
+    NotAnArchive,
+}
+
+/// Sniffs a file's first bytes for a tar archive (optionally gzip-compressed).
+pub fn archive_kind(path: &Path) -> std::io::Result<ArchiveKind> {
+    use std::io::Read;
+    let mut head = Vec::with_capacity(512);
+    std::fs::File::open(path)?
+        .take(512)
+        .read_to_end(&mut head)?;
+    let is_tar = |b: &[u8]| b.len() >= 262 && &b[257..262] == b"ustar";
+    if head.starts_with(&[0x1f, 0x8b]) {
+        let mut inner = Vec::with_capacity(512);
+        let file = std::fs::File::open(path)?;
+        // A gzip file that is not a tar is copied as it is, as Docker does.
+        let _ = flate2::read::GzDecoder::new(file)
+            .take(512)
+            .read_to_end(&mut inner);
+        return Ok(if is_tar(&inner) {
+            ArchiveKind::Tar(Compression::Gzip)
+        } else {
+            ArchiveKind::NotAnArchive
+        });
+    }
+    if head.starts_with(b"BZh") {
+        return Ok(ArchiveKind::Unsupported("bzip2"));
+    }
+    if head.starts_with(&[0xfd, b'7', b'z', b'X', b'Z', 0x00]) {
+        return Ok(ArchiveKind::Unsupported("xz"));
+    }
+    if head.starts_with(&[0x28, 0xb5, 0x2f, 0xfd]) {
+        return Ok(ArchiveKind::Unsupported("zstd"));
+    }
+    Ok(if is_tar(&head) {
+        ArchiveKind::Tar(Compression::None)
+    } else {
+        ArchiveKind::NotAnArchive
+    })
+}
+
+/// The compression of a tar archive that [`archive_kind`] recognised.
+pub fn sniff_compression(path: &Path) -> Result<Compression, LayerError> {
+    match archive_kind(path) {
+        Ok(ArchiveKind::Tar(c)) => Ok(c),
+        Ok(_) => Err(LayerError::UnsupportedMediaType {
+            media_type: path.display().to_string(),
+            hint: "not a tar archive (plain or gzip)",
+        }),
+        Err(e) => Err(LayerError::UnsupportedMediaType {
+            media_type: format!("{}: {e}", path.display()),
+            hint: "cannot read the archive",
+        }),
     }
 }
 

@@ -63,7 +63,11 @@ pub enum Event {
     },
     StepStarted {
         step: usize,
-        total: usize,
+        /// The stage's name, or `stage-N`.
+        stage: String,
+        /// The step's place in its stage, from 1, and the stage's number of steps.
+        index: usize,
+        count: usize,
         /// The instruction as written, on one line.
         instruction: String,
         location: Location,
@@ -93,9 +97,14 @@ pub enum Event {
         location: Location,
         message: String,
     },
-    /// An OCI layout tarball was written.
+    /// The image was written somewhere (`what`: "an OCI image layout", ...).
     Exported {
+        what: String,
         dest: String,
+    },
+    /// A line about the build as a whole (`#0 building 2 stage(s), 7 steps`, cache imports).
+    Info {
+        message: String,
     },
     Pushing {
         tag: String,
@@ -235,10 +244,12 @@ pub fn plain_line(event: &Event) -> Option<String> {
         Event::StageStarted { .. } => return None,
         Event::StepStarted {
             step,
-            total,
+            stage,
+            index,
+            count,
             instruction,
             ..
-        } => format!("#{step} [{step}/{total}] {instruction}"),
+        } => format!("#{step} [{stage} {index}/{count}] {instruction}"),
         Event::Pulled {
             step,
             image,
@@ -252,7 +263,8 @@ pub fn plain_line(event: &Event) -> Option<String> {
         Event::StepCached { step } => format!("#{step} CACHED"),
         Event::StepDone { step, elapsed_secs } => format!("#{step} DONE {elapsed_secs:.1}s"),
         Event::StepFailed { step, message, .. } => format!("#{step} ERROR: {message}"),
-        Event::Exported { dest } => format!("exported OCI layout to {dest}"),
+        Event::Exported { what, dest } => format!("exported {what} to {dest}"),
+        Event::Info { message } => message.clone(),
         Event::Pushing { tag } => format!("pushing {tag}"),
         Event::Pushed { tag, digest } => format!("pushed {tag}@{digest}"),
         Event::Finished {
@@ -335,9 +347,8 @@ impl Reporter for Fanout {
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct StepRecord {
     pub step: usize,
-    /// The stage's index (from 0) and name.
-    pub stage: usize,
-    pub stage_name: Option<String>,
+    /// The stage's name, or `stage-N`.
+    pub stage: String,
     pub instruction: String,
     pub location: Location,
     pub outcome: Outcome,
@@ -372,7 +383,6 @@ const TAIL_LINES: usize = 20;
 #[derive(Debug, Default)]
 pub struct Recorder {
     record: Mutex<Record>,
-    stage: Mutex<(usize, Option<String>)>,
 }
 
 impl Recorder {
@@ -391,22 +401,16 @@ impl Reporter for Recorder {
             return;
         };
         match event {
-            Event::StageStarted { stage, name, .. } => {
-                if let Ok(mut s) = self.stage.lock() {
-                    *s = (*stage, name.clone());
-                }
-            }
             Event::StepStarted {
                 step,
+                stage,
                 instruction,
                 location,
                 ..
             } => {
-                let (stage, stage_name) = self.stage.lock().map(|s| s.clone()).unwrap_or_default();
                 rec.steps.push(StepRecord {
                     step: *step,
-                    stage,
-                    stage_name,
+                    stage: stage.clone(),
                     instruction: instruction.clone(),
                     location: location.clone(),
                     outcome: Outcome::Running,
@@ -448,7 +452,10 @@ impl Reporter for Recorder {
             Event::Finished { elapsed_secs, .. } => {
                 rec.elapsed = Some(Duration::from_secs_f64(elapsed_secs.max(0.0)));
             }
-            Event::Exported { .. } | Event::Pushing { .. } => {}
+            Event::StageStarted { .. }
+            | Event::Exported { .. }
+            | Event::Info { .. }
+            | Event::Pushing { .. } => {}
         }
     }
 }
@@ -465,11 +472,16 @@ mod tests {
     fn plain_lines_are_the_engines_historic_format() {
         let started = Event::StepStarted {
             step: 2,
-            total: 5,
+            stage: "stage-0".into(),
+            index: 2,
+            count: 5,
             instruction: "RUN echo hi".into(),
             location: loc(3),
         };
-        assert_eq!(plain_line(&started).unwrap(), "#2 [2/5] RUN echo hi");
+        assert_eq!(
+            plain_line(&started).unwrap(),
+            "#2 [stage-0 2/5] RUN echo hi"
+        );
         let out = Event::StepOutput {
             step: 2,
             elapsed_secs: 0.1234,
@@ -507,7 +519,9 @@ mod tests {
         });
         r.report(&Event::StepStarted {
             step: 3,
-            total: 3,
+            stage: "app".into(),
+            index: 3,
+            count: 3,
             instruction: "RUN false".into(),
             location: loc(9),
         });
@@ -525,7 +539,7 @@ mod tests {
         });
         let rec = r.snapshot();
         let s = &rec.steps[0];
-        assert_eq!((s.stage, s.stage_name.as_deref()), (1, Some("app")));
+        assert_eq!(s.stage, "app");
         assert_eq!(s.outcome, Outcome::Failed("exit code: 1".into()));
         assert_eq!(s.tail.len(), TAIL_LINES);
         assert_eq!(s.tail.last().unwrap(), &format!("line {}", TAIL_LINES + 4));

@@ -51,8 +51,9 @@ impl Reporter for TtyReporter {
         };
         match event {
             Event::StepStarted {
-                step,
-                total,
+                stage,
+                index,
+                count,
                 instruction,
                 ..
             } => {
@@ -64,7 +65,7 @@ impl Reporter for TtyReporter {
                     ProgressStyle::with_template("{spinner} {prefix} {elapsed:>3} {msg:.dim}")
                         .unwrap_or_else(|_| ProgressStyle::default_spinner()),
                 );
-                st.title = clip(&format!("[{step}/{total}] {instruction}"), 70);
+                st.title = clip(&format!("[{stage} {index}/{count}] {instruction}"), 70);
                 bar.set_prefix(st.title.clone());
                 bar.enable_steady_tick(Duration::from_millis(120));
                 st.bar = Some(bar);

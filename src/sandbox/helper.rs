@@ -28,7 +28,10 @@ use nix::sys::wait::{WaitStatus, waitpid};
 use nix::unistd::{ForkResult, Gid, Pid, Uid, chdir, execve, fork, pipe2, pivot_root};
 
 use super::rootfs;
-use super::{Action, ProcessSpec, SandboxError, StepSpec, StepStatus};
+use super::{
+    Action, MountKind, Network, ProcessSpec, SandboxError, SecretSource, Snapshotter, StepSpec,
+    StepStatus,
+};
 
 pub const SUBCOMMAND: &str = "__sandbox";
 
@@ -67,12 +70,79 @@ fn run(spec: &StepSpec) -> Result<StepStatus, SandboxError> {
         None::<&str>,
     )
     .map_err(|e| SandboxError::sys("making mounts private", e))?;
-    mount_overlay(spec)?;
+    let marks = match spec.snapshotter {
+        Snapshotter::Overlayfs => {
+            mount_overlay(spec)?;
+            None
+        }
+        Snapshotter::FuseOverlayfs => {
+            mount_fuse_overlay(spec)?;
+            None
+        }
+        Snapshotter::Copy => Some(prepare_copy(spec)?),
+    };
     let root = spec.merged.as_path();
-    match &spec.action {
+    let status = match &spec.action {
         Action::Copy(copy) => {
-            rootfs::copy_into(root, copy)?;
-            Ok(StepStatus::Exited(0))
+            let mut copy = copy.clone();
+            if let Some(from) = &copy.from {
+                let view = spec.scratch.join("from");
+                fs::create_dir_all(&view).map_err(|e| SandboxError::io(&view, e))?;
+                mount_view(&from.lower, &spec.empty_dir, &view)?;
+                let ctx = crate::engine::context::Context::new(view.clone(), None);
+                let mut matched = 0;
+                for source in &from.sources {
+                    for rel in ctx
+                        .matches(source)
+                        .map_err(|e| SandboxError::Setup(e.to_string()))?
+                    {
+                        matched += 1;
+                        ctx.items(&rel, &mut copy.items)
+                            .map_err(|e| SandboxError::Setup(e.to_string()))?;
+                    }
+                }
+                let has_dir = copy.items.iter().any(|i| i.rel.as_os_str().is_empty());
+                if matched > 1 && !copy.dest_is_dir {
+                    return Err(SandboxError::Setup(format!(
+                        "when using COPY with more than one source file, the destination must be a directory and end with a /: {}",
+                        copy.dest
+                    )));
+                }
+                copy.dest_is_dir |= has_dir;
+            }
+            rootfs::copy_into(root, &copy)?;
+            for archive in &copy.archives {
+                let dest = rootfs::mkdir_all(root, &copy.dest, (0, 0))?;
+                let compression = crate::layer::sniff_compression(archive)
+                    .map_err(|e| SandboxError::Setup(e.to_string()))?;
+                let file = File::open(archive).map_err(|e| SandboxError::io(archive, e))?;
+                crate::layer::apply_layer(
+                    std::io::BufReader::new(file),
+                    compression,
+                    &dest,
+                    &crate::layer::ApplyOptions::default(),
+                )
+                .map_err(|e| SandboxError::Setup(format!("ADD {}: {e}", archive.display())))?;
+            }
+            StepStatus::Exited(0)
+        }
+        Action::Export { dest } => {
+            // cp -a keeps owners, modes, links and times; the rootfs is read through the
+            // overlay, so whiteouts are already applied.
+            let out = std::process::Command::new("cp")
+                .arg("-a")
+                .arg(format!("{}/.", root.display()))
+                .arg(dest)
+                .output()
+                .map_err(|e| SandboxError::io("cp", e))?;
+            if !out.status.success() {
+                return Err(SandboxError::Setup(format!(
+                    "copying the image's filesystem to {}: {}",
+                    dest.display(),
+                    String::from_utf8_lossy(&out.stderr).trim()
+                )));
+            }
+            StepStatus::Exited(0)
         }
         Action::Mkdir { path, user } => {
             let owner = match user {
@@ -83,18 +153,211 @@ fn run(spec: &StepSpec) -> Result<StepStatus, SandboxError> {
                 _ => (0, 0),
             };
             rootfs::mkdir_all(root, path, owner)?;
-            Ok(StepStatus::Exited(0))
+            StepStatus::Exited(0)
         }
         Action::Run(process) => {
-            let stubs = make_mount_points(root)?;
-            let status = run_process(root, process);
-            // The overlay must be gone before its upper dir is edited directly.
-            umount2(root, MntFlags::MNT_DETACH)
-                .map_err(|e| SandboxError::sys("unmounting the step's overlay", e))?;
-            remove_stubs(spec, &stubs)?;
-            status
+            let etc_before = dir_times(&root.join("etc"));
+            let mut stubs = make_mount_points(root)?;
+            let binds = prepare_run_mounts(spec, process, &mut stubs)?;
+            let etc_with_stubs = dir_times(&root.join("etc"));
+            let status = run_process(root, process, &binds);
+            let etc_after = dir_times(&root.join("etc"));
+            // The rootfs must be unmounted before its upper dir is edited directly.
+            unmount_rootfs(root)?;
+            if spec.snapshotter == Snapshotter::FuseOverlayfs {
+                normalize_upper(spec)?;
+            }
+            if spec.snapshotter == Snapshotter::Copy {
+                remove_stubs_in(root, &stubs)?;
+                // Making and removing the stubs changed /etc's mtime: put back the one the
+                // command left, or the image's when the command did not touch /etc, so that
+                // the tree comparison sees what overlayfs would.
+                if let (Some(before), Some(with), Some(after)) =
+                    (etc_before, etc_with_stubs, etc_after)
+                {
+                    set_dir_times(
+                        &root.join("etc"),
+                        if with == after { before } else { after },
+                    )?;
+                }
+            } else {
+                let etc = spec.upper.join("etc");
+                let etc_upper = dir_times(&etc);
+                remove_stubs(spec, &stubs)?;
+                // Removing a stub changed the copied-up /etc's mtime: keep the command's.
+                if let Some(t) = etc_upper
+                    && dir_times(&etc).is_some()
+                {
+                    set_dir_times(&etc, t)?;
+                }
+            }
+            let status = status?;
+            if let Some(marks) = &marks {
+                diff_copy(spec, marks)?;
+            }
+            return Ok(status);
+        }
+    };
+    match spec.snapshotter {
+        Snapshotter::Overlayfs => {}
+        Snapshotter::FuseOverlayfs => {
+            unmount_rootfs(root)?;
+            normalize_upper(spec)?;
+        }
+        Snapshotter::Copy => {
+            unmount_rootfs(root)?;
+            if let Some(marks) = &marks {
+                diff_copy(spec, marks)?;
+            }
         }
     }
+    Ok(status)
+}
+
+fn lower_dirs(spec: &StepSpec) -> Vec<PathBuf> {
+    if spec.lower.is_empty() {
+        vec![spec.empty_dir.clone()]
+    } else {
+        spec.lower.clone()
+    }
+}
+
+fn unmount_rootfs(root: &Path) -> Result<(), SandboxError> {
+    umount2(root, MntFlags::empty())
+        .or_else(|_| umount2(root, MntFlags::MNT_DETACH))
+        .map_err(|e| SandboxError::sys("unmounting the step's rootfs", e))
+}
+
+fn normalize_upper(spec: &StepSpec) -> Result<(), SandboxError> {
+    crate::layer::normalize_fuse_upper(&spec.upper, &lower_dirs(spec)).map_err(|e| {
+        SandboxError::Setup(format!(
+            "reading the changes fuse-overlayfs recorded in {}: {e}",
+            spec.upper.display()
+        ))
+    })
+}
+
+/// The copy snapshotter: the layers stacked into `merged`, which is then bound onto itself so
+/// that it is a mount point (pivot_root needs one).
+fn prepare_copy(spec: &StepSpec) -> Result<crate::layer::CopyMarks, SandboxError> {
+    let marks =
+        crate::layer::materialize(&lower_dirs(spec), &spec.merged, &spec.work).map_err(|e| {
+            SandboxError::Setup(format!(
+                "copying the image's layers into {}: {e}",
+                spec.merged.display()
+            ))
+        })?;
+    bind(&spec.merged, &spec.merged, true)?;
+    Ok(marks)
+}
+
+fn diff_copy(spec: &StepSpec, marks: &crate::layer::CopyMarks) -> Result<(), SandboxError> {
+    let warnings =
+        crate::layer::diff_tree_to_upper(&lower_dirs(spec), &spec.merged, &spec.upper, marks)
+            .map_err(|e| {
+                SandboxError::Setup(format!(
+                    "comparing the step's rootfs {} with its layers: {e}",
+                    spec.merged.display()
+                ))
+            })?;
+    for w in marks.warnings.iter().chain(&warnings) {
+        eprintln!("warning: {w}");
+    }
+    Ok(())
+}
+
+fn dir_times(p: &Path) -> Option<(i64, i64, i64, i64)> {
+    let m = fs::symlink_metadata(p).ok().filter(|m| m.is_dir())?;
+    Some((m.atime(), m.atime_nsec(), m.mtime(), m.mtime_nsec()))
+}
+
+fn set_dir_times(p: &Path, t: (i64, i64, i64, i64)) -> Result<(), SandboxError> {
+    use nix::sys::time::TimeSpec;
+    nix::sys::stat::utimensat(
+        nix::fcntl::AT_FDCWD,
+        p,
+        &TimeSpec::new(t.0, t.1),
+        &TimeSpec::new(t.2, t.3),
+        nix::sys::stat::UtimensatFlags::NoFollowSymlink,
+    )
+    .map_err(|e| SandboxError::sys(format!("restoring the times of {}", p.display()), e))
+}
+
+/// fuse-overlayfs, run inside this helper's user and mount namespaces (it mounts with mount(2)
+/// there, so no setuid fusermount3 is involved). It returns once the mount is in place and
+/// stays in the background until the rootfs is unmounted.
+fn mount_fuse_overlay(spec: &StepSpec) -> Result<(), SandboxError> {
+    let mut paths = lower_dirs(spec);
+    paths.extend([spec.upper.clone(), spec.work.clone(), spec.merged.clone()]);
+    if let Some(bad) = paths.iter().find(|p| {
+        let s = p.to_string_lossy();
+        s.contains(':') || s.contains(',')
+    }) {
+        return Err(SandboxError::Setup(format!(
+            "fuse-overlayfs cannot use {}: the path contains ':' or ','; choose a store path without them (--root DIR)",
+            bad.display()
+        )));
+    }
+    let lower: Vec<String> = lower_dirs(spec)
+        .iter()
+        .map(|p| p.display().to_string())
+        .collect();
+    let opts = format!(
+        "lowerdir={},upperdir={},workdir={}",
+        lower.join(":"),
+        spec.upper.display(),
+        spec.work.display()
+    );
+    let out = std::process::Command::new("fuse-overlayfs")
+        .arg("-o")
+        .arg(&opts)
+        .arg(&spec.merged)
+        .stdin(std::process::Stdio::null())
+        .output()
+        .map_err(|e| {
+            SandboxError::Setup(format!(
+                "starting fuse-overlayfs: {e}; install it (apt-get install fuse-overlayfs) or choose another --snapshotter"
+            ))
+        })?;
+    if !out.status.success() {
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        let stderr: Vec<&str> = stderr
+            .lines()
+            .filter(|l| !l.contains("unknown argument ignored"))
+            .collect();
+        return Err(SandboxError::Setup(format!(
+            "fuse-overlayfs could not mount {} ({}): {}; check that /dev/fuse is accessible (run `shmocker detect`)",
+            spec.merged.display(),
+            out.status,
+            stderr.join(" ")
+        )));
+    }
+    Ok(())
+}
+
+/// Mounts a read-only overlay of `lower` (topmost first) at `target`: the view of a stage or
+/// image that `COPY --from` and `RUN --mount=from=` read.
+fn mount_view(lower: &[PathBuf], empty: &Path, target: &Path) -> Result<(), SandboxError> {
+    // Without an upper dir overlayfs needs at least two lower dirs.
+    let mut dirs: Vec<String> = lower.iter().map(|p| escape_overlay_path(p)).collect();
+    dirs.push(escape_overlay_path(empty));
+    if dirs.len() < 2 {
+        dirs.push(escape_overlay_path(empty));
+    }
+    let opts = format!("lowerdir={},userxattr", dirs.join(":"));
+    mount(
+        Some("overlay"),
+        target,
+        Some("overlay"),
+        MsFlags::MS_RDONLY,
+        Some(opts.as_str()),
+    )
+    .map_err(|e| {
+        SandboxError::sys(
+            format!("mounting a read-only view on {}", target.display()),
+            e,
+        )
+    })
 }
 
 fn mount_overlay(spec: &StepSpec) -> Result<(), SandboxError> {
@@ -242,6 +505,22 @@ fn remove_stubs(spec: &StepSpec, stubs: &[Stub]) -> Result<(), SandboxError> {
     Ok(())
 }
 
+/// The copy snapshotter's [`remove_stubs`]: the stubs are in the rootfs itself.
+fn remove_stubs_in(root: &Path, stubs: &[Stub]) -> Result<(), SandboxError> {
+    for stub in stubs.iter().rev() {
+        let p = root.join(&stub.rel);
+        let Ok(m) = fs::symlink_metadata(&p) else {
+            continue;
+        };
+        if stub.dir && m.is_dir() && dir_is_empty(&p) {
+            fs::remove_dir(&p).map_err(|e| SandboxError::io(&p, e))?;
+        } else if !stub.dir && m.is_file() && m.len() == 0 {
+            fs::remove_file(&p).map_err(|e| SandboxError::io(&p, e))?;
+        }
+    }
+    Ok(())
+}
+
 fn dir_is_empty(p: &Path) -> bool {
     fs::read_dir(p)
         .map(|mut d| d.next().is_none())
@@ -254,7 +533,138 @@ fn is_opaque(p: &Path) -> bool {
         .any(|name| matches!(xattr::get(p, name), Ok(Some(v)) if v == b"y"))
 }
 
-fn run_process(root: &Path, process: &ProcessSpec) -> Result<StepStatus, SandboxError> {
+/// A `RUN --mount`, ready for pid 1 to mount: a host path to bind, or a tmpfs.
+#[derive(Debug)]
+struct PreparedMount {
+    target: PathBuf,
+    source: Option<PathBuf>,
+    tmpfs_size: Option<u64>,
+    readonly: bool,
+}
+
+/// Makes what the step's mounts need outside the rootfs (read-only views, secret files on a
+/// tmpfs) and their mount points inside it (recorded as stubs, removed after the step).
+fn prepare_run_mounts(
+    spec: &StepSpec,
+    process: &ProcessSpec,
+    stubs: &mut Vec<Stub>,
+) -> Result<Vec<PreparedMount>, SandboxError> {
+    let root = spec.merged.as_path();
+    let mut prepared = Vec::new();
+    let mut secrets_dir: Option<PathBuf> = None;
+    for (i, m) in process.mounts.iter().enumerate() {
+        let (source, is_file, tmpfs_size) = match &m.kind {
+            MountKind::Bind { source } => {
+                let is_file = fs::metadata(source).map(|md| !md.is_dir()).unwrap_or(false);
+                (Some(source.clone()), is_file, None)
+            }
+            MountKind::Layers { lower, subpath } => {
+                let view = spec.scratch.join(format!("view{i}"));
+                fs::create_dir_all(&view).map_err(|e| SandboxError::io(&view, e))?;
+                mount_view(lower, &spec.empty_dir, &view)?;
+                let source = rootfs::resolve_in_root(&view, subpath, true)?;
+                if fs::symlink_metadata(&source).is_err() {
+                    return Err(SandboxError::Setup(format!(
+                        "mount source {subpath} does not exist in the image or stage it names"
+                    )));
+                }
+                let is_file = fs::metadata(&source)
+                    .map(|md| !md.is_dir())
+                    .unwrap_or(false);
+                (Some(source), is_file, None)
+            }
+            MountKind::Tmpfs { size } => (None, false, Some(size.unwrap_or(0))),
+            MountKind::Secret {
+                source,
+                uid,
+                gid,
+                mode,
+            } => {
+                let dir = match &secrets_dir {
+                    Some(d) => d.clone(),
+                    None => {
+                        let d = spec.scratch.join("secrets");
+                        fs::create_dir_all(&d).map_err(|e| SandboxError::io(&d, e))?;
+                        // Secrets live in memory only, never in the store.
+                        mount(
+                            Some("tmpfs"),
+                            &d,
+                            Some("tmpfs"),
+                            MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC,
+                            Some("mode=0755,size=16m"),
+                        )
+                        .map_err(|e| SandboxError::sys("mounting a tmpfs for secrets", e))?;
+                        secrets_dir = Some(d.clone());
+                        d
+                    }
+                };
+                let value = match source {
+                    SecretSource::File(p) => fs::read(p).map_err(|e| SandboxError::io(p, e))?,
+                    SecretSource::Env(var) => std::env::var_os(var)
+                        .map(|v| v.into_encoded_bytes())
+                        .unwrap_or_default(),
+                };
+                let file = dir.join(format!("secret{i}"));
+                fs::write(&file, value).map_err(|e| SandboxError::io(&file, e))?;
+                nix::unistd::chown(&file, Some(Uid::from_raw(*uid)), Some(Gid::from_raw(*gid)))
+                    .map_err(|e| SandboxError::sys("chown of a secret file", e))?;
+                fs::set_permissions(&file, fs::Permissions::from_mode(*mode))
+                    .map_err(|e| SandboxError::io(&file, e))?;
+                (Some(file), true, None)
+            }
+        };
+        let target = make_stub_path(root, &m.target, is_file, stubs)?;
+        prepared.push(PreparedMount {
+            target,
+            source,
+            tmpfs_size,
+            readonly: m.readonly,
+        });
+    }
+    Ok(prepared)
+}
+
+/// Creates the mount point `path` in the rootfs (and missing parents), recording each new
+/// component as a stub. Returns the resolved host path.
+fn make_stub_path(
+    root: &Path,
+    path: &str,
+    is_file: bool,
+    stubs: &mut Vec<Stub>,
+) -> Result<PathBuf, SandboxError> {
+    let target = rootfs::resolve_in_root(root, path, true)?;
+    if fs::symlink_metadata(&target).is_ok() {
+        return Ok(target);
+    }
+    let rel = target.strip_prefix(root).unwrap_or(&target).to_path_buf();
+    let mut current = root.to_path_buf();
+    let parts: Vec<_> = rel.components().collect();
+    for (i, part) in parts.iter().enumerate() {
+        current.push(part);
+        if fs::symlink_metadata(&current).is_ok() {
+            continue;
+        }
+        let last = i + 1 == parts.len();
+        if last && is_file {
+            File::create(&current).map_err(|e| SandboxError::io(&current, e))?;
+        } else {
+            fs::create_dir(&current).map_err(|e| SandboxError::io(&current, e))?;
+            fs::set_permissions(&current, fs::Permissions::from_mode(0o755))
+                .map_err(|e| SandboxError::io(&current, e))?;
+        }
+        stubs.push(Stub {
+            rel: current.strip_prefix(root).unwrap_or(&current).to_path_buf(),
+            dir: !(last && is_file),
+        });
+    }
+    Ok(target)
+}
+
+fn run_process(
+    root: &Path,
+    process: &ProcessSpec,
+    mounts: &[PreparedMount],
+) -> Result<StepStatus, SandboxError> {
     unshare(CloneFlags::CLONE_NEWPID | CloneFlags::CLONE_NEWUTS)
         .map_err(|e| SandboxError::sys("unshare(CLONE_NEWPID|CLONE_NEWUTS)", e))?;
     let (report_r, report_w) = pipe2(OFlag::O_CLOEXEC).map_err(|e| SandboxError::sys("pipe", e))?;
@@ -264,7 +674,7 @@ fn run_process(root: &Path, process: &ProcessSpec) -> Result<StepStatus, Sandbox
         ForkResult::Child => {
             drop(report_r);
             let mut report = File::from(report_w);
-            let code = match init(root, process, &mut report) {
+            let code = match init(root, process, mounts, &mut report) {
                 Ok(code) => code,
                 Err(e) => {
                     let _ = writeln!(report, "E{e}");
@@ -304,9 +714,19 @@ fn wait_for(pid: Pid) -> Result<WaitStatus, SandboxError> {
 }
 
 /// Pid 1 of the step: finishes the container's mounts, pivots, starts the command and reaps.
-fn init(root: &Path, process: &ProcessSpec, report: &mut File) -> Result<i32, SandboxError> {
+fn init(
+    root: &Path,
+    process: &ProcessSpec,
+    mounts: &[PreparedMount],
+    report: &mut File,
+) -> Result<i32, SandboxError> {
     unshare(CloneFlags::CLONE_NEWNS)
         .map_err(|e| SandboxError::sys("unshare(CLONE_NEWNS) for pid 1", e))?;
+    if process.network == Network::None {
+        unshare(CloneFlags::CLONE_NEWNET)
+            .map_err(|e| SandboxError::sys("unshare(CLONE_NEWNET) for --network=none", e))?;
+        super::net::loopback_up()?;
+    }
     mount_proc(root)?;
     mount_dev(root)?;
     bind(Path::new("/sys"), &root.join("sys"), true).ok(); // best effort, as with host networking
@@ -318,6 +738,29 @@ fn init(root: &Path, process: &ProcessSpec, report: &mut File) -> Result<i32, Sa
             let target = root.join(dest);
             if fs::symlink_metadata(&target).is_ok_and(|m| m.is_file()) {
                 bind(src, &target, false)?;
+            }
+        }
+    }
+    for m in mounts {
+        match &m.source {
+            Some(source) => {
+                bind(source, &m.target, true)?;
+                if m.readonly {
+                    remount_readonly(&m.target)?;
+                }
+            }
+            None => {
+                let size = m.tmpfs_size.filter(|s| *s > 0).map(|s| format!("size={s}"));
+                mount(
+                    Some("tmpfs"),
+                    &m.target,
+                    Some("tmpfs"),
+                    MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
+                    size.as_deref(),
+                )
+                .map_err(|e| {
+                    SandboxError::sys(format!("mounting tmpfs on {}", m.target.display()), e)
+                })?;
             }
         }
     }
@@ -360,9 +803,15 @@ fn init(root: &Path, process: &ProcessSpec, report: &mut File) -> Result<i32, Sa
         ForkResult::Child => {
             let err = (|| -> Result<(), SandboxError> {
                 let groups: Vec<Gid> = user.groups.iter().map(|g| Gid::from_raw(*g)).collect();
-                nix::unistd::setgroups(&groups).map_err(|e| {
-                    SandboxError::sys("setgroups (supplementary groups not mapped?)", e)
-                })?;
+                // A single-ID namespace is made with setgroups denied (the kernel's condition for
+                // an unprivileged gid map): there are no other groups to switch to anyway.
+                let setgroups_denied =
+                    fs::read_to_string("/proc/self/setgroups").is_ok_and(|s| s.trim() == "deny");
+                if !setgroups_denied {
+                    nix::unistd::setgroups(&groups).map_err(|e| {
+                        SandboxError::sys("setgroups (supplementary groups not mapped?)", e)
+                    })?;
+                }
                 let gid = Gid::from_raw(user.gid);
                 nix::unistd::setresgid(gid, gid, gid).map_err(|e| unmapped("gid", user.gid, e))?;
                 let uid = Uid::from_raw(user.uid);
@@ -490,6 +939,26 @@ fn mount_dev(root: &Path) -> Result<(), SandboxError> {
         Some("mode=1777,size=65536k"),
     )
     .map_err(|e| SandboxError::sys("mounting /dev/shm", e))
+}
+
+/// Makes a bind mount read-only, keeping the flags the kernel locks in a user namespace.
+fn remount_readonly(target: &Path) -> Result<(), SandboxError> {
+    use nix::sys::statvfs::{FsFlags, statvfs};
+    let current = statvfs(target)
+        .map_err(|e| SandboxError::sys("statvfs", e))?
+        .flags();
+    let mut flags = MsFlags::MS_BIND | MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY;
+    for (fs_flag, ms_flag) in [
+        (FsFlags::ST_NOSUID, MsFlags::MS_NOSUID),
+        (FsFlags::ST_NODEV, MsFlags::MS_NODEV),
+        (FsFlags::ST_NOEXEC, MsFlags::MS_NOEXEC),
+    ] {
+        if current.contains(fs_flag) {
+            flags |= ms_flag;
+        }
+    }
+    mount(None::<&str>, target, None::<&str>, flags, None::<&str>)
+        .map_err(|e| SandboxError::sys(format!("making {} read-only", target.display()), e))
 }
 
 fn bind(src: &Path, target: &Path, recursive: bool) -> Result<(), SandboxError> {

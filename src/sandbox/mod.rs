@@ -23,6 +23,7 @@
 //!    into a layer.
 
 pub mod helper;
+mod net;
 pub mod rootfs;
 pub mod userns;
 
@@ -79,14 +80,60 @@ pub struct StepSpec {
     pub merged: PathBuf,
     /// An empty directory used as the lower layer when `lower` is empty.
     pub empty_dir: PathBuf,
+    /// A private directory of the step for the helper's own files (secrets, read-only views).
+    pub scratch: PathBuf,
     pub action: Action,
+    /// How the rootfs is stacked from `lower` (see [`Snapshotter`]).
+    #[serde(default)]
+    pub snapshotter: Snapshotter,
+}
+
+/// How a step's rootfs is made from the image's layers, fastest first. Whatever the choice, the
+/// step's changes end up in `upper` in kernel overlayfs form (0/0 character devices for
+/// whiteouts, `user.overlay.opaque` on opaque directories), so the layer and the committed
+/// snapshot do not depend on it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Snapshotter {
+    /// Kernel overlayfs with `userxattr` (Linux >= 5.11 in a user namespace).
+    #[default]
+    Overlayfs,
+    /// The `fuse-overlayfs` program over /dev/fuse; its upper dir is rewritten into kernel form.
+    FuseOverlayfs,
+    /// A full copy of the layers into `merged` (extents shared by `copy_file_range` where the
+    /// filesystem can reflink); the changes are found by comparing the trees afterwards.
+    Copy,
+}
+
+impl Snapshotter {
+    pub const ALL: [Snapshotter; 3] = [
+        Snapshotter::Overlayfs,
+        Snapshotter::FuseOverlayfs,
+        Snapshotter::Copy,
+    ];
+
+    /// The name used on the command line and in reports.
+    pub fn name(self) -> &'static str {
+        match self {
+            Snapshotter::Overlayfs => "overlayfs",
+            Snapshotter::FuseOverlayfs => "fuse-overlayfs",
+            Snapshotter::Copy => "copy",
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub enum Action {
     Run(ProcessSpec),
     Copy(CopySpec),
-    Mkdir { path: String, user: Option<String> },
+    Mkdir {
+        path: String,
+        user: Option<String>,
+    },
+    /// Copy the whole rootfs, owners and modes kept, into a host directory (`type=local`).
+    Export {
+        dest: PathBuf,
+    },
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -101,6 +148,61 @@ pub struct ProcessSpec {
     /// Files bind-mounted over /etc/hosts and /etc/resolv.conf.
     pub hosts_file: PathBuf,
     pub resolv_conf: PathBuf,
+    /// `RUN --mount`s, in order.
+    #[serde(default)]
+    pub mounts: Vec<RunMount>,
+    #[serde(default)]
+    pub network: Network,
+}
+
+/// The network a RUN step sees.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Network {
+    /// The runner's own network namespace (what docker build and buildah do by default).
+    #[default]
+    Host,
+    /// A network namespace of its own with only loopback.
+    None,
+}
+
+/// A `RUN --mount`: something mounted at `target` for the duration of the step only.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct RunMount {
+    /// Absolute path inside the rootfs.
+    pub target: String,
+    pub kind: MountKind,
+    pub readonly: bool,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub enum MountKind {
+    /// A host file or directory (a cache mount's directory, the build context).
+    Bind {
+        source: PathBuf,
+    },
+    /// A read-only view of an image's or stage's layers (topmost first), then `subpath` in it.
+    Layers {
+        lower: Vec<PathBuf>,
+        subpath: String,
+    },
+    Tmpfs {
+        size: Option<u64>,
+    },
+    /// A secret, as a file on a tmpfs outside the rootfs, bound read-only at `target`.
+    Secret {
+        source: SecretSource,
+        uid: u32,
+        gid: u32,
+        mode: u32,
+    },
+}
+
+/// Where a secret's value is read by the helper. Never the value itself: the spec is a file.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub enum SecretSource {
+    File(PathBuf),
+    /// An environment variable set for the helper process only.
+    Env(String),
 }
 
 /// COPY: host files (already filtered by .dockerignore) into the rootfs.
@@ -115,8 +217,24 @@ pub struct CopySpec {
     pub dest_is_dir: bool,
     /// `--chown` as written (names resolved in the image's /etc/passwd and /etc/group).
     pub chown: Option<String>,
-    /// `--chmod` as an octal mode.
-    pub chmod: Option<u32>,
+    /// `--chmod`: an octal or symbolic mode (see `rootfs::chmod_mode`).
+    pub chmod: Option<String>,
+    /// `--from`: copy from these layers (a stage or an image, topmost first) instead of the
+    /// context; the helper mounts them read-only and matches `sources` there.
+    #[serde(default)]
+    pub from: Option<CopyFrom>,
+    /// `--link`: the layer is made on its own, not on top of the image's layers.
+    #[serde(default)]
+    pub link: bool,
+    /// ADD: local tar archives (plain or gzip) unpacked into the destination directory.
+    #[serde(default)]
+    pub archives: Vec<PathBuf>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct CopyFrom {
+    pub lower: Vec<PathBuf>,
+    pub sources: Vec<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -150,9 +268,10 @@ const TAIL_LINES: usize = 20;
 /// the step prints (stdout and stderr merged, in order). Blocking: call from `spawn_blocking`.
 pub fn run_step(
     spec: &StepSpec,
-    scratch: &Path,
+    helper_env: &[(String, String)],
     mut on_line: impl FnMut(&str),
 ) -> Result<StepResult, SandboxError> {
+    let scratch = spec.scratch.as_path();
     let spec_path = scratch.join("spec.json");
     let status_path = scratch.join("status.json");
     let json = serde_json::to_vec(spec).map_err(|e| SandboxError::Setup(e.to_string()))?;
@@ -170,6 +289,7 @@ pub fn run_step(
         .arg(helper::SUBCOMMAND)
         .arg(&spec_path)
         .arg(&status_path)
+        .envs(helper_env.iter().map(|(k, v)| (k, v)))
         .stdin(Stdio::null())
         .stdout(Stdio::from(write_end))
         .stderr(Stdio::from(write_clone))

@@ -295,6 +295,11 @@ pub fn copy_into(root: &Path, spec: &CopySpec) -> Result<(), SandboxError> {
             let parent = match item.rel.parent() {
                 Some(p) if !p.as_os_str().is_empty() => {
                     let dir = resolve_in_root(&base, &p.to_string_lossy(), true)?;
+                    if !dir.exists() {
+                        // `COPY --parents` names files whose directories are not items.
+                        let rel = dir.strip_prefix(root).unwrap_or(&dir);
+                        mkdir_all(root, &format!("/{}", rel.display()), owner)?;
+                    }
                     if !dir.starts_with(root) {
                         return Err(SandboxError::Setup(format!(
                             "COPY destination {} leaves the image's filesystem",
@@ -323,7 +328,10 @@ pub fn copy_into(root: &Path, spec: &CopySpec) -> Result<(), SandboxError> {
                 None => fs::create_dir(&target).map_err(|e| SandboxError::io(&target, e))?,
             }
             chown(&target, owner)?;
-            let mode = spec.chmod.unwrap_or(meta.mode() & 0o7777);
+            let mode = match &spec.chmod {
+                Some(c) => chmod_mode(c, meta.mode() & 0o7777, meta.is_dir())?,
+                None => meta.mode() & 0o7777,
+            };
             fs::set_permissions(&target, fs::Permissions::from_mode(mode))
                 .map_err(|e| SandboxError::io(&target, e))?;
             dir_times.push((target, meta));
@@ -346,7 +354,10 @@ pub fn copy_into(root: &Path, spec: &CopySpec) -> Result<(), SandboxError> {
         } else if meta.is_file() {
             fs::copy(&item.src, &target).map_err(|e| SandboxError::io(&target, e))?;
             chown(&target, owner)?;
-            let mode = spec.chmod.unwrap_or(meta.mode() & 0o7777);
+            let mode = match &spec.chmod {
+                Some(c) => chmod_mode(c, meta.mode() & 0o7777, meta.is_dir())?,
+                None => meta.mode() & 0o7777,
+            };
             fs::set_permissions(&target, fs::Permissions::from_mode(mode))
                 .map_err(|e| SandboxError::io(&target, e))?;
         } else {
@@ -361,6 +372,68 @@ pub fn copy_into(root: &Path, spec: &CopySpec) -> Result<(), SandboxError> {
         set_mtime(dir, meta)?;
     }
     Ok(())
+}
+
+/// The mode `--chmod` gives a file whose mode is `current`: octal (`0755`) or symbolic as
+/// chmod(1) takes it (`u+x`, `go-w`, `a=rX`, comma-separated clauses).
+pub fn chmod_mode(spec: &str, current: u32, is_dir: bool) -> Result<u32, SandboxError> {
+    let bad = || {
+        SandboxError::Setup(format!(
+            "--chmod={spec}: expected an octal mode (0755) or a symbolic one (u+x,go-w)"
+        ))
+    };
+    if !spec.is_empty() && spec.bytes().all(|b| (b'0'..=b'7').contains(&b)) {
+        return u32::from_str_radix(spec, 8)
+            .ok()
+            .filter(|m| *m <= 0o7777)
+            .ok_or_else(bad);
+    }
+    let mut mode = current;
+    for clause in spec.split(',') {
+        let who_end = clause.find(['+', '-', '=']).ok_or_else(bad)?;
+        let (who, mut rest) = clause.split_at(who_end);
+        let mut mask = 0u32;
+        for c in who.chars() {
+            mask |= match c {
+                'u' => 0o4700,
+                'g' => 0o2070,
+                'o' => 0o1007,
+                'a' => 0o7777,
+                _ => return Err(bad()),
+            };
+        }
+        if who.is_empty() {
+            mask = 0o7777;
+        }
+        while !rest.is_empty() {
+            let op = rest.chars().next().ok_or_else(bad)?;
+            rest = &rest[1..];
+            let end = rest.find(['+', '-', '=']).unwrap_or(rest.len());
+            let (perms, tail) = rest.split_at(end);
+            rest = tail;
+            let mut bits = 0u32;
+            for c in perms.chars() {
+                bits |= match c {
+                    'r' => 0o444,
+                    'w' => 0o222,
+                    'x' => 0o111,
+                    'X' if is_dir || current & 0o111 != 0 => 0o111,
+                    'X' => 0,
+                    's' => 0o6000,
+                    't' => 0o1000,
+                    _ => return Err(bad()),
+                };
+            }
+            let bits = bits & mask;
+            mode = match op {
+                '+' => mode | bits,
+                '-' => mode & !bits,
+                '=' => (mode & !(mask & 0o7777)) | bits,
+                _ => return Err(bad()),
+            };
+        }
+    }
+    Ok(mode & 0o7777)
 }
 
 fn remove_any(p: &Path) -> Result<(), SandboxError> {
@@ -412,6 +485,19 @@ mod tests {
             root.join("abs")
         );
         assert!(resolve_in_root(root, "/loop1/x", true).is_err());
+    }
+
+    #[test]
+    fn chmod_takes_octal_and_symbolic_modes() {
+        assert_eq!(chmod_mode("0755", 0o600, false).unwrap(), 0o755);
+        assert_eq!(chmod_mode("u+x", 0o644, false).unwrap(), 0o744);
+        assert_eq!(chmod_mode("go-r,u+w", 0o444, false).unwrap(), 0o600);
+        assert_eq!(chmod_mode("a=rX", 0o600, true).unwrap(), 0o555);
+        assert_eq!(chmod_mode("a=rX", 0o600, false).unwrap(), 0o444);
+        assert_eq!(chmod_mode("+x", 0o600, false).unwrap(), 0o711);
+        assert!(chmod_mode("u+q", 0o644, false).is_err());
+        assert!(chmod_mode("9", 0o644, false).is_err());
+        assert!(chmod_mode("", 0o644, false).is_err());
     }
 
     #[test]

@@ -269,7 +269,9 @@ fn write_single_map(uid: u32, gid: u32) -> Result<(), SandboxError> {
     w("/proc/self/gid_map", format!("0 {gid} 1\n"))
 }
 
-fn write_maps(child: Pid, mapping: &IdMapping) -> Result<(), SandboxError> {
+/// Writes `mapping` onto the user namespace of `child` (which has unshared and waits); also used
+/// by `detect` to probe the mapping a build would get.
+pub fn write_maps(child: Pid, mapping: &IdMapping) -> Result<(), SandboxError> {
     match mapping {
         IdMapping::Single { .. } => Ok(()),
         IdMapping::Identity => {

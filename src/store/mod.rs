@@ -106,6 +106,33 @@ impl Store {
             .join(format!("{prefix}-{}-{n}", std::process::id()))
     }
 
+    /// Removes what crashed or killed builds left in `<root>/tmp`: every entry whose owning
+    /// process (the pid in its name) is gone. Entries of running builds are kept. Returns how
+    /// many were removed.
+    pub fn clean_stale_tmp(&self) -> usize {
+        let tmp = self.root.join("tmp");
+        let Ok(entries) = fs::read_dir(&tmp) else {
+            return 0;
+        };
+        let mut removed = 0;
+        for e in entries.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let Some(pid) = owner_pid(&name) else {
+                continue;
+            };
+            if Path::new(&format!("/proc/{pid}")).exists() {
+                continue;
+            }
+            let p = e.path();
+            let gone = match e.file_type() {
+                Ok(t) if t.is_dir() => fs::remove_dir_all(&p).is_ok(),
+                _ => fs::remove_file(&p).is_ok(),
+            };
+            removed += usize::from(gone);
+        }
+        removed
+    }
+
     /// Starts writing a blob; call [`BlobWriter::commit`] to put it in place.
     pub fn blob_writer(&self) -> Result<BlobWriter, StoreError> {
         let tmp_path = self.temp_path("blob");
@@ -130,6 +157,20 @@ impl Store {
     pub fn read_bytes(&self, digest: &str) -> Result<Vec<u8>, StoreError> {
         let p = self.blob_path(digest)?;
         fs::read(&p).map_err(io_err(&p))
+    }
+}
+
+/// The pid in a temp name made by [`Store::temp_path`] (`prefix-PID-N`), or in a cache
+/// record's temp name (`cache-KEY-PID`).
+fn owner_pid(name: &str) -> Option<u32> {
+    let mut parts = name.rsplit('-');
+    let last = parts.next()?;
+    let before = parts.next()?;
+    // prefix-PID-N: the pid is the second to last part; cache-KEY-PID: the last.
+    if name.starts_with("cache-") {
+        last.parse().ok()
+    } else {
+        before.parse().ok()
     }
 }
 
@@ -230,6 +271,21 @@ mod tests {
                 .count(),
             0
         );
+    }
+
+    #[test]
+    fn stale_temp_files_of_dead_processes_are_removed() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let mine = store.temp_path("step");
+        fs::create_dir_all(mine.join("upper")).unwrap();
+        // pid 0x7ffffffe is never a live process here.
+        let dead = dir.path().join("tmp").join("step-2147483646-0");
+        fs::create_dir_all(dead.join("upper/x")).unwrap();
+        let dead_blob = dir.path().join("tmp").join("blob-2147483646-3");
+        fs::write(&dead_blob, b"partial").unwrap();
+        assert_eq!(store.clean_stale_tmp(), 2);
+        assert!(mine.exists() && !dead.exists() && !dead_blob.exists());
     }
 
     #[test]

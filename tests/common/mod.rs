@@ -192,12 +192,13 @@ pub fn run_ok(cmd: &mut Command) -> Output {
     out
 }
 
-/// The image config of a pushed image, read by skopeo.
+/// The image config of a pushed image, read by skopeo (the raw bytes, every field kept).
 pub fn remote_config(reference: &str) -> serde_json::Value {
     let out = run_ok(Command::new("skopeo").args([
         "inspect",
         "--tls-verify=false",
         "--config",
+        "--raw",
         &format!("docker://{reference}"),
     ]));
     serde_json::from_slice(&out.stdout).unwrap()

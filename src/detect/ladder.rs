@@ -1,0 +1,291 @@
+//! The ladder: from a [`Report`], the strongest isolation and the fastest snapshotter this
+//! machine allows, with the reason each better rung was skipped. `--isolation` and
+//! `--snapshotter` force a rung (an error when it does not work here), `--min-isolation` sets a
+//! floor so that CI can refuse a silent downgrade.
+//!
+//! Isolation, strongest first: `root` (real root; a user namespace with the full ID map) ->
+//! `subordinate-ids` (an ordinary user; a user namespace mapped onto its /etc/subuid range by
+//! newuidmap/newgidmap) -> `single-id` (only the user's own ID, as 0; files of other owners
+//! cannot be made). Nothing below that is implemented: without a user namespace and a mount
+//! namespace the build is refused, with the report.
+//!
+//! Snapshotters, fastest first: `overlayfs` -> `fuse-overlayfs` -> `copy`.
+
+use std::fmt;
+use std::str::FromStr;
+
+use super::Report;
+use crate::sandbox::Snapshotter;
+use crate::sandbox::userns::IdMapping;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Isolation {
+    SingleId,
+    SubordinateIds,
+    Root,
+}
+
+impl Isolation {
+    /// Strongest first.
+    pub const LADDER: [Isolation; 3] = [
+        Isolation::Root,
+        Isolation::SubordinateIds,
+        Isolation::SingleId,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Isolation::Root => "root",
+            Isolation::SubordinateIds => "subordinate-ids",
+            Isolation::SingleId => "single-id",
+        }
+    }
+}
+
+impl fmt::Display for Isolation {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl FromStr for Isolation {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        Isolation::LADDER
+            .into_iter()
+            .find(|i| i.name() == s)
+            .ok_or_else(|| {
+                format!("unknown isolation {s:?}: use root, subordinate-ids or single-id")
+            })
+    }
+}
+
+/// What the command line asked for.
+#[derive(Debug, Clone, Default)]
+pub struct Request {
+    pub isolation: Option<Isolation>,
+    pub min_isolation: Option<Isolation>,
+    /// None: auto.
+    pub snapshotter: Option<Snapshotter>,
+}
+
+/// A rung not taken, and why.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Skip {
+    pub rung: String,
+    pub reason: String,
+}
+
+/// The modes a build runs in.
+#[derive(Debug, Clone)]
+pub struct Choice {
+    pub isolation: Isolation,
+    pub mapping: IdMapping,
+    pub snapshotter: Snapshotter,
+    pub skipped: Vec<Skip>,
+}
+
+impl Choice {
+    /// Lines printed at the start of a build.
+    pub fn describe(&self) -> String {
+        let mut s = format!(
+            "isolation: {} ({})\nsnapshotter: {}\n",
+            self.isolation,
+            self.mapping.describe(),
+            self.snapshotter.name()
+        );
+        for skip in &self.skipped {
+            s.push_str(&format!("  skipped {}: {}\n", skip.rung, skip.reason));
+        }
+        s
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum LadderError {
+    #[error(
+        "no isolation works here, so shmocker refuses to build:\n{reasons}\nrun `shmocker detect` for the full report"
+    )]
+    Nothing { reasons: String },
+    #[error("{flag} {value} cannot be used here: {reason}")]
+    Forced {
+        flag: &'static str,
+        value: String,
+        reason: String,
+    },
+    #[error(
+        "--min-isolation {floor}: the best isolation here is {best}, so shmocker refuses to build:\n{reasons}"
+    )]
+    BelowFloor {
+        floor: Isolation,
+        best: Isolation,
+        reasons: String,
+    },
+}
+
+/// Why a probe stops a rung: its cause and fix, or its detail.
+fn why(report: &Report, probe: &str) -> String {
+    match report.probe(probe) {
+        Some(p) if p.ok() => String::new(),
+        Some(p) => {
+            let mut s = format!("probe {} {}", p.name, p.status);
+            if let Some(c) = &p.cause {
+                s.push_str(&format!(": {c}"));
+            } else {
+                s.push_str(&format!(": {}", p.detail));
+            }
+            if let Some(f) = &p.fix {
+                s.push_str(&format!("; fix: {f}"));
+            }
+            s
+        }
+        None => format!("probe {probe} did not run"),
+    }
+}
+
+/// The first failing probe among `needs`, as a reason.
+fn blocker(report: &Report, needs: &[&str]) -> Option<String> {
+    needs
+        .iter()
+        .find(|n| !report.works(n))
+        .map(|n| why(report, n))
+}
+
+fn isolation_blocker(report: &Report, planned: &IdMapping, level: Isolation) -> Option<String> {
+    let base = ["userns", "map-single", "mount-ns"];
+    if let Some(b) = blocker(report, &base) {
+        return Some(b);
+    }
+    match (level, planned) {
+        (Isolation::Root, IdMapping::Identity) => blocker(report, &["map-subordinate"]),
+        (Isolation::Root, _) => Some("not running as root".into()),
+        (Isolation::SubordinateIds, IdMapping::Identity) => {
+            Some("running as root: the full ID map is used instead".into())
+        }
+        (Isolation::SubordinateIds, _) => blocker(report, &["map-subordinate"]),
+        (Isolation::SingleId, _) => None,
+    }
+}
+
+fn snapshotter_blocker(report: &Report, s: Snapshotter) -> Option<String> {
+    match s {
+        Snapshotter::Overlayfs => blocker(report, &["overlay-userxattr"]),
+        Snapshotter::FuseOverlayfs => blocker(report, &["fuse-overlayfs"]),
+        Snapshotter::Copy => blocker(report, &["mount-ns"]),
+    }
+}
+
+/// Picks the modes (see the module docs).
+pub fn choose(report: &Report, planned: &IdMapping, req: &Request) -> Result<Choice, LadderError> {
+    let mut skipped = Vec::new();
+    let isolation = match req.isolation {
+        Some(forced) => {
+            if let Some(reason) = isolation_blocker(report, planned, forced) {
+                return Err(LadderError::Forced {
+                    flag: "--isolation",
+                    value: forced.name().into(),
+                    reason,
+                });
+            }
+            for better in Isolation::LADDER.into_iter().filter(|i| *i > forced) {
+                skipped.push(Skip {
+                    rung: format!("isolation {better}"),
+                    reason: format!("--isolation {forced} was given"),
+                });
+            }
+            forced
+        }
+        None => {
+            let mut found = None;
+            let mut reasons = Vec::new();
+            for level in Isolation::LADDER {
+                match isolation_blocker(report, planned, level) {
+                    None => {
+                        found = Some(level);
+                        break;
+                    }
+                    Some(reason) => {
+                        reasons.push(format!("  {level}: {reason}"));
+                        skipped.push(Skip {
+                            rung: format!("isolation {level}"),
+                            reason,
+                        });
+                    }
+                }
+            }
+            match found {
+                Some(level) => level,
+                None => {
+                    return Err(LadderError::Nothing {
+                        reasons: reasons.join("\n"),
+                    });
+                }
+            }
+        }
+    };
+    if let Some(floor) = req.min_isolation
+        && isolation < floor
+    {
+        let reasons: Vec<String> = skipped
+            .iter()
+            .map(|s| format!("  {}: {}", s.rung, s.reason))
+            .collect();
+        return Err(LadderError::BelowFloor {
+            floor,
+            best: isolation,
+            reasons: reasons.join("\n"),
+        });
+    }
+    let mapping = match (isolation, planned) {
+        (Isolation::Root, m) | (Isolation::SubordinateIds, m) => m.clone(),
+        (Isolation::SingleId, IdMapping::Single { .. }) => planned.clone(),
+        (Isolation::SingleId, _) => IdMapping::Single {
+            uid: nix::unistd::geteuid().as_raw(),
+            gid: nix::unistd::getegid().as_raw(),
+            reason: match req.isolation {
+                Some(_) => "--isolation single-id".into(),
+                None => skipped.last().map(|s| s.reason.clone()).unwrap_or_default(),
+            },
+        },
+    };
+    let snapshotter = match req.snapshotter {
+        Some(forced) => {
+            if let Some(reason) = snapshotter_blocker(report, forced) {
+                return Err(LadderError::Forced {
+                    flag: "--snapshotter",
+                    value: forced.name().into(),
+                    reason,
+                });
+            }
+            for better in Snapshotter::ALL.into_iter().take_while(|s| *s != forced) {
+                skipped.push(Skip {
+                    rung: format!("snapshotter {}", better.name()),
+                    reason: format!("--snapshotter {} was given", forced.name()),
+                });
+            }
+            forced
+        }
+        None => {
+            let mut found = Snapshotter::Copy;
+            for s in Snapshotter::ALL {
+                match snapshotter_blocker(report, s) {
+                    None => {
+                        found = s;
+                        break;
+                    }
+                    Some(reason) => skipped.push(Skip {
+                        rung: format!("snapshotter {}", s.name()),
+                        reason,
+                    }),
+                }
+            }
+            found
+        }
+    };
+    Ok(Choice {
+        isolation,
+        mapping,
+        snapshotter,
+        skipped,
+    })
+}

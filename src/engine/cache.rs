@@ -1,0 +1,240 @@
+//! The local build cache: what each filesystem step produced, keyed by everything that decides it.
+//!
+//! A step's key is the sha256 of its parent's key and a JSON description of the step: for RUN
+//! the command, environment, user, working directory and mounts; for COPY the destination,
+//! flags and a content hash of every source file; for WORKDIR the path and owner. The chain
+//! starts at the base image's manifest digest, so a changed base or an earlier changed step
+//! changes every key after it. A record names the layer the step made (or none, for a step that
+//! changed nothing) and the time it was first made, which keeps history times — and so the image
+//! digest — the same when a build is repeated from cache.
+//!
+//! ```text
+//! <store>/cache/<key hex>.json    one record, written to a temp file and renamed into place
+//! ```
+
+use std::fs;
+use std::io::{self, Read};
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use crate::sandbox::CopyItem;
+use crate::store::Store;
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct CachedLayer {
+    pub digest: String,
+    pub size: u64,
+    pub media_type: String,
+    pub diff_id: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Record {
+    pub created: String,
+    pub layer: Option<CachedLayer>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Cache {
+    dir: PathBuf,
+    tmp: PathBuf,
+}
+
+impl Cache {
+    pub fn new(store: &Store) -> io::Result<Cache> {
+        let dir = store.root().join("cache");
+        fs::create_dir_all(&dir)?;
+        Ok(Cache {
+            dir,
+            tmp: store.root().join("tmp"),
+        })
+    }
+
+    fn path(&self, key: &str) -> PathBuf {
+        self.dir.join(format!("{key}.json"))
+    }
+
+    /// The record for `key`, if there is a readable one. A damaged record is treated as a miss.
+    pub fn get(&self, key: &str) -> Option<Record> {
+        let bytes = fs::read(self.path(key)).ok()?;
+        serde_json::from_slice(&bytes).ok()
+    }
+
+    pub fn put(&self, key: &str, record: &Record) -> io::Result<()> {
+        let tmp = self.tmp.join(format!("cache-{key}-{}", std::process::id()));
+        fs::write(&tmp, serde_json::to_vec(record)?)?;
+        fs::rename(&tmp, self.path(key))
+    }
+}
+
+/// The key of a step: its parent's key and a description of the step.
+pub fn step_key(parent: &str, material: &serde_json::Value) -> String {
+    let mut h = Sha256::new();
+    h.update(parent.as_bytes());
+    h.update(b"\n");
+    h.update(material.to_string().as_bytes());
+    hex::encode(h.finalize())
+}
+
+/// Remembered content hashes of files, by their identity and change times, so that an unchanged
+/// large context is not read again on every build (the file-metadata cache).
+#[derive(Debug, Default)]
+pub struct FileHashes {
+    path: Option<PathBuf>,
+    known: std::sync::Mutex<std::collections::HashMap<String, String>>,
+    changed: std::sync::atomic::AtomicBool,
+}
+
+impl FileHashes {
+    /// Loads the remembered hashes of `store` (none when the file is missing or damaged).
+    pub fn load(store: &Store) -> FileHashes {
+        let path = store.root().join("cache").join("file-hashes.json");
+        let known = fs::read(&path)
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok())
+            .unwrap_or_default();
+        FileHashes {
+            path: Some(path),
+            known: std::sync::Mutex::new(known),
+            changed: Default::default(),
+        }
+    }
+
+    /// Writes the hashes back (atomically) if any were added.
+    pub fn save(&self) -> io::Result<()> {
+        let Some(path) = &self.path else {
+            return Ok(());
+        };
+        if !self.changed.load(std::sync::atomic::Ordering::Relaxed) {
+            return Ok(());
+        }
+        let data = serde_json::to_vec(&*self.known.lock().expect("file hashes"))?;
+        if let Some(dir) = path.parent() {
+            fs::create_dir_all(dir)?;
+        }
+        let tmp = path.with_extension(format!("{}.partial", std::process::id()));
+        fs::write(&tmp, data)?;
+        fs::rename(&tmp, path)
+    }
+
+    fn hash(&self, path: &Path, meta: &fs::Metadata) -> io::Result<String> {
+        use std::os::unix::fs::MetadataExt;
+        // Any change to the file changes its ctime; with inode and size that identifies a version.
+        let id = format!(
+            "{}:{}:{}:{}.{}:{}.{}:{}",
+            meta.dev(),
+            meta.ino(),
+            meta.size(),
+            meta.mtime(),
+            meta.mtime_nsec(),
+            meta.ctime(),
+            meta.ctime_nsec(),
+            path.display()
+        );
+        if let Some(h) = self.known.lock().expect("file hashes").get(&id) {
+            return Ok(h.clone());
+        }
+        let mut h = Sha256::new();
+        hash_file(path, &mut h)?;
+        let hex = hex::encode(h.finalize());
+        self.known
+            .lock()
+            .expect("file hashes")
+            .insert(id, hex.clone());
+        self.changed
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+        Ok(hex)
+    }
+}
+
+/// A content hash of the files a COPY takes: each item's path under the destination, type, mode
+/// and contents (or link target). Source paths on the host and modification times do not count,
+/// as in BuildKit, so the same files in a fresh checkout hit the same cache (the layer then keeps
+/// the times of the build that made it).
+pub fn hash_copy_items(items: &[CopyItem], hashes: &FileHashes) -> io::Result<String> {
+    use std::os::unix::fs::MetadataExt;
+    let mut h = Sha256::new();
+    for item in items {
+        let meta = fs::symlink_metadata(&item.src)?;
+        h.update(item.rel.as_os_str().as_encoded_bytes());
+        h.update(format!("\0{:o}\0", meta.mode()).as_bytes());
+        if meta.file_type().is_symlink() {
+            h.update(fs::read_link(&item.src)?.as_os_str().as_encoded_bytes());
+        } else if meta.is_file() {
+            h.update(hashes.hash(&item.src, &meta)?.as_bytes());
+        }
+        h.update(b"\n");
+    }
+    Ok(hex::encode(h.finalize()))
+}
+
+fn hash_file(path: &Path, h: &mut Sha256) -> io::Result<()> {
+    let mut f = fs::File::open(path)?;
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        let n = f.read(&mut buf)?;
+        if n == 0 {
+            return Ok(());
+        }
+        h.update(&buf[..n]);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_chain_and_records_round_trip() {
+        let a = step_key("base", &serde_json::json!({"run": ["echo", "a"]}));
+        let b = step_key("base", &serde_json::json!({"run": ["echo", "b"]}));
+        let a2 = step_key("other-base", &serde_json::json!({"run": ["echo", "a"]}));
+        assert_ne!(a, b);
+        assert_ne!(a, a2);
+        assert_eq!(
+            a,
+            step_key("base", &serde_json::json!({"run": ["echo", "a"]}))
+        );
+
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let cache = Cache::new(&store).unwrap();
+        assert!(cache.get(&a).is_none());
+        let rec = Record {
+            created: "2020-01-01T00:00:00Z".into(),
+            layer: None,
+        };
+        cache.put(&a, &rec).unwrap();
+        assert_eq!(cache.get(&a), Some(rec));
+    }
+
+    #[test]
+    fn copy_hash_follows_contents_not_location() {
+        let d1 = tempfile::tempdir().unwrap();
+        let d2 = tempfile::tempdir().unwrap();
+        for d in [&d1, &d2] {
+            fs::write(d.path().join("f"), "same").unwrap();
+        }
+        let items = |d: &Path| {
+            vec![CopyItem {
+                src: d.join("f"),
+                rel: "f".into(),
+            }]
+        };
+        let store_dir = tempfile::tempdir().unwrap();
+        let store = Store::open(store_dir.path()).unwrap();
+        let hashes = FileHashes::load(&store);
+        let h1 = hash_copy_items(&items(d1.path()), &hashes).unwrap();
+        assert_eq!(h1, hash_copy_items(&items(d2.path()), &hashes).unwrap());
+        fs::write(d2.path().join("f"), "diff").unwrap();
+        assert_ne!(h1, hash_copy_items(&items(d2.path()), &hashes).unwrap());
+        // Remembered across builds, and still right after a change.
+        hashes.save().unwrap();
+        let again = FileHashes::load(&store);
+        assert_eq!(h1, hash_copy_items(&items(d1.path()), &again).unwrap());
+        fs::write(d1.path().join("f"), "changed").unwrap();
+        assert_ne!(h1, hash_copy_items(&items(d1.path()), &again).unwrap());
+    }
+}

@@ -1,0 +1,613 @@
+//! `shmocker detect` and the build-time ladder, each under a constraint made for real: a user
+//! without subordinate IDs, a seccomp filter like Docker's default, a store on tmpfs and on an
+//! overlay mount, fuse-overlayfs missing from PATH, /dev/fuse not accessible. In each, detect must
+//! name the cause and the fix, and build must succeed in the mode detect chose or refuse cleanly.
+//! Plus: every snapshotter gives the same layers for the same Dockerfile.
+
+mod common;
+
+use std::fs;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use common::{Who, binary, context, env, remote_config, run_ok, scratch_dir, unique_ref};
+
+/// A wrapper that puts the command under a seccomp filter like Docker's default profile
+/// (tests/env/seccomp-deny-ns; needs python3-seccomp, installed by tests/env/setup.sh).
+fn seccomp_wrapper() -> PathBuf {
+    let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/env/seccomp-deny-ns");
+    let check = Command::new("/usr/bin/python3")
+        .args(["-c", "import seccomp"])
+        .output()
+        .expect("running /usr/bin/python3");
+    assert!(
+        check.status.success(),
+        "python3-seccomp is missing: run tests/env/setup.sh (apt-get install python3-seccomp)"
+    );
+    p
+}
+
+/// Runs `shmocker --root STORE ARGS` as `user`, through `prefix` (a wrapper command), with `path`
+/// as PATH.
+fn shmocker_as(user: &str, prefix: &[&str], path: &str, store: &Path, args: &[&str]) -> Output {
+    let mut cmd = Command::new("runuser");
+    cmd.args(["-u", user, "--"])
+        .args(prefix)
+        .arg("env")
+        .arg(format!("PATH={path}"))
+        .arg("HOME=/tmp")
+        .arg(binary())
+        .arg("--root")
+        .arg(store)
+        .args(args)
+        .current_dir("/")
+        .env_remove("SHMOCKER_ROOT");
+    let out = cmd.output().expect("running shmocker");
+    eprintln!(
+        "--- shmocker {args:?} as {user} via {prefix:?}: {}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+const DEFAULT_PATH: &str = "/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin";
+
+fn detect_json(out: &Output) -> serde_json::Value {
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "detect --format json printed no JSON ({e}):\n{}",
+            String::from_utf8_lossy(&out.stdout)
+        )
+    })
+}
+
+fn probe<'a>(doc: &'a serde_json::Value, name: &str) -> &'a serde_json::Value {
+    doc["probes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["name"] == name)
+        .unwrap_or_else(|| panic!("no probe {name} in {doc:#}"))
+}
+
+fn simple_context() -> tempfile::TempDir {
+    context(&[(
+        "Dockerfile",
+        "ARG BASE\nFROM $BASE\nRUN echo built > /built.txt\n",
+    )])
+}
+
+fn base_arg() -> String {
+    format!("BASE={}", env().busybox())
+}
+
+fn chown_to(path: &Path, user: &str) {
+    run_ok(Command::new("chown").arg(user).arg(path));
+}
+
+fn stderr(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+#[test]
+fn detect_reports_every_probe_with_a_stable_schema() {
+    let store = scratch_dir(Who::User);
+    let out = shmocker_as(
+        env().user(),
+        &[],
+        DEFAULT_PATH,
+        store.path(),
+        &["detect", "--format", "json"],
+    );
+    assert!(out.status.success(), "detect failed");
+    let doc = detect_json(&out);
+    assert_eq!(doc["schema_version"], 1);
+    for name in [
+        "userns",
+        "map-single",
+        "map-subordinate",
+        "mount-ns",
+        "mount-tmpfs",
+        "overlay-userxattr",
+        "overlay-trusted",
+        "fuse-overlayfs",
+        "proc-pidns",
+        "reflink",
+    ] {
+        let p = probe(&doc, name);
+        assert!(p["status"].is_string() && p["detail"].is_string(), "{p}");
+    }
+    for name in [
+        "userns",
+        "map-subordinate",
+        "overlay-userxattr",
+        "fuse-overlayfs",
+    ] {
+        assert_eq!(probe(&doc, name)["status"], "ok", "{name} on this machine");
+    }
+    assert_eq!(doc["choice"]["isolation"], "subordinate-ids");
+    assert_eq!(doc["choice"]["snapshotter"], "overlayfs");
+    assert!(doc["host"]["store"]["fs_type"].is_string());
+    assert!(doc["host"]["seccomp"].is_number());
+
+    // The alias and the table.
+    let out = shmocker_as(env().user(), &[], DEFAULT_PATH, store.path(), &["doctor"]);
+    assert!(out.status.success());
+    let table = String::from_utf8_lossy(&out.stdout);
+    assert!(table.contains("overlay-userxattr"), "{table}");
+    assert!(table.contains("isolation: subordinate-ids"), "{table}");
+}
+
+/// A second unprivileged user with no /etc/subuid or /etc/subgid lines, removed again on drop.
+struct NoSubUser;
+
+const NOSUB: &str = "shmocker-nosub";
+
+impl NoSubUser {
+    fn create() -> NoSubUser {
+        let exists = Command::new("id")
+            .arg(NOSUB)
+            .output()
+            .unwrap()
+            .status
+            .success();
+        if !exists {
+            run_ok(Command::new("useradd").args(["--no-create-home", "--shell", "/bin/sh", NOSUB]));
+        }
+        // useradd may have granted ranges (SUB_UID_COUNT in login.defs): take them away.
+        for file in ["/etc/subuid", "/etc/subgid"] {
+            run_ok(Command::new("sed").args(["-i", &format!("/^{NOSUB}:/d"), file]));
+        }
+        NoSubUser
+    }
+}
+
+impl Drop for NoSubUser {
+    fn drop(&mut self) {
+        let _ = Command::new("userdel").arg(NOSUB).output();
+        for file in ["/etc/subuid", "/etc/subgid"] {
+            let _ = Command::new("sed")
+                .args(["-i", &format!("/^{NOSUB}:/d"), file])
+                .output();
+        }
+    }
+}
+
+#[test]
+fn a_user_without_subordinate_ids_builds_with_a_single_id() {
+    let _user = NoSubUser::create();
+    let store = scratch_dir(Who::Root);
+    chown_to(store.path(), NOSUB);
+    let out = shmocker_as(
+        NOSUB,
+        &[],
+        DEFAULT_PATH,
+        store.path(),
+        &["detect", "--format", "json"],
+    );
+    let doc = detect_json(&out);
+    let map = probe(&doc, "map-subordinate");
+    assert_eq!(map["status"], "failed");
+    assert_eq!(map["problem"], "no-subids");
+    let fix = map["fix"].as_str().unwrap();
+    assert!(
+        fix.contains("usermod --add-subuids") && fix.contains(NOSUB),
+        "fix names usermod and the user: {fix}"
+    );
+    assert_eq!(doc["choice"]["isolation"], "single-id");
+
+    let ctx = simple_context();
+    let ctx_arg = ctx.path().to_str().unwrap();
+    let tag = unique_ref("nosub");
+    let out = shmocker_as(
+        NOSUB,
+        &[],
+        DEFAULT_PATH,
+        store.path(),
+        &[
+            "build",
+            "--build-arg",
+            &base_arg(),
+            "-t",
+            &tag,
+            "--push",
+            ctx_arg,
+        ],
+    );
+    assert!(out.status.success(), "single-ID build failed");
+    let err = stderr(&out);
+    assert!(err.contains("isolation: single-id"), "{err}");
+    assert!(err.contains("skipped isolation subordinate-ids"), "{err}");
+    assert_eq!(
+        remote_config(&tag)["rootfs"]["diff_ids"]
+            .as_array()
+            .unwrap()
+            .len(),
+        2
+    );
+
+    // A floor refuses the downgrade, naming the cause.
+    let out = shmocker_as(
+        NOSUB,
+        &[],
+        DEFAULT_PATH,
+        store.path(),
+        &[
+            "build",
+            "--min-isolation",
+            "subordinate-ids",
+            "--build-arg",
+            &base_arg(),
+            ctx_arg,
+        ],
+    );
+    assert!(!out.status.success());
+    let err = stderr(&out);
+    assert!(
+        err.contains("--min-isolation subordinate-ids") && err.contains("usermod"),
+        "{err}"
+    );
+    assert!(!err.contains("panicked"), "{err}");
+}
+
+#[test]
+fn under_dockers_seccomp_profile_detect_names_seccomp_and_build_refuses() {
+    let wrapper = seccomp_wrapper();
+    let wrapper = wrapper.to_str().unwrap();
+    let store = scratch_dir(Who::User);
+    let out = shmocker_as(
+        env().user(),
+        &[wrapper],
+        DEFAULT_PATH,
+        store.path(),
+        &["detect", "--format", "json"],
+    );
+    assert!(
+        !out.status.success(),
+        "detect exits non-zero when nothing works"
+    );
+    let doc = detect_json(&out);
+    assert_eq!(doc["host"]["seccomp"], 2);
+    let userns = probe(&doc, "userns");
+    assert_eq!(userns["status"], "failed");
+    assert_eq!(userns["errno"], "EPERM");
+    assert_eq!(userns["problem"], "userns-seccomp");
+    assert!(
+        userns["fix"]
+            .as_str()
+            .unwrap()
+            .contains("seccomp=unconfined"),
+        "{userns}"
+    );
+    assert_eq!(probe(&doc, "overlay-userxattr")["status"], "skipped");
+    assert!(doc["choice"]["refused"].is_string());
+
+    let ctx = simple_context();
+    let out = shmocker_as(
+        env().user(),
+        &[wrapper],
+        DEFAULT_PATH,
+        store.path(),
+        &[
+            "build",
+            "--build-arg",
+            &base_arg(),
+            ctx.path().to_str().unwrap(),
+        ],
+    );
+    assert!(!out.status.success());
+    let err = stderr(&out);
+    assert!(err.contains("no isolation works here"), "{err}");
+    assert!(err.contains("seccomp=unconfined"), "{err}");
+    assert!(!err.contains("panicked"), "{err}");
+}
+
+/// A mount made for one test, unmounted (and its directory removed) on drop.
+struct TestMount {
+    dir: tempfile::TempDir,
+    target: PathBuf,
+}
+
+impl Drop for TestMount {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.target).output();
+        let _ = &self.dir;
+    }
+}
+
+fn tmpfs_store() -> TestMount {
+    let dir = scratch_dir(Who::Root);
+    let target = dir.path().join("store");
+    fs::create_dir(&target).unwrap();
+    run_ok(
+        Command::new("mount")
+            .args(["-t", "tmpfs", "-o", "size=512m", "tmpfs"])
+            .arg(&target),
+    );
+    chown_to(&target, env().user());
+    TestMount { dir, target }
+}
+
+fn overlay_store() -> TestMount {
+    let dir = scratch_dir(Who::Root);
+    let p = dir.path();
+    for d in ["lower", "upper", "work", "store"] {
+        fs::create_dir(p.join(d)).unwrap();
+    }
+    let target = p.join("store");
+    run_ok(
+        Command::new("mount")
+            .args(["-t", "overlay", "overlay", "-o"])
+            .arg(format!(
+                "lowerdir={},upperdir={},workdir={}",
+                p.join("lower").display(),
+                p.join("upper").display(),
+                p.join("work").display()
+            ))
+            .arg(&target),
+    );
+    chown_to(&target, env().user());
+    TestMount { dir, target }
+}
+
+/// detect, then a build in auto mode that must run with the snapshotter detect chose.
+fn detect_then_build(store: &Path) -> (serde_json::Value, String) {
+    let out = shmocker_as(
+        env().user(),
+        &[],
+        DEFAULT_PATH,
+        store,
+        &["detect", "--format", "json"],
+    );
+    let doc = detect_json(&out);
+    let chosen = doc["choice"]["snapshotter"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no snapshotter chosen: {doc:#}"))
+        .to_string();
+    let ctx = simple_context();
+    let tag = unique_ref("store-fs");
+    let out = shmocker_as(
+        env().user(),
+        &[],
+        DEFAULT_PATH,
+        store,
+        &[
+            "build",
+            "--build-arg",
+            &base_arg(),
+            "-t",
+            &tag,
+            "--push",
+            ctx.path().to_str().unwrap(),
+        ],
+    );
+    assert!(out.status.success(), "build failed");
+    let err = stderr(&out);
+    assert!(err.contains(&format!("snapshotter: {chosen}")), "{err}");
+    (doc, chosen)
+}
+
+#[test]
+fn a_store_on_tmpfs_is_recognised_and_builds() {
+    let m = tmpfs_store();
+    let (doc, _) = detect_then_build(&m.target);
+    assert_eq!(doc["host"]["store"]["fs_type"], "tmpfs");
+    // Linux >= 6.6 gives tmpfs user xattrs, which overlayfs with userxattr needs.
+    assert_eq!(probe(&doc, "overlay-userxattr")["status"], "ok");
+}
+
+#[test]
+fn a_store_on_overlayfs_falls_back_and_says_to_use_a_volume() {
+    let m = overlay_store();
+    let (doc, chosen) = detect_then_build(&m.target);
+    assert_eq!(doc["host"]["store"]["fs_type"], "overlay");
+    let ov = probe(&doc, "overlay-userxattr");
+    assert_eq!(ov["status"], "failed");
+    assert_eq!(ov["problem"], "overlay-store-on-overlay");
+    assert!(ov["fix"].as_str().unwrap().contains("volume"), "{ov}");
+    assert_ne!(chosen, "overlayfs");
+}
+
+#[test]
+fn without_fuse_overlayfs_in_path_detect_says_to_install_it() {
+    // A PATH with the ID-map helpers but not fuse-overlayfs (which lives beside them).
+    let bin = scratch_dir(Who::Root);
+    fs::set_permissions(bin.path(), fs::Permissions::from_mode(0o755)).unwrap();
+    for tool in ["newuidmap", "newgidmap"] {
+        std::os::unix::fs::symlink(format!("/usr/bin/{tool}"), bin.path().join(tool)).unwrap();
+    }
+    let path = bin.path().to_str().unwrap();
+    let store = scratch_dir(Who::User);
+    let out = shmocker_as(
+        env().user(),
+        &[],
+        path,
+        store.path(),
+        &["detect", "--format", "json"],
+    );
+    let doc = detect_json(&out);
+    let fuse = probe(&doc, "fuse-overlayfs");
+    assert_eq!(fuse["status"], "failed");
+    assert_eq!(fuse["problem"], "no-fuse-overlayfs");
+    assert!(
+        fuse["fix"]
+            .as_str()
+            .unwrap()
+            .contains("install fuse-overlayfs"),
+        "{fuse}"
+    );
+    // Forcing it refuses cleanly; auto still builds (overlayfs works).
+    let ctx = simple_context();
+    let ctx_arg = ctx.path().to_str().unwrap();
+    let out = shmocker_as(
+        env().user(),
+        &[],
+        path,
+        store.path(),
+        &[
+            "build",
+            "--snapshotter",
+            "fuse-overlayfs",
+            "--build-arg",
+            &base_arg(),
+            ctx_arg,
+        ],
+    );
+    assert!(!out.status.success());
+    let err = stderr(&out);
+    assert!(
+        err.contains("--snapshotter fuse-overlayfs cannot be used here")
+            && err.contains("install fuse-overlayfs"),
+        "{err}"
+    );
+    let out = shmocker_as(
+        env().user(),
+        &[],
+        path,
+        store.path(),
+        &["build", "--build-arg", &base_arg(), ctx_arg],
+    );
+    assert!(out.status.success());
+    assert!(stderr(&out).contains("snapshotter: overlayfs"));
+}
+
+#[test]
+fn with_dev_fuse_inaccessible_detect_names_it_and_copy_still_builds() {
+    // A private mount namespace where /dev/fuse is covered by a file nobody may open; the
+    // machine's /dev/fuse is untouched.
+    let dir = scratch_dir(Who::Root);
+    let blocker = dir.path().join("no-fuse");
+    fs::write(&blocker, b"").unwrap();
+    fs::set_permissions(&blocker, fs::Permissions::from_mode(0o000)).unwrap();
+    let cover = format!(
+        "mount --bind {} /dev/fuse && exec \"$@\"",
+        blocker.display()
+    );
+    let prefix = ["unshare", "-m", "sh", "-c", cover.as_str(), "sh"];
+    let store = scratch_dir(Who::User);
+    let mut cmd = Command::new(prefix[0]);
+    cmd.args(&prefix[1..])
+        .args(["runuser", "-u", env().user(), "--", "env"])
+        .arg(format!("PATH={DEFAULT_PATH}"))
+        .arg(binary())
+        .arg("--root")
+        .arg(store.path())
+        .args(["detect", "--format", "json"]);
+    let out = cmd.output().unwrap();
+    let doc = detect_json(&out);
+    let fuse = probe(&doc, "fuse-overlayfs");
+    assert_eq!(fuse["status"], "failed");
+    assert_eq!(fuse["errno"], "EACCES");
+    assert_eq!(fuse["problem"], "dev-fuse-denied");
+
+    let ctx = simple_context();
+    let build = |snapshotter: &str| {
+        let mut cmd = Command::new(prefix[0]);
+        cmd.args(&prefix[1..])
+            .args(["runuser", "-u", env().user(), "--", "env"])
+            .arg(format!("PATH={DEFAULT_PATH}"))
+            .arg(binary())
+            .arg("--root")
+            .arg(store.path())
+            .args([
+                "build",
+                "--snapshotter",
+                snapshotter,
+                "--build-arg",
+                &base_arg(),
+            ])
+            .arg(ctx.path());
+        let out = cmd.output().unwrap();
+        eprintln!(
+            "--- build --snapshotter {snapshotter}: {}\n{}",
+            out.status,
+            stderr(&out)
+        );
+        out
+    };
+    let out = build("fuse-overlayfs");
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("/dev/fuse"), "{}", stderr(&out));
+    let out = build("copy");
+    assert!(out.status.success(), "copy snapshotter without /dev/fuse");
+    assert!(stderr(&out).contains("snapshotter: copy"));
+}
+
+const SNAPSHOT_DOCKERFILE: &str = r#"ARG BASE
+FROM $BASE
+COPY data.txt /data.txt
+RUN mkdir -p /app/sub && echo hello > /app/sub/f && ln -s f /app/sub/link && ln /app/sub/f /app/sub/hard && chmod 640 /app/sub/f && touch -h -t 200001010000 /app/sub/link /app/sub/f /app/sub /app
+RUN rm /bin/[[ && rm -rf /home && mkdir /home && echo x > /home/new && touch -t 200001010000 /home/new /home /bin
+RUN echo extra:x:5000:5000::/:/bin/sh >> /etc/passwd && touch -t 200001010000 /etc/passwd /etc
+RUN rm -rf /app/sub && mkdir /app/sub && echo again > /app/sub/g && touch -t 200001010000 /app/sub/g /app/sub /app
+"#;
+
+#[test]
+fn every_snapshotter_gives_the_same_layers() {
+    let ctx = context(&[("Dockerfile", SNAPSHOT_DOCKERFILE), ("data.txt", "data\n")]);
+    let mut results = Vec::new();
+    for snapshotter in ["overlayfs", "fuse-overlayfs", "copy"] {
+        let store = scratch_dir(Who::User);
+        let tag = unique_ref(&format!("snap-{snapshotter}"));
+        let out = shmocker_as(
+            env().user(),
+            &[],
+            DEFAULT_PATH,
+            store.path(),
+            &[
+                "build",
+                "--snapshotter",
+                snapshotter,
+                "--build-arg",
+                &base_arg(),
+                "-t",
+                &tag,
+                "--push",
+                ctx.path().to_str().unwrap(),
+            ],
+        );
+        assert!(out.status.success(), "build with {snapshotter} failed");
+        assert!(stderr(&out).contains(&format!("snapshotter: {snapshotter}")));
+        let config = remote_config(&tag);
+        let diff_ids: Vec<String> = config["rootfs"]["diff_ids"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|d| d.as_str().unwrap().to_string())
+            .collect();
+        assert_eq!(
+            diff_ids.len(),
+            6,
+            "{snapshotter}: base + COPY + 4 RUN layers"
+        );
+        results.push((snapshotter, diff_ids, tag));
+    }
+    for (name, ids, _) in &results[1..] {
+        assert_eq!(
+            ids, &results[0].1,
+            "{name} and overlayfs made different layers"
+        );
+    }
+    // And the result is what the Dockerfile says (read back by umoci).
+    let work = scratch_dir(Who::Root);
+    let rootfs = common::unpack(&format!("docker://{}", results[2].2), work.path());
+    assert!(!rootfs.join("bin/[[").exists());
+    assert!(rootfs.join("bin/[").exists());
+    assert_eq!(fs::read_to_string(rootfs.join("home/new")).unwrap(), "x\n");
+    assert!(!rootfs.join("app/sub/f").exists());
+    assert_eq!(
+        fs::read_to_string(rootfs.join("app/sub/g")).unwrap(),
+        "again\n"
+    );
+    assert!(
+        fs::read_to_string(rootfs.join("etc/passwd"))
+            .unwrap()
+            .contains("extra:x:5000")
+    );
+    assert!(
+        !rootfs.join("etc/hosts").exists(),
+        "mount stubs left in the image"
+    );
+}

@@ -1,0 +1,864 @@
+//! The build engine end to end: multi-stage graphs, the layer cache, heredocs, RUN mounts and
+//! networks, secrets and reproducible output — each checked in the pushed or exported image.
+
+mod common;
+
+use std::process::Command;
+
+use common::{Who, context, env, scratch_dir, shmocker, shmocker_ok, tree, unique_ref, unpack};
+
+fn stderr(out: &std::process::Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+fn digest(out: &std::process::Output) -> String {
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+/// Builds `files` as `who` into an OCI archive, unpacks it, returns (rootfs tree dir, stderr).
+fn build_and_unpack(
+    who: Who,
+    store: &std::path::Path,
+    files: &[(&str, &str)],
+    extra: &[&str],
+) -> (tempfile::TempDir, std::path::PathBuf, String) {
+    let ctx = context(files);
+    let out_dir = scratch_dir(who);
+    let oci = out_dir.path().join("img.tar");
+    let base = format!("BASE={}", env().busybox());
+    let dest = format!("type=oci,dest={}", oci.display());
+    let mut args = vec!["build", "--build-arg", &base, "--output", &dest];
+    args.extend_from_slice(extra);
+    let ctx_path = ctx.path().to_str().unwrap().to_string();
+    args.push(&ctx_path);
+    let out = shmocker_ok(who, store, &args);
+    let work = scratch_dir(Who::Root);
+    let rootfs = unpack(&format!("oci-archive:{}", oci.display()), work.path());
+    (work, rootfs, stderr(&out))
+}
+
+const MULTISTAGE: &str = r#"ARG BASE
+FROM ${BASE} AS base
+RUN echo base > /base.txt
+
+FROM base AS builder
+RUN echo built > /artifact && mkdir -p /out/sub && echo x > /out/sub/x
+
+FROM ${BASE} AS unused
+RUN echo "the unused stage ran" && exit 1
+
+FROM ${BASE} AS other
+RUN echo other > /other.txt
+
+FROM ${BASE}
+ARG BASE
+COPY --from=builder /artifact /artifact
+COPY --from=builder /out/ /copied/
+COPY --from=other /other.txt /
+COPY --from=${BASE} /bin/busybox /from-image/busybox
+COPY --from=1 /base.txt /by-index.txt
+"#;
+
+#[test]
+fn multistage_builds_only_what_the_target_needs() {
+    let store = scratch_dir(Who::User);
+    let (_w, rootfs, err) =
+        build_and_unpack(Who::User, store.path(), &[("Dockerfile", MULTISTAGE)], &[]);
+    assert!(
+        !err.contains("the unused stage ran"),
+        "an unneeded stage ran: {err}"
+    );
+    let read =
+        |p: &str| std::fs::read_to_string(rootfs.join(p)).unwrap_or_else(|e| panic!("{p}: {e}"));
+    assert_eq!(read("artifact"), "built\n");
+    assert_eq!(read("copied/sub/x"), "x\n");
+    assert_eq!(read("other.txt"), "other\n");
+    assert_eq!(read("by-index.txt"), "base\n");
+    assert!(rootfs.join("from-image/busybox").is_file());
+    assert!(
+        !rootfs.join("base.txt").exists(),
+        "the final stage is FROM BASE, not FROM base"
+    );
+
+    let (_w, rootfs, err) = build_and_unpack(
+        Who::User,
+        store.path(),
+        &[("Dockerfile", MULTISTAGE)],
+        &["--target", "builder"],
+    );
+    assert!(rootfs.join("artifact").is_file() && rootfs.join("base.txt").is_file());
+    assert!(!rootfs.join("other.txt").exists());
+    assert!(
+        !err.contains("[other"),
+        "the target does not need stage other: {err}"
+    );
+}
+
+/// Runs a build that must fail; asserts each needle is in its error output.
+fn fails_with(dockerfile: &str, extra: &[&str], needles: &[&str]) {
+    let store = scratch_dir(Who::Root);
+    let ctx = context(&[("Dockerfile", dockerfile)]);
+    let mut args = vec!["build"];
+    args.extend_from_slice(extra);
+    args.push(ctx.path().to_str().unwrap());
+    let out = shmocker(Who::Root, store.path(), &args);
+    assert!(!out.status.success(), "the build should fail");
+    let err = stderr(&out);
+    for needle in needles {
+        assert!(err.contains(needle), "{needle:?} missing from: {err}");
+    }
+}
+
+#[test]
+fn unknown_target_and_stage_cycles_are_clear_errors() {
+    // The message lists the stages there are.
+    fails_with(
+        MULTISTAGE,
+        &["--target", "nope"],
+        &["target stage \"nope\" could not be found", "builder"],
+    );
+    let cyclic = "FROM scratch AS a\nCOPY --from=b /x /x\nFROM scratch AS b\nCOPY --from=a /y /y\n";
+    fails_with(
+        cyclic,
+        &["--target", "b"],
+        &["circular dependency", "Dockerfile:"],
+    );
+}
+
+#[test]
+fn unchanged_rebuild_is_cached_and_gives_the_same_digest() {
+    let dockerfile = r#"ARG BASE
+FROM ${BASE}
+RUN echo one > /one
+COPY data /data
+ARG FLAVOUR=plain
+RUN --mount=type=cache,target=/cache echo run >> /cache/log && wc -l < /cache/log > /cache-count && echo $FLAVOUR > /flavour
+WORKDIR /w
+"#;
+    let files = [("Dockerfile", dockerfile), ("data", "payload\n")];
+    let ctx = context(&files);
+    let store = scratch_dir(Who::User);
+    let base = format!("BASE={}", env().busybox());
+    let ctx_path = ctx.path().to_str().unwrap();
+    let tag = unique_ref("cache");
+    let first = shmocker_ok(
+        Who::User,
+        store.path(),
+        &[
+            "build",
+            "--build-arg",
+            &base,
+            "-t",
+            &tag,
+            "--push",
+            ctx_path,
+        ],
+    );
+    let second = shmocker_ok(
+        Who::User,
+        store.path(),
+        &[
+            "build",
+            "--build-arg",
+            &base,
+            "-t",
+            &tag,
+            "--push",
+            ctx_path,
+        ],
+    );
+    assert_eq!(
+        digest(&first),
+        digest(&second),
+        "a rebuild from cache gives the same digest"
+    );
+    let err = stderr(&second);
+    assert_eq!(
+        err.matches(" CACHED").count(),
+        4,
+        "every filesystem step is CACHED: {err}"
+    );
+    assert_eq!(
+        err.matches(" DONE ").count(),
+        1,
+        "only the config-only ARG step is DONE: {err}"
+    );
+
+    // A changed ARG: the steps before its declaration stay cached, the RUN after it re-runs,
+    // and the cache mount keeps what the first run wrote.
+    let third = shmocker_ok(
+        Who::User,
+        store.path(),
+        &[
+            "build",
+            "--build-arg",
+            &base,
+            "--build-arg",
+            "FLAVOUR=spicy",
+            "-t",
+            &tag,
+            "--push",
+            ctx_path,
+        ],
+    );
+    let err = stderr(&third);
+    assert_eq!(
+        err.matches(" CACHED").count(),
+        2,
+        "RUN one and COPY cached: {err}"
+    );
+    assert_ne!(digest(&third), digest(&first));
+    let work = scratch_dir(Who::Root);
+    let rootfs = unpack(&format!("docker://{tag}"), work.path());
+    assert_eq!(
+        std::fs::read_to_string(rootfs.join("flavour")).unwrap(),
+        "spicy\n"
+    );
+    assert_eq!(
+        std::fs::read_to_string(rootfs.join("cache-count"))
+            .unwrap()
+            .trim(),
+        "2",
+        "the cache mount kept the first run's line"
+    );
+    assert!(
+        !rootfs.join("cache").join("log").exists(),
+        "cache mount contents stay out of the layer"
+    );
+
+    // --no-cache runs everything again.
+    let fourth = shmocker_ok(
+        Who::User,
+        store.path(),
+        &["build", "--no-cache", "--build-arg", &base, ctx_path],
+    );
+    assert_eq!(stderr(&fourth).matches(" CACHED").count(), 0);
+}
+
+#[test]
+fn source_date_epoch_makes_builds_reproducible() {
+    let dockerfile =
+        "ARG BASE\nFROM ${BASE}\nRUN echo hi > /hi && mkdir /d && touch /d/f\nCOPY f /f\nENV X=1\n";
+    let ctx = context(&[("Dockerfile", dockerfile), ("f", "file\n")]);
+    let base = format!("BASE={}", env().busybox());
+    let mut digests = Vec::new();
+    for _ in 0..2 {
+        let store = scratch_dir(Who::User);
+        let out = shmocker_ok(
+            Who::User,
+            store.path(),
+            &[
+                "build",
+                "--build-arg",
+                &base,
+                "--build-arg",
+                "SOURCE_DATE_EPOCH=1700000000",
+                ctx.path().to_str().unwrap(),
+            ],
+        );
+        digests.push(digest(&out));
+        std::thread::sleep(std::time::Duration::from_millis(1100));
+    }
+    assert_eq!(
+        digests[0], digests[1],
+        "two clean builds with SOURCE_DATE_EPOCH give one digest"
+    );
+}
+
+#[test]
+fn heredocs_in_run_and_copy() {
+    let dockerfile = "ARG BASE\nFROM ${BASE}\nENV NAME=world\nRUN <<EOF\necho one > /h1\necho two >> /h1\nEOF\nRUN cat > /h2 <<EOT\nhello $NAME\nEOT\nCOPY <<EOF /etc/greeting\nhi ${NAME}\nEOF\nCOPY <<'RAW' /raw\nkeep $NAME\nRAW\n";
+    let store = scratch_dir(Who::User);
+    let (_w, rootfs, _) =
+        build_and_unpack(Who::User, store.path(), &[("Dockerfile", dockerfile)], &[]);
+    let read = |p: &str| std::fs::read_to_string(rootfs.join(p)).unwrap();
+    assert_eq!(read("h1"), "one\ntwo\n");
+    assert_eq!(read("h2"), "hello world\n");
+    assert_eq!(read("etc/greeting"), "hi world\n");
+    assert_eq!(read("raw"), "keep $NAME\n");
+}
+
+#[test]
+fn run_mounts_secrets_and_tmpfs_leave_nothing_behind() {
+    let secret_value = format!("s3cr3t-{}", common::unique());
+    let secret_dir = scratch_dir(Who::User);
+    let secret_file = secret_dir.path().join("token");
+    std::fs::write(&secret_file, &secret_value).unwrap();
+    Command::new("chmod")
+        .arg("a+r")
+        .arg(&secret_file)
+        .status()
+        .unwrap();
+    let dockerfile = r#"ARG BASE
+FROM ${BASE}
+RUN --mount=type=secret,id=token,required=true test "$(cat /run/secrets/token)" != "" && wc -c < /run/secrets/token > /secret-length
+RUN --mount=type=secret,id=envsecret,target=/etc/s2 wc -c < /etc/s2 > /env-secret-length
+RUN --mount=type=tmpfs,target=/scratch echo junk > /scratch/junk && ls /scratch > /tmpfs-listing
+RUN --mount=type=bind,source=data,target=/mnt/data cat /mnt/data/x > /from-bind
+"#;
+    let env_secret = format!("env-{}", common::unique());
+    let ctx = context(&[("Dockerfile", dockerfile), ("data/x", "bound\n")]);
+    let out_dir = scratch_dir(Who::User);
+    let oci = out_dir.path().join("img.tar");
+    let base = format!("BASE={}", env().busybox());
+    let store = scratch_dir(Who::User);
+    let user = env().user();
+    let out = Command::new("runuser")
+        .args([
+            "-u",
+            user,
+            "--",
+            "env",
+            &format!("HOME=/home/{user}"),
+            &format!("MY_SECRET={env_secret}"),
+        ])
+        .arg(common::binary())
+        .arg("--root")
+        .arg(store.path())
+        .args(["build", "--build-arg", &base, "--secret"])
+        .arg(format!("id=token,src={}", secret_file.display()))
+        .args(["--secret", "id=envsecret,env=MY_SECRET", "--output"])
+        .arg(format!("type=oci,dest={}", oci.display()))
+        .arg(ctx.path())
+        .current_dir("/")
+        .output()
+        .unwrap();
+    let err = stderr(&out);
+    assert!(out.status.success(), "{err}");
+    let work = scratch_dir(Who::Root);
+    let rootfs = unpack(&format!("oci-archive:{}", oci.display()), work.path());
+    let read = |p: &str| std::fs::read_to_string(rootfs.join(p)).unwrap();
+    assert_eq!(read("secret-length").trim(), secret_value.len().to_string());
+    assert_eq!(
+        read("env-secret-length").trim(),
+        env_secret.len().to_string()
+    );
+    assert_eq!(read("tmpfs-listing"), "junk\n");
+    assert_eq!(read("from-bind"), "bound\n");
+    let t = tree(&rootfs);
+    for gone in [
+        "/run/secrets/token",
+        "/etc/s2",
+        "/scratch/junk",
+        "/mnt/data/x",
+        "/mnt/data",
+        "/scratch",
+    ] {
+        assert!(!t.contains_key(gone), "{gone} leaked into the image");
+    }
+    // The secrets appear nowhere: not in any blob of the image, the store, or the output.
+    let tar_bytes = std::fs::read(&oci).unwrap();
+    let layout_blobs = work.path().join("layout/blobs/sha256");
+    for value in [&secret_value, &env_secret] {
+        assert!(!err.contains(value.as_str()), "secret in the build output");
+        assert!(
+            !contains(&tar_bytes, value.as_bytes()),
+            "secret in the OCI archive"
+        );
+        for entry in std::fs::read_dir(&layout_blobs).unwrap() {
+            let blob = std::fs::read(entry.unwrap().path()).unwrap();
+            let text = gunzip_or_raw(&blob);
+            assert!(
+                !contains(&text, value.as_bytes()),
+                "secret inside a layer or the config"
+            );
+        }
+        let grep = Command::new("grep")
+            .args(["-r", "-l", "-a", value.as_str()])
+            .arg(store.path())
+            .output()
+            .unwrap();
+        assert!(
+            grep.stdout.is_empty(),
+            "secret in the store: {}",
+            String::from_utf8_lossy(&grep.stdout)
+        );
+    }
+
+    // A required secret that was not given fails the build at its line.
+    let out = shmocker(
+        Who::User,
+        store.path(),
+        &["build", "--build-arg", &base, ctx.path().to_str().unwrap()],
+    );
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("Dockerfile:3:1"), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("secret \"token\" is required"),
+        "{}",
+        stderr(&out)
+    );
+}
+
+fn contains(hay: &[u8], needle: &[u8]) -> bool {
+    hay.windows(needle.len()).any(|w| w == needle)
+}
+
+fn gunzip_or_raw(data: &[u8]) -> Vec<u8> {
+    use std::io::Read;
+    let mut out = Vec::new();
+    match flate2::read::GzDecoder::new(data).read_to_end(&mut out) {
+        Ok(_) => out,
+        Err(_) => data.to_vec(),
+    }
+}
+
+#[test]
+fn network_none_cannot_reach_the_host_but_host_can() {
+    // A loopback HTTP server of the host, on a free port.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        use std::io::{Read, Write};
+        for stream in listener.incoming().take(4) {
+            let Ok(mut s) = stream else { continue };
+            let mut buf = [0u8; 1024];
+            let _ = s.read(&mut buf);
+            let _ = s.write_all(b"HTTP/1.0 200 OK\r\nContent-Length: 6\r\n\r\nhello\n");
+        }
+    });
+    let dockerfile = format!(
+        "ARG BASE\nFROM ${{BASE}}\nRUN wget -q -O /via-host http://127.0.0.1:{port}/\nRUN --network=none (wget -q -T 3 -O /via-none http://127.0.0.1:{port}/ && echo reached || echo unreachable) > /none-result && (ping -c1 -W1 127.0.0.1 >/dev/null 2>&1; ip link 2>/dev/null | head -c0; cat /proc/net/dev | grep -c : > /interfaces)\n"
+    );
+    let store = scratch_dir(Who::User);
+    let (_w, rootfs, _) =
+        build_and_unpack(Who::User, store.path(), &[("Dockerfile", &dockerfile)], &[]);
+    assert_eq!(
+        std::fs::read_to_string(rootfs.join("via-host")).unwrap(),
+        "hello\n"
+    );
+    assert_eq!(
+        std::fs::read_to_string(rootfs.join("none-result")).unwrap(),
+        "unreachable\n"
+    );
+    assert_eq!(
+        std::fs::read_to_string(rootfs.join("interfaces"))
+            .unwrap()
+            .trim(),
+        "1",
+        "only loopback"
+    );
+}
+
+#[test]
+fn copy_from_a_missing_stage_names_the_line() {
+    let store = scratch_dir(Who::Root);
+    let ctx = context(&[(
+        "Dockerfile",
+        "FROM scratch\nCOPY --from=127.0.0.1:9/nosuch/stage:1 /x /x\n",
+    )]);
+    let out = shmocker(
+        Who::Root,
+        store.path(),
+        &["build", ctx.path().to_str().unwrap()],
+    );
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("Dockerfile:2:1"), "{}", stderr(&out));
+}
+
+#[test]
+fn add_unpacks_local_archives_and_fetches_urls_with_checksums() {
+    // A local tar.gz and a file served over HTTP on loopback.
+    let staging = scratch_dir(Who::Root);
+    std::fs::create_dir_all(staging.path().join("pkg/inner")).unwrap();
+    std::fs::write(
+        staging.path().join("pkg/inner/file.txt"),
+        "from the archive\n",
+    )
+    .unwrap();
+    let ctx = context(&[("plain.txt", "plain\n")]);
+    common::run_ok(
+        Command::new("tar")
+            .arg("-czf")
+            .arg(ctx.path().join("bundle.tar.gz"))
+            .arg("-C")
+            .arg(staging.path())
+            .arg("pkg"),
+    );
+    let served = b"served over http\n".to_vec();
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let body = served.clone();
+    std::thread::spawn(move || {
+        use std::io::{Read, Write};
+        for stream in listener.incoming().take(4) {
+            let Ok(mut s) = stream else { continue };
+            let mut buf = [0u8; 2048];
+            let _ = s.read(&mut buf);
+            let _ = s.write_all(
+                format!("HTTP/1.0 200 OK\r\nContent-Length: {}\r\n\r\n", body.len()).as_bytes(),
+            );
+            let _ = s.write_all(&body);
+        }
+    });
+    use sha2::Digest;
+    let sum = format!("sha256:{}", hex::encode(sha2::Sha256::digest(&served)));
+    let dockerfile = format!(
+        "ARG BASE\nFROM ${{BASE}}\nADD bundle.tar.gz /opt/\nADD plain.txt /plain.txt\nADD --checksum={sum} http://127.0.0.1:{port}/files/served.txt /downloads/\n"
+    );
+    std::fs::write(ctx.path().join("Dockerfile"), &dockerfile).unwrap();
+    common::run_ok(Command::new("chmod").arg("-R").arg("a+rX").arg(ctx.path()));
+    let store = scratch_dir(Who::User);
+    let out_dir = scratch_dir(Who::User);
+    let oci = out_dir.path().join("img.tar");
+    let base = format!("BASE={}", env().busybox());
+    shmocker_ok(
+        Who::User,
+        store.path(),
+        &[
+            "build",
+            "--build-arg",
+            &base,
+            "--output",
+            &format!("type=oci,dest={}", oci.display()),
+            ctx.path().to_str().unwrap(),
+        ],
+    );
+    let work = scratch_dir(Who::Root);
+    let rootfs = unpack(&format!("oci-archive:{}", oci.display()), work.path());
+    let read =
+        |p: &str| std::fs::read_to_string(rootfs.join(p)).unwrap_or_else(|e| panic!("{p}: {e}"));
+    assert_eq!(read("opt/pkg/inner/file.txt"), "from the archive\n");
+    assert!(
+        !rootfs.join("opt/bundle.tar.gz").exists(),
+        "the archive itself is not copied"
+    );
+    assert_eq!(read("plain.txt"), "plain\n");
+    assert_eq!(read("downloads/served.txt"), "served over http\n");
+    let t = tree(&rootfs);
+    assert_eq!(
+        t["/downloads/served.txt"].mode, 0o600,
+        "remote files are 0600, as in Docker"
+    );
+
+    // A wrong checksum fails at the line and says both digests.
+    let bad = dockerfile.replace(&sum, &format!("sha256:{}", "0".repeat(64)));
+    std::fs::write(ctx.path().join("Dockerfile"), bad).unwrap();
+    let out = shmocker(
+        Who::User,
+        store.path(),
+        &["build", "--build-arg", &base, ctx.path().to_str().unwrap()],
+    );
+    assert!(!out.status.success());
+    let err = stderr(&out);
+    assert!(
+        err.contains("Dockerfile:5:1") && err.contains("checksum mismatch") && err.contains(&sum),
+        "{err}"
+    );
+}
+
+#[test]
+fn copy_flags_link_exclude_parents() {
+    let dockerfile = "ARG BASE\nFROM ${BASE}\nRUN ln -s /etc /linked\nCOPY --link a.txt /linked/a.txt\nCOPY --exclude=*.log logs/ /logs/\nCOPY --parents src/deep/one.txt /p/\nCOPY --chmod=u+x,go-r a.txt /sym.txt\n";
+    let store = scratch_dir(Who::User);
+    let (_w, rootfs, _) = build_and_unpack(
+        Who::User,
+        store.path(),
+        &[
+            ("Dockerfile", dockerfile),
+            ("a.txt", "a\n"),
+            ("logs/keep.txt", "keep\n"),
+            ("logs/drop.log", "drop\n"),
+            ("src/deep/one.txt", "one\n"),
+        ],
+        &[],
+    );
+    let t = tree(&rootfs);
+    // --link: the layer is made on its own, so /linked stays the symlink from the RUN below it
+    // and the linked layer's /linked directory replaces it (as BuildKit's --link does).
+    assert!(
+        t.contains_key("/linked/a.txt"),
+        "{:?}",
+        t.keys()
+            .filter(|k| k.starts_with("/linked"))
+            .collect::<Vec<_>>()
+    );
+    assert!(t.contains_key("/logs/keep.txt"));
+    assert!(!t.contains_key("/logs/drop.log"), "--exclude honoured");
+    assert_eq!(
+        std::fs::read_to_string(rootfs.join("p/src/deep/one.txt")).unwrap(),
+        "one\n"
+    );
+    assert_eq!(
+        t["/sym.txt"].mode, 0o700,
+        "symbolic --chmod applied to the file's 0644"
+    );
+}
+
+#[test]
+fn healthcheck_onbuild_and_docker_format() {
+    let parent = "ARG BASE\nFROM ${BASE}\nHEALTHCHECK --interval=30s --retries=2 CMD wget -q -O- http://localhost/ || exit 1\nONBUILD RUN echo triggered > /onbuild-ran\nSTOPSIGNAL SIGTERM\n";
+    let ctx = context(&[("Dockerfile", parent)]);
+    let store = scratch_dir(Who::Root);
+    let tag = unique_ref("onbuild-parent");
+    let base = format!("BASE={}", env().busybox());
+    shmocker_ok(
+        Who::Root,
+        store.path(),
+        &[
+            "build",
+            "--build-arg",
+            &base,
+            "-t",
+            &tag,
+            "--push",
+            "--format",
+            "docker",
+            ctx.path().to_str().unwrap(),
+        ],
+    );
+    let manifest = common::remote_manifest(&tag);
+    assert_eq!(
+        manifest["mediaType"],
+        "application/vnd.docker.distribution.manifest.v2+json"
+    );
+    assert_eq!(
+        manifest["config"]["mediaType"],
+        "application/vnd.docker.container.image.v1+json"
+    );
+    assert!(
+        manifest["layers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|l| l["mediaType"] == "application/vnd.docker.image.rootfs.diff.tar.gzip")
+    );
+    let config = common::remote_config(&tag);
+    assert_eq!(
+        config["config"]["Healthcheck"]["Test"],
+        serde_json::json!(["CMD-SHELL", "wget -q -O- http://localhost/ || exit 1"])
+    );
+    assert_eq!(
+        config["config"]["Healthcheck"]["Interval"],
+        30_000_000_000i64
+    );
+    assert_eq!(config["config"]["Healthcheck"]["Retries"], 2);
+    assert_eq!(
+        config["config"]["OnBuild"],
+        serde_json::json!(["RUN echo triggered > /onbuild-ran"])
+    );
+    assert_eq!(config["config"]["StopSignal"], "SIGTERM");
+
+    // The child runs the trigger, and its own config no longer carries it.
+    let child = context(&[(
+        "Dockerfile",
+        &format!("FROM {tag}\nRUN test -f /onbuild-ran\n"),
+    )]);
+    let out_dir = scratch_dir(Who::Root);
+    let docker_tar = out_dir.path().join("docker.tar");
+    let local = out_dir.path().join("rootfs");
+    shmocker_ok(
+        Who::Root,
+        store.path(),
+        &[
+            "build",
+            "-t",
+            "example.test/child:1",
+            "--output",
+            &format!("type=docker,dest={}", docker_tar.display()),
+            "--output",
+            &format!("type=local,dest={}", local.display()),
+            child.path().to_str().unwrap(),
+        ],
+    );
+    assert_eq!(
+        std::fs::read_to_string(local.join("onbuild-ran")).unwrap(),
+        "triggered\n"
+    );
+    assert!(
+        local.join("bin/busybox").is_file(),
+        "type=local holds the whole filesystem"
+    );
+    let listing =
+        String::from_utf8(common::run_ok(Command::new("tar").arg("-tf").arg(&docker_tar)).stdout)
+            .unwrap();
+    assert!(
+        listing.lines().any(|l| l == "manifest.json") && listing.lines().any(|l| l == "index.json"),
+        "{listing}"
+    );
+    let extract = scratch_dir(Who::Root);
+    common::run_ok(
+        Command::new("tar")
+            .arg("-xf")
+            .arg(&docker_tar)
+            .arg("-C")
+            .arg(extract.path()),
+    );
+    let m: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(extract.path().join("manifest.json")).unwrap())
+            .unwrap();
+    assert_eq!(
+        m[0]["RepoTags"],
+        serde_json::json!(["example.test/child:1"])
+    );
+    let cfg_path = extract.path().join(m[0]["Config"].as_str().unwrap());
+    let cfg: serde_json::Value = serde_json::from_slice(&std::fs::read(cfg_path).unwrap()).unwrap();
+    assert!(
+        cfg["config"]["OnBuild"].is_null(),
+        "triggers do not pass to the child"
+    );
+    for layer in m[0]["Layers"].as_array().unwrap() {
+        assert!(extract.path().join(layer.as_str().unwrap()).is_file());
+    }
+    // skopeo reads the same archive as an OCI layout.
+    let work = scratch_dir(Who::Root);
+    let rootfs = unpack(
+        &format!("oci-archive:{}", docker_tar.display()),
+        work.path(),
+    );
+    assert!(rootfs.join("onbuild-ran").is_file());
+}
+
+#[test]
+fn cache_exported_to_a_registry_or_directory_is_reused_by_an_empty_store() {
+    let dockerfile = "ARG BASE\nFROM ${BASE} AS build\nRUN echo built > /artifact\nFROM ${BASE}\nCOPY --from=build /artifact /artifact\nRUN echo $RANDOM > /random\n";
+    let ctx = context(&[("Dockerfile", dockerfile)]);
+    let ctx_path = ctx.path().to_str().unwrap();
+    let base = format!("BASE={}", env().busybox());
+    let cache_ref = unique_ref("buildcache");
+    let local_dir = scratch_dir(Who::User);
+    let local_cache = local_dir.path().join("cache");
+    let first_store = scratch_dir(Who::User);
+    let first = shmocker_ok(
+        Who::User,
+        first_store.path(),
+        &[
+            "build",
+            "--build-arg",
+            &base,
+            "--cache-to",
+            &format!("type=registry,ref={cache_ref},mode=max"),
+            "--cache-to",
+            &format!("type=local,dest={}", local_cache.display()),
+            ctx_path,
+        ],
+    );
+    assert!(common::remote_exists(&cache_ref), "the cache was pushed");
+    // mode=max (the registry) has every stage's steps; mode=min (the directory) only the final
+    // stage's, so the build stage's RUN runs again there.
+    for (from, cached) in [
+        (format!("type=registry,ref={cache_ref}"), 3),
+        (format!("type=local,src={}", local_cache.display()), 2),
+    ] {
+        let empty_store = scratch_dir(Who::User);
+        let again = shmocker_ok(
+            Who::User,
+            empty_store.path(),
+            &[
+                "build",
+                "--build-arg",
+                &base,
+                "--cache-from",
+                &from,
+                ctx_path,
+            ],
+        );
+        assert_eq!(digest(&again), digest(&first), "same digest from {from}");
+        let err = stderr(&again);
+        assert_eq!(
+            err.matches(" CACHED").count(),
+            cached,
+            "cached steps with {from}: {err}"
+        );
+    }
+    // An unreadable cache only warns.
+    let empty_store = scratch_dir(Who::User);
+    let out = shmocker_ok(
+        Who::User,
+        empty_store.path(),
+        &[
+            "build",
+            "--build-arg",
+            &base,
+            "--cache-from",
+            &format!("type=registry,ref={}/no/cache:here", env().registry()),
+            ctx_path,
+        ],
+    );
+    assert!(
+        stderr(&out).contains("warning: --cache-from"),
+        "{}",
+        stderr(&out)
+    );
+}
+
+#[test]
+fn no_cache_filter_reruns_only_the_named_stage() {
+    let store = scratch_dir(Who::User);
+    let ctx = context(&[("Dockerfile", MULTISTAGE)]);
+    let base = format!("BASE={}", env().busybox());
+    let args = [
+        "build",
+        "--build-arg",
+        &base,
+        "--target",
+        "builder",
+        ctx.path().to_str().unwrap(),
+    ];
+    shmocker_ok(Who::User, store.path(), &args);
+    let mut filtered = args.to_vec();
+    filtered.insert(1, "--no-cache-filter=builder");
+    let err = stderr(&shmocker_ok(Who::User, store.path(), &filtered));
+    let lines: Vec<&str> = err.lines().collect();
+    let after = |needle: &str| {
+        let i = lines
+            .iter()
+            .position(|l| l.contains(needle))
+            .unwrap_or_else(|| panic!("{needle}: {err}"));
+        lines[i + 1]
+    };
+    assert!(
+        after("RUN echo base > /base.txt").ends_with("CACHED"),
+        "{err}"
+    );
+    assert!(
+        after("RUN echo built > /artifact").contains("DONE"),
+        "{err}"
+    );
+}
+
+#[test]
+fn ssh_mount_forwards_the_agent_socket() {
+    let user = env().user();
+    let agent_dir = scratch_dir(Who::User);
+    let sock = agent_dir.path().join("agent.sock");
+    let agent = Command::new("runuser")
+        .args(["-u", user, "--", "ssh-agent", "-D", "-a"])
+        .arg(&sock)
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .expect("ssh-agent (openssh-client) must be installed");
+    struct Kill(std::process::Child);
+    impl Drop for Kill {
+        fn drop(&mut self) {
+            // runuser passes SIGTERM on to the agent; SIGKILL would leave the agent behind.
+            let pid = nix::unistd::Pid::from_raw(self.0.id() as i32);
+            let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+            let _ = self.0.wait();
+        }
+    }
+    let _agent = Kill(agent);
+    for _ in 0..50 {
+        if sock.exists() {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    let dockerfile = "ARG BASE\nFROM ${BASE}\nRUN --mount=type=ssh test -S \"$SSH_AUTH_SOCK\" && echo \"$SSH_AUTH_SOCK\" > /ssh-ok\n";
+    let store = scratch_dir(Who::User);
+    let ssh = format!("default={}", sock.display());
+    let (_w, rootfs, _) = build_and_unpack(
+        Who::User,
+        store.path(),
+        &[("Dockerfile", dockerfile)],
+        &["--ssh", &ssh],
+    );
+    assert_eq!(
+        std::fs::read_to_string(rootfs.join("ssh-ok")).unwrap(),
+        "/run/buildkit/ssh_agent.0\n"
+    );
+    assert!(
+        !rootfs.join("run/buildkit").exists(),
+        "the socket's mount point left no trace"
+    );
+}
