@@ -208,7 +208,6 @@ impl Builder<'_> {
             base: image.clone(),
         });
         self.announce(from, step, &label, 1, n, &format!("FROM {image}"));
-        let from_started = Instant::now();
         let mut state = match stage_index(stages, &image, idx, false) {
             Some(i) => {
                 let mut s = (*built
@@ -225,10 +224,7 @@ impl Builder<'_> {
                 (*pulled?).clone()
             }
         };
-        self.opts.reporter.report(Event::StepDone {
-            step,
-            elapsed_secs: from_started.elapsed().as_secs_f64(),
-        });
+
         state.stage_name = stages[idx].name.clone();
         if state.config.config.env_get("PATH").is_none() {
             state.config.config.env_set("PATH", image::DEFAULT_PATH);

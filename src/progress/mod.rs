@@ -408,6 +408,13 @@ impl Reporter for Recorder {
                 location,
                 ..
             } => {
+                // Steps of a stage run one after the other: one that is still running when the
+                // next starts (a FROM, which reports no DONE) has finished.
+                for s in rec.steps.iter_mut() {
+                    if s.stage == *stage && s.outcome == Outcome::Running {
+                        s.outcome = Outcome::Done;
+                    }
+                }
                 rec.steps.push(StepRecord {
                     step: *step,
                     stage: stage.clone(),
@@ -451,6 +458,13 @@ impl Reporter for Recorder {
             Event::Pushed { tag, digest } => rec.pushed.push((tag.clone(), digest.clone())),
             Event::Finished { elapsed_secs, .. } => {
                 rec.elapsed = Some(Duration::from_secs_f64(elapsed_secs.max(0.0)));
+                for s in rec
+                    .steps
+                    .iter_mut()
+                    .filter(|s| s.outcome == Outcome::Running)
+                {
+                    s.outcome = Outcome::Done;
+                }
             }
             Event::StageStarted { .. }
             | Event::Exported { .. }
