@@ -202,7 +202,7 @@ fn ci_on_github_pushes_derived_tags_with_labels_outputs_summary_and_masks() {
         "{s}"
     );
     assert!(
-        s.contains("| Mode | root: user namespace with the full ID map |"),
+        s.contains("| Mode | root: user namespace with the full ID map; snapshotter "),
         "{s}"
     );
     assert!(s.len() < 1024 * 1024);

@@ -178,7 +178,11 @@ pub fn after_build(
     let mut facts = BuildFacts {
         provider: plan.ctx.provider.name().to_string(),
         tags: plan.tags.clone(),
-        mode: opts.mapping.describe(),
+        mode: format!(
+            "{}; snapshotter {}",
+            opts.mapping.describe(),
+            opts.snapshotter.name()
+        ),
         record: recorder.snapshot(),
         job_url: plan.ctx.job_url.clone(),
         repo_url: plan.ctx.git.repo_url.clone(),
