@@ -7,4 +7,6 @@ cd "$(dirname "$0")/.."
 tests/env/setup.sh
 cargo build --locked --bin shmocker
 SHMOCKER_BIN="$PWD/target/debug/shmocker" tests/env/setup.sh
+# The tests copy the binary where the unprivileged test user can run it; drop old copies.
+find "${SHMOCKER_TESTENV_DIR:-/var/tmp/shmocker-testenv}/bin" -name 'shmocker-test-*' -mmin +60 -delete 2>/dev/null || true
 cargo nextest run --locked --no-fail-fast "$@"

@@ -94,6 +94,16 @@ pub struct BuildArgs {
     #[arg(long = "no-cache-filter", value_name = "STAGE", value_delimiter = ',')]
     pub no_cache_filter: Vec<String>,
 
+    /// The network of RUN steps: host (the runner's, the default) or none (loopback only).
+    /// `RUN --network=...` overrides it for one step.
+    #[arg(long, value_name = "host|none", default_value = "host")]
+    pub network: String,
+
+    /// Allow an extra privilege: security.insecure lets `RUN --security=insecure` run without
+    /// the sandbox's restrictions (masked /proc paths, reduced capabilities, no_new_privs).
+    #[arg(long = "allow", value_name = "ENTITLEMENT")]
+    pub allow: Vec<String>,
+
     /// An SSH agent for `RUN --mount=type=ssh`: ID (the agent at $SSH_AUTH_SOCK) or
     /// ID=SOCKET; `default` is the id mounts use when they name none.
     #[arg(long = "ssh", value_name = "ID[=SOCKET]")]

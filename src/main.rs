@@ -292,6 +292,19 @@ fn build_options(args: cli::BuildArgs, root: PathBuf) -> Result<BuildOptions> {
         target: args.target,
         no_cache: args.no_cache,
         no_cache_filter: args.no_cache_filter,
+        network: match args.network.as_str() {
+            "host" | "default" => shmocker::sandbox::Network::Host,
+            "none" => shmocker::sandbox::Network::None,
+            other => bail!("--network {other:?}: use host or none"),
+        },
+        allow_insecure: {
+            for a in &args.allow {
+                if a != "security.insecure" {
+                    bail!("--allow {a}: the only entitlement is security.insecure");
+                }
+            }
+            !args.allow.is_empty()
+        },
         ssh: args
             .ssh
             .iter()

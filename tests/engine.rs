@@ -862,3 +862,82 @@ fn ssh_mount_forwards_the_agent_socket() {
         "the socket's mount point left no trace"
     );
 }
+
+#[test]
+fn run_steps_are_hardened_unless_insecure_is_allowed() {
+    let dockerfile = "ARG BASE\nFROM ${BASE}\nRUN grep -E '^(CapBnd|CapEff|NoNewPrivs)' /proc/self/status > /status && wc -c < /proc/interrupts > /kcore-size && (echo 1 > /proc/sys/kernel/domainname && echo writable || echo read-only) > /proc-sys\nRUN --security=insecure grep -E '^(CapBnd|NoNewPrivs)' /proc/self/status > /insecure-status\n";
+    let store = scratch_dir(Who::User);
+    let (_w, rootfs, _) = build_and_unpack(
+        Who::User,
+        store.path(),
+        &[("Dockerfile", dockerfile)],
+        &["--allow", "security.insecure"],
+    );
+    let status = std::fs::read_to_string(rootfs.join("status")).unwrap();
+    // Docker's default capability set.
+    assert!(status.contains("CapBnd:\t00000000a80425fb"), "{status}");
+    assert!(status.contains("CapEff:\t00000000a80425fb"), "{status}");
+    assert!(status.contains("NoNewPrivs:\t1"), "{status}");
+    assert_eq!(
+        std::fs::read_to_string(rootfs.join("kcore-size"))
+            .unwrap()
+            .trim(),
+        "0",
+        "/proc/interrupts masked"
+    );
+    assert_eq!(
+        std::fs::read_to_string(rootfs.join("proc-sys")).unwrap(),
+        "read-only\n"
+    );
+    let insecure = std::fs::read_to_string(rootfs.join("insecure-status")).unwrap();
+    assert!(
+        !insecure.contains("a80425fb") && insecure.contains("NoNewPrivs:\t0"),
+        "{insecure}"
+    );
+
+    // Without --allow, --security=insecure is refused at its line.
+    let ctx = context(&[("Dockerfile", dockerfile)]);
+    let base = format!("BASE={}", env().busybox());
+    let out = shmocker(
+        Who::User,
+        store.path(),
+        &["build", "--build-arg", &base, ctx.path().to_str().unwrap()],
+    );
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("Dockerfile:4:1")
+            && stderr(&out).contains("--allow security.insecure"),
+        "{}",
+        stderr(&out)
+    );
+}
+
+#[test]
+fn build_network_none_applies_to_every_run_unless_a_step_overrides_it() {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        use std::io::{Read, Write};
+        for stream in listener.incoming().take(4) {
+            let Ok(mut s) = stream else { continue };
+            let mut buf = [0u8; 1024];
+            let _ = s.read(&mut buf);
+            let _ = s.write_all(b"HTTP/1.0 200 OK\r\nContent-Length: 3\r\n\r\nok\n");
+        }
+    });
+    let dockerfile = format!(
+        "ARG BASE\nFROM ${{BASE}}\nRUN (wget -q -T 3 -O /a http://127.0.0.1:{port}/ && echo reached || echo unreachable) > /default-step\nRUN --network=host wget -q -O /b http://127.0.0.1:{port}/\n"
+    );
+    let store = scratch_dir(Who::User);
+    let (_w, rootfs, _) = build_and_unpack(
+        Who::User,
+        store.path(),
+        &[("Dockerfile", &dockerfile)],
+        &["--network", "none"],
+    );
+    assert_eq!(
+        std::fs::read_to_string(rootfs.join("default-step")).unwrap(),
+        "unreachable\n"
+    );
+    assert_eq!(std::fs::read_to_string(rootfs.join("b")).unwrap(), "ok\n");
+}

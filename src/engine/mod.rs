@@ -52,6 +52,10 @@ pub struct BuildOptions {
     pub target: Option<String>,
     /// Run every step, ignoring the cache (`--no-cache`); results still go into the cache.
     pub no_cache: bool,
+    /// The network of RUN steps that do not choose one (`--network`).
+    pub network: crate::sandbox::Network,
+    /// `--allow security.insecure`: RUN steps may ask for `--security=insecure`.
+    pub allow_insecure: bool,
     /// SSH agent sockets for `RUN --mount=type=ssh` (`--ssh ID[=SOCKET]`), by id.
     pub ssh: Vec<(String, PathBuf)>,
     /// Stages whose steps always run (`--no-cache-filter`).

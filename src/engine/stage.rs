@@ -510,7 +510,7 @@ impl Builder<'_> {
                 "--checksum",
                 "--unpack",
             ],
-            "run" => &["--mount", "--network"],
+            "run" => &["--mount", "--network", "--security"],
             "healthcheck" => &[
                 "--interval",
                 "--timeout",
@@ -806,7 +806,8 @@ impl Builder<'_> {
         ),
         BuildError,
     > {
-        let mut network = Network::Host;
+        let mut network = self.opts.network;
+        let mut insecure = false;
         let mut mounts = Vec::new();
         let mut key_mounts = Vec::new();
         let mut helper_env = Vec::new();
@@ -815,11 +816,29 @@ impl Builder<'_> {
             if let Some(v) = f.strip_prefix("--network=") {
                 network = match v {
                     "none" => Network::None,
-                    "host" | "default" => Network::Host,
+                    "host" => Network::Host,
+                    "default" => self.opts.network,
                     other => {
                         return Err(self.err(
                             node,
                             format!("RUN --network={other}: expected none, host or default"),
+                        ));
+                    }
+                };
+            } else if let Some(v) = f.strip_prefix("--security=") {
+                insecure = match v {
+                    "insecure" if self.opts.allow_insecure => true,
+                    "insecure" => {
+                        return Err(self.err(
+                            node,
+                            "RUN --security=insecure needs the build to allow it: add --allow security.insecure",
+                        ));
+                    }
+                    "sandbox" => false,
+                    other => {
+                        return Err(self.err(
+                            node,
+                            format!("RUN --security={other}: expected sandbox or insecure"),
                         ));
                     }
                 };
@@ -864,10 +883,11 @@ impl Builder<'_> {
             resolv_conf: self.scratch.join("resolv.conf"),
             mounts,
             network,
+            insecure,
         };
         let key = serde_json::json!({"run": {
             "args": spec.args, "env": spec.env, "cwd": spec.cwd, "user": spec.user,
-            "network": format!("{:?}", spec.network), "mounts": key_mounts,
+            "network": format!("{:?}", spec.network), "mounts": key_mounts, "insecure": spec.insecure,
         }});
         let mut spec = spec;
         spec.env.extend(proxy_env);

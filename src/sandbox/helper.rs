@@ -728,6 +728,9 @@ fn init(
         super::net::loopback_up()?;
     }
     mount_proc(root)?;
+    if !process.insecure {
+        super::harden::mask_proc(root)?;
+    }
     mount_dev(root)?;
     bind(Path::new("/sys"), &root.join("sys"), true).ok(); // best effort, as with host networking
     if fs::symlink_metadata(root.join("etc")).is_ok_and(|m| m.is_dir()) {
@@ -802,6 +805,10 @@ fn init(
     match unsafe { fork() }.map_err(|e| SandboxError::sys("fork", e))? {
         ForkResult::Child => {
             let err = (|| -> Result<(), SandboxError> {
+                // Before switching user: cutting the bounding set needs CAP_SETPCAP.
+                if !process.insecure {
+                    super::harden::restrict_process()?;
+                }
                 let groups: Vec<Gid> = user.groups.iter().map(|g| Gid::from_raw(*g)).collect();
                 // A single-ID namespace is made with setgroups denied (the kernel's condition for
                 // an unprivileged gid map): there are no other groups to switch to anyway.

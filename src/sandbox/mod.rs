@@ -22,6 +22,7 @@
 //!    holds exactly the step's changes in overlay form, which `layer::diff_upper_to_blob` turns
 //!    into a layer.
 
+pub mod harden;
 pub mod helper;
 mod net;
 pub mod rootfs;
@@ -153,6 +154,10 @@ pub struct ProcessSpec {
     pub mounts: Vec<RunMount>,
     #[serde(default)]
     pub network: Network,
+    /// `RUN --security=insecure` (allowed with `--allow security.insecure`): no masked /proc
+    /// paths, the full capability set, no `no_new_privs`.
+    #[serde(default)]
+    pub insecure: bool,
 }
 
 /// The network a RUN step sees.

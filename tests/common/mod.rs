@@ -138,15 +138,30 @@ pub fn fixture(name: &str) -> tempfile::TempDir {
     dir
 }
 
-/// The shmocker binary, at a path the test user can execute.
+/// The shmocker binary, at a path the test user can execute. One copy per build of the binary
+/// (named by its size and mtime), shared by every test process, replaced atomically.
+/// scripts/test.sh removes copies older than an hour.
 pub fn binary() -> &'static Path {
     static BIN: OnceLock<PathBuf> = OnceLock::new();
     BIN.get_or_init(|| {
+        let src = Path::new(env!("CARGO_BIN_EXE_shmocker"));
+        let meta = fs::metadata(src).unwrap();
+        let mtime = meta
+            .modified()
+            .unwrap()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos();
         let dir = env().state_dir().join("bin");
         fs::create_dir_all(&dir).unwrap();
-        let dest = dir.join(format!("shmocker-{}", std::process::id()));
-        fs::copy(env!("CARGO_BIN_EXE_shmocker"), &dest).unwrap();
-        fs::set_permissions(&dest, fs::Permissions::from_mode(0o755)).unwrap();
+        let name = format!("shmocker-test-{}-{mtime}", meta.len());
+        let dest = dir.join(&name);
+        if !dest.exists() {
+            let tmp = dir.join(format!("{name}.{}.partial", std::process::id()));
+            fs::copy(src, &tmp).unwrap();
+            fs::set_permissions(&tmp, fs::Permissions::from_mode(0o755)).unwrap();
+            fs::rename(&tmp, &dest).unwrap();
+        }
         dest
     })
 }
