@@ -4,6 +4,9 @@ use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
 
+use shmocker::ci::Provider;
+use shmocker::progress::ProgressMode;
+
 #[derive(Debug, Parser)]
 #[command(
     name = "shmocker",
@@ -29,6 +32,9 @@ pub struct Cli {
 pub enum Command {
     /// Build an image from a Dockerfile and a context directory.
     Build(BuildArgs),
+    /// Build in a CI job: tags, labels and registry credentials come from the CI's environment
+    /// (GitHub Actions, GitLab CI, CircleCI), and results go where the CI shows them.
+    Ci(CiArgs),
     /// Probe what this machine allows a build (user namespaces, ID maps, overlayfs,
     /// fuse-overlayfs, reflinks, the store's filesystem, seccomp and AppArmor), name the CI
     /// environment, and say how to get a stronger mode.
@@ -165,4 +171,45 @@ pub struct BuildArgs {
     /// copy.
     #[arg(long, value_name = "NAME", default_value = "auto", value_parser = ["auto", "overlayfs", "fuse-overlayfs", "copy"])]
     pub snapshotter: String,
+
+    /// Set a label on the image: KEY=VALUE (repeatable; wins over the Dockerfile's LABEL).
+    #[arg(long = "label", value_name = "KEY=VALUE")]
+    pub labels: Vec<String>,
+
+    /// How progress is shown: bars on a terminal (auto), plain lines, JSON lines, or nothing.
+    #[arg(long, value_enum, default_value = "auto")]
+    pub progress: ProgressMode,
+}
+
+#[derive(Debug, Args)]
+pub struct CiArgs {
+    /// Everything `build` takes. In `ci`, list values (`--tag`, `--label`, `--build-arg`,
+    /// `--output`) may also hold several entries, newline-separated (tags also comma-separated),
+    /// as the action's inputs do; with no `--tag`, tags are derived from the CI.
+    #[command(flatten)]
+    pub build: BuildArgs,
+
+    /// Image names to tag with the derived tags (repeatable, or a comma/newline list).
+    /// Default: ghcr.io/OWNER/REPO on GitHub, $CI_REGISTRY_IMAGE on GitLab.
+    #[arg(long = "image", value_name = "NAME")]
+    pub images: Vec<String>,
+
+    /// The CI to act for (default: detected from the environment).
+    #[arg(long, value_enum)]
+    pub provider: Option<Provider>,
+
+    /// The repository's default branch, which gets `latest` (GitHub and GitLab say it
+    /// themselves; CircleCI does not).
+    #[arg(long = "default-branch", value_name = "BRANCH")]
+    pub default_branch: Option<String>,
+
+    /// Where to write junit.xml, summary.md, codequality.json, shmocker.env, annotations.json
+    /// and metadata.json. Default: ./shmocker-reports on GitLab, /tmp/shmocker-reports on
+    /// CircleCI, none elsewhere.
+    #[arg(long = "report-dir", value_name = "DIR")]
+    pub report_dir: Option<PathBuf>,
+
+    /// Print what would be built (CI, tags, labels) as JSON and stop.
+    #[arg(long = "dry-run")]
+    pub dry_run: bool,
 }

@@ -15,6 +15,7 @@ use clap::Parser;
 use shmocker::detect;
 use shmocker::engine::remote_cache::CacheRef;
 use shmocker::engine::{self, BuildOptions, BuildResult, Export, Secret};
+use shmocker::progress::Reporting;
 use shmocker::sandbox::SecretSource;
 use shmocker::sandbox::{helper, userns};
 
@@ -79,31 +80,46 @@ fn run(cli: cli::Cli) -> Result<ExitCode> {
         cli::Command::Check(args) => Ok(check(&args)),
         cli::Command::Build(args) => {
             let request = ladder_request(&args)?;
-            let mut opts = build_options(args, root)?;
-            let planned = userns::plan_mapping();
-            let report = detect::run(&opts.store_root, &planned)?;
-            let choice = detect::ladder::choose(&report, &planned, &request)?;
-            eprint!("{}", choice.describe());
-            opts.snapshotter = choice.snapshotter;
-            let mapping = choice.mapping;
-            match userns::enter(mapping)? {
-                userns::Entered::ParentDone(code) => Ok(code),
-                userns::Entered::Inside(mapping) => {
-                    if let userns::IdMapping::Single { reason, .. } = &mapping {
-                        eprintln!("warning: {}", mapping.describe());
-                        let _ = reason;
-                    }
-                    opts.mapping = mapping;
-                    let runtime = tokio::runtime::Builder::new_multi_thread()
-                        .enable_all()
-                        .build()
-                        .context("starting the async runtime")?;
-                    let result = runtime.block_on(engine::build(&opts))?;
-                    write_results(&opts, &result)?;
-                    println!("{}", result.manifest.digest);
-                    Ok(ExitCode::SUCCESS)
-                }
+            let opts = build_options(args, root)?;
+            build_in_userns(opts, &request, |opts, result| {
+                let result = result?;
+                write_results(opts, &result)?;
+                println!("{}", result.manifest.digest);
+                Ok(ExitCode::SUCCESS)
+            })
+        }
+        cli::Command::Ci(args) => run_ci(args, root),
+    }
+}
+
+/// Chooses the mode (detect's ladder), enters the user namespace (the parent waits for the
+/// child and returns its exit code), runs the build inside it on a fresh tokio runtime, and
+/// hands the outcome to `then`.
+fn build_in_userns(
+    mut opts: BuildOptions,
+    request: &detect::ladder::Request,
+    then: impl FnOnce(&BuildOptions, Result<BuildResult, engine::BuildError>) -> Result<ExitCode>,
+) -> Result<ExitCode> {
+    let planned = userns::plan_mapping();
+    let report = detect::run(&opts.store_root, &planned)?;
+    let choice = detect::ladder::choose(&report, &planned, request)?;
+    eprint!("{}", choice.describe());
+    opts.snapshotter = choice.snapshotter;
+    let mapping = choice.mapping;
+    match userns::enter(mapping)? {
+        userns::Entered::ParentDone(code) => Ok(code),
+        userns::Entered::Inside(mapping) => {
+            if let userns::IdMapping::Single { reason, .. } = &mapping {
+                eprintln!("warning: {}", mapping.describe());
+                let _ = reason;
             }
+            opts.mapping = mapping;
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()
+                .context("starting the async runtime")?;
+            let result = runtime.block_on(engine::build(&opts));
+            then(&opts, result)
         }
     }
 }
@@ -173,6 +189,73 @@ fn read_dockerignore(
         }
     }
     Ok(None)
+}
+
+/// `shmocker ci`: the plan from the CI's environment, then the same build as `build`, then
+/// the CI's outputs, summary and reports (for a failed build too).
+fn run_ci(args: cli::CiArgs, root: PathBuf) -> Result<ExitCode> {
+    use shmocker::ci::{self, metadata::split_list};
+    let env = ci::Env::from_process();
+    let lists = |v: &[String], commas: bool| -> Vec<String> {
+        v.iter().flat_map(|s| split_list(s, commas)).collect()
+    };
+    let mut build = args.build;
+    build.labels = lists(&build.labels, false);
+    build.build_args = lists(&build.build_args, false);
+    build.outputs = lists(&build.outputs, false);
+    build.cache_from = lists(&build.cache_from, false);
+    build.cache_to = lists(&build.cache_to, false);
+    let request = ci::run::Request {
+        provider: args.provider,
+        default_branch: args.default_branch.clone(),
+        context: absolute(&build.context)?,
+        images: lists(&args.images, true),
+        tags: lists(&build.tags, true),
+        labels: parse_labels(&build.labels)?,
+        push: build.push,
+    };
+    let plan = ci::run::plan(&env, &request)?;
+    if args.dry_run {
+        let shown = serde_json::json!({
+            "provider": plan.ctx.provider,
+            "act": plan.ctx.act,
+            "git": plan.ctx.git,
+            "tags": plan.tags,
+            "labels": plan.labels,
+            "derived": plan.derived,
+            "credentials": plan.ctx.credentials.iter().map(|c| format!("{} (user '{}' from {})", c.registry, c.username, c.origin)).collect::<Vec<_>>(),
+        });
+        println!("{}", serde_json::to_string_pretty(&shown)?);
+        return Ok(ExitCode::SUCCESS);
+    }
+    ci::run::mask_secrets(&plan.ctx);
+    build.tags = plan.tags.clone();
+    let progress = build.progress;
+    let ladder = ladder_request(&build)?;
+    let mut opts = build_options(build, root)?;
+    let (reporting, recorder) = ci::run::reporter(&plan.ctx, progress);
+    opts.reporter = reporting;
+    opts.registry_credentials = plan.ctx.credentials.clone();
+    opts.labels = plan.labels.clone();
+    let report_dir = ci::run::report_dir(&plan.ctx, args.report_dir.as_deref());
+    build_in_userns(opts, &ladder, |opts, result| {
+        ci::run::after_build(&env, &plan, opts, &recorder, &result, report_dir.as_deref())?;
+        let result = result?;
+        write_results(opts, &result)?;
+        println!("{}", result.manifest.digest);
+        Ok(ExitCode::SUCCESS)
+    })
+}
+
+fn parse_labels(labels: &[String]) -> Result<BTreeMap<String, String>> {
+    labels
+        .iter()
+        .map(|l| {
+            l.split_once('=')
+                .map(|(k, v)| (k.trim().to_string(), v.to_string()))
+                .ok_or_else(|| anyhow!("label {l:?}: expected KEY=VALUE"))
+        })
+        .collect()
 }
 
 fn ladder_request(args: &cli::BuildArgs) -> Result<detect::ladder::Request> {
@@ -338,6 +421,9 @@ fn build_options(args: cli::BuildArgs, root: PathBuf) -> Result<BuildOptions> {
         insecure_registries: args.insecure_registries,
         mapping: userns::IdMapping::Identity,
         snapshotter: Default::default(),
+        reporter: Reporting::from_arc(args.progress.reporter()),
+        registry_credentials: vec![],
+        labels: parse_labels(&args.labels)?,
     })
 }
 

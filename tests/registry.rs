@@ -180,6 +180,7 @@ impl TestRegistry {
             docker_config_dir: Some(docker_config_dir.to_path_buf()),
             extra_auth_files: Some(vec![]),
             certs_dirs: Some(self.certs_root.iter().cloned().collect()),
+            credentials: vec![],
         }
     }
 }

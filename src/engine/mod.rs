@@ -27,7 +27,8 @@ use oci_client::Reference;
 
 use crate::dockerfile::{self, Node, shell::Lex};
 use crate::image::{self, Descriptor};
-use crate::registry::{BlobRef, Registry, RegistryError, RegistryOptions};
+use crate::progress::{Event, Reporting};
+use crate::registry::{BlobRef, ExplicitCredentials, Registry, RegistryError, RegistryOptions};
 use crate::sandbox::IdMapping;
 use crate::snapshot::Snapshots;
 use crate::store::Store;
@@ -75,6 +76,12 @@ pub struct BuildOptions {
     pub mapping: IdMapping,
     /// How each step's rootfs is stacked (chosen by `detect::ladder`).
     pub snapshotter: crate::sandbox::Snapshotter,
+    /// Where progress events go (plain lines on standard error by default).
+    pub reporter: Reporting,
+    /// Registry credentials given by the caller (a CI's token); they win over docker's files.
+    pub registry_credentials: Vec<ExplicitCredentials>,
+    /// Labels set on the image after the Dockerfile's own (`--label`; they win, as in docker).
+    pub labels: BTreeMap<String, String>,
 }
 
 /// An `--output` other than the registry.
@@ -222,7 +229,9 @@ pub async fn build(opts: &BuildOptions) -> Result<BuildResult, BuildError> {
     let snapshots = Snapshots::new(&store).map_err(|e| BuildError::Internal(e.to_string()))?;
     let stale = store.clean_stale_tmp();
     if stale > 0 {
-        eprintln!("#0 removed {stale} leftovers of interrupted builds from the store");
+        opts.reporter.report(Event::Info {
+            message: format!("#0 removed {stale} leftovers of interrupted builds from the store"),
+        });
     }
     let cache =
         cache::Cache::new(&store).map_err(|e| internal("opening the cache")(e.to_string()))?;
@@ -230,6 +239,7 @@ pub async fn build(opts: &BuildOptions) -> Result<BuildResult, BuildError> {
     fs::create_dir_all(&scratch).map_err(|e| internal("build dir")(e.to_string()))?;
     let registry = Registry::new(RegistryOptions {
         insecure_hosts: opts.insecure_registries.clone(),
+        credentials: opts.registry_credentials.clone(),
         ..Default::default()
     });
     let store_for_hashes = store.clone();
@@ -252,25 +262,32 @@ pub async fn build(opts: &BuildOptions) -> Result<BuildResult, BuildError> {
     for from in &opts.cache_from {
         match remote_cache::import(from, &b.cache, &b.registry).await {
             Ok((n, source)) => {
-                eprintln!("#0 imported {n} cache records from {from:?}");
+                opts.reporter.report(Event::Info {
+                    message: format!("#0 imported {n} cache records from {from:?}"),
+                });
                 b.layer_sources.push(source);
             }
-            Err(e) => eprintln!(
-                "warning: --cache-from {from:?} could not be read ({e}); building without it"
-            ),
+            Err(e) => opts.reporter.report(Event::Warning {
+                location: None,
+                message: format!(
+                    "--cache-from {from:?} could not be read ({e}); building without it"
+                ),
+            }),
         }
     }
     let result = b.run(&parsed.nodes).await;
     if let Err(e) = b.file_hashes.save() {
-        eprintln!("warning: could not save the context hash cache: {e}");
+        opts.reporter.report(Event::Warning {
+            location: None,
+            message: format!("could not save the context hash cache: {e}"),
+        });
     }
     let _ = fs::remove_dir_all(&scratch);
     let result = result?;
-    eprintln!(
-        "built {} in {:.1}s",
-        result.manifest.digest,
-        started.elapsed().as_secs_f64()
-    );
+    opts.reporter.report(Event::Finished {
+        digest: result.manifest.digest.clone(),
+        elapsed_secs: started.elapsed().as_secs_f64(),
+    });
     Ok(result)
 }
 
@@ -380,7 +397,9 @@ impl<'a> Builder<'a> {
             self.err(stages[i].nodes[0], "circular dependency between stages: a stage cannot depend on itself through FROM, COPY --from or RUN --mount=from")
         })?;
         let total: usize = needed.iter().map(|&i| stages[i].nodes.len()).sum();
-        eprintln!("#0 building {} stage(s), {} steps", needed.len(), total);
+        self.opts.reporter.report(Event::Info {
+            message: format!("#0 building {} stage(s), {} steps", needed.len(), total),
+        });
         let built: Mutex<BTreeMap<usize, Arc<StageState>>> = Mutex::new(BTreeMap::new());
         let mut remaining: BTreeSet<usize> = needed.iter().copied().collect();
         let this: &Builder = self;
@@ -436,10 +455,15 @@ impl<'a> Builder<'a> {
                 &target_records
             };
             match remote_cache::export(to, records, &self.store, &self.registry).await {
-                Ok(()) => eprintln!("exported {} cache records to {to:?}", records.len()),
-                Err(e) => eprintln!(
-                    "warning: --cache-to {to:?} could not be written ({e}); the image is built all the same"
-                ),
+                Ok(()) => self.opts.reporter.report(Event::Info {
+                    message: format!("exported {} cache records to {to:?}", records.len()),
+                }),
+                Err(e) => self.opts.reporter.report(Event::Warning {
+                    location: None,
+                    message: format!(
+                        "--cache-to {to:?} could not be written ({e}); the image is built all the same"
+                    ),
+                }),
             }
         }
         Ok(result)
@@ -547,6 +571,10 @@ impl<'a> Builder<'a> {
             .last()
             .and_then(|h| h.created.clone())
             .or_else(|| Some(self.now()));
+        if !self.opts.labels.is_empty() {
+            let labels = config.config.labels.get_or_insert_with(BTreeMap::new);
+            labels.extend(self.opts.labels.clone());
+        }
         let config_raw = serde_json::to_vec(&config)
             .map_err(|e| internal("serialising the config")(e.to_string()))?;
         let config_digest = self
@@ -599,7 +627,10 @@ impl<'a> Builder<'a> {
                 Export::Oci(dest) => {
                     image::layout::write_oci_archive(&self.store, dest, &manifest, &blobs, name)
                         .map_err(|e| BuildError::Input(e.to_string()))?;
-                    eprintln!("exported an OCI image layout to {}", dest.display());
+                    self.opts.reporter.report(Event::Exported {
+                        what: "an OCI image layout".into(),
+                        dest: dest.display().to_string(),
+                    });
                 }
                 Export::Docker(dest) => {
                     let load = image::layout::DockerLoad {
@@ -616,11 +647,17 @@ impl<'a> Builder<'a> {
                         &load,
                     )
                     .map_err(|e| BuildError::Input(e.to_string()))?;
-                    eprintln!("exported a docker-loadable image to {}", dest.display());
+                    self.opts.reporter.report(Event::Exported {
+                        what: "a docker-loadable image".into(),
+                        dest: dest.display().to_string(),
+                    });
                 }
                 Export::Local(dest) => {
                     self.export_local(&state, dest).await?;
-                    eprintln!("exported the image's filesystem to {}", dest.display());
+                    self.opts.reporter.report(Event::Exported {
+                        what: "the image's filesystem".into(),
+                        dest: dest.display().to_string(),
+                    });
                 }
             }
         }
@@ -635,7 +672,9 @@ impl<'a> Builder<'a> {
                 let reference: Reference = tag
                     .parse()
                     .map_err(|e| BuildError::Input(format!("invalid tag {tag:?}: {e}")))?;
-                eprintln!("pushing {tag}");
+                self.opts
+                    .reporter
+                    .report(Event::Pushing { tag: tag.clone() });
                 let digest = self
                     .registry
                     .push_image(
@@ -651,7 +690,10 @@ impl<'a> Builder<'a> {
                         location: format!("pushing {tag}"),
                         source: Box::new(source),
                     })?;
-                eprintln!("pushed {tag}@{digest}");
+                self.opts.reporter.report(Event::Pushed {
+                    tag: tag.clone(),
+                    digest: digest.clone(),
+                });
                 pushed.push(tag.clone());
             }
         }

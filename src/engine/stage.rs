@@ -13,6 +13,7 @@ use super::{BuildError, Builder, FromRef, StageDef, internal, stage_index};
 use crate::dockerfile::Node;
 use crate::image::{self, ContainerConfig, History, ImageConfig};
 use crate::layer::{self, ApplyOptions, Compression, DiffOptions};
+use crate::progress::{Event, Location};
 use crate::registry::{BlobRef, Platform};
 use crate::sandbox::{
     self, Action, CopyFrom, CopyItem, CopySpec, MountKind, Network, ProcessSpec, RunMount,
@@ -152,6 +153,40 @@ pub(super) fn display_instruction(node: &Node) -> String {
 }
 
 impl Builder<'_> {
+    fn announce(
+        &self,
+        node: &Node,
+        step: usize,
+        stage: &str,
+        index: usize,
+        count: usize,
+        what: &str,
+    ) {
+        self.opts.reporter.report(Event::StepStarted {
+            step,
+            stage: stage.to_string(),
+            index,
+            count,
+            instruction: what.to_string(),
+            location: Location::new(&self.file_name, node.start_line, node.column),
+        });
+    }
+
+    fn report_failure<T>(&self, node: &Node, step: usize, result: &Result<T, BuildError>) {
+        if let Err(e) = result {
+            self.opts.reporter.report(Event::StepFailed {
+                step,
+                location: Location::new(&self.file_name, node.start_line, node.column),
+                message: match e {
+                    BuildError::At { message, .. } | BuildError::StepFailed { message, .. } => {
+                        message.clone()
+                    }
+                    other => other.to_string(),
+                },
+            });
+        }
+    }
+
     pub(super) async fn run_stage(
         &self,
         stages: &[StageDef<'_>],
@@ -167,7 +202,12 @@ impl Builder<'_> {
             .unwrap_or_else(|| format!("stage-{idx}"));
         let n = nodes.len();
         let step = self.next_step();
-        eprintln!("#{step} [{label} 1/{n}] FROM {image}");
+        self.opts.reporter.report(Event::StageStarted {
+            stage: idx,
+            name: stages[idx].name.clone(),
+            base: image.clone(),
+        });
+        self.announce(from, step, &label, 1, n, &format!("FROM {image}"));
         let mut state = match stage_index(stages, &image, idx, false) {
             Some(i) => {
                 let mut s = (*built
@@ -178,8 +218,13 @@ impl Builder<'_> {
                 s.args.clear();
                 s
             }
-            None => (*self.image_state(from, &image, step).await?).clone(),
+            None => {
+                let pulled = self.image_state(from, &image, step).await;
+                self.report_failure(from, step, &pulled);
+                (*pulled?).clone()
+            }
         };
+
         state.stage_name = stages[idx].name.clone();
         if state.config.config.env_get("PATH").is_none() {
             state.config.config.env_set("PATH", image::DEFAULT_PATH);
@@ -208,10 +253,8 @@ impl Builder<'_> {
                         ));
                     }
                     let step = self.next_step();
-                    eprintln!(
-                        "#{step} [{label} 1/{n}] ONBUILD {}",
-                        display_instruction(trigger)
-                    );
+                    let shown = format!("ONBUILD {}", display_instruction(trigger));
+                    self.announce(from, step, &label, 1, n, &shown);
                     let mut located = trigger.clone();
                     located.start_line = from.start_line;
                     located.column = from.column;
@@ -221,17 +264,17 @@ impl Builder<'_> {
         }
         for (i, node) in nodes[1..].iter().enumerate() {
             let step = self.next_step();
-            eprintln!(
-                "#{step} [{label} {}/{n}] {}",
-                i + 2,
-                display_instruction(node)
-            );
+            self.announce(node, step, &label, i + 2, n, &display_instruction(node));
             let started = Instant::now();
-            let cached = self.dispatch(node, &mut state, step, stages, built).await?;
-            if cached {
-                eprintln!("#{step} CACHED");
+            let dispatched = self.dispatch(node, &mut state, step, stages, built).await;
+            self.report_failure(node, step, &dispatched);
+            if dispatched? {
+                self.opts.reporter.report(Event::StepCached { step });
             } else {
-                eprintln!("#{step} DONE {:.1}s", started.elapsed().as_secs_f64());
+                self.opts.reporter.report(Event::StepDone {
+                    step,
+                    elapsed_secs: started.elapsed().as_secs_f64(),
+                });
             }
         }
         Ok(state)
@@ -293,7 +336,11 @@ impl Builder<'_> {
             .pull_manifest(&reference, &host)
             .await
             .map_err(reg_err)?;
-        eprintln!("#{step} resolved {image} to {}", pulled.manifest_digest);
+        self.opts.reporter.report(Event::Pulled {
+            step,
+            image: image.to_string(),
+            digest: pulled.manifest_digest.clone(),
+        });
         let config: ImageConfig = serde_json::from_slice(&pulled.config_raw).map_err(|e| {
             self.err(
                 node,
@@ -406,7 +453,10 @@ impl Builder<'_> {
         match res {
             Ok(warnings) => {
                 for w in warnings {
-                    eprintln!("warning: layer {digest}: {w}");
+                    self.opts.reporter.report(Event::Warning {
+                        location: None,
+                        message: format!("layer {digest}: {w}"),
+                    });
                 }
                 Ok(())
             }
@@ -1239,10 +1289,13 @@ impl Builder<'_> {
             match super::remote_cache::fetch_layer(source, &blob, &self.store, &self.registry).await
             {
                 Ok(()) => return true,
-                Err(e) => eprintln!(
-                    "warning: cache layer {} could not be fetched ({e}); the step runs instead",
-                    l.digest
-                ),
+                Err(e) => self.opts.reporter.report(Event::Warning {
+                    location: None,
+                    message: format!(
+                        "cache layer {} could not be fetched ({e}); the step runs instead",
+                        l.digest
+                    ),
+                }),
             }
         }
         false
@@ -1606,9 +1659,14 @@ impl Builder<'_> {
             action,
         };
         let started = Instant::now();
+        let reporter = self.opts.reporter.clone();
         let result = tokio::task::spawn_blocking(move || {
             sandbox::run_step(&spec, &helper_env, |line| {
-                eprintln!("#{step} {:.3} {line}", started.elapsed().as_secs_f64());
+                reporter.report(Event::StepOutput {
+                    step,
+                    elapsed_secs: started.elapsed().as_secs_f64(),
+                    line: line.to_string(),
+                });
             })
         })
         .await
@@ -1686,9 +1744,12 @@ impl Builder<'_> {
             }),
         };
         if let Err(e) = self.cache.put(&key, &record) {
-            eprintln!(
-                "warning: could not write the build cache: {e}; the build goes on without it"
-            );
+            self.opts.reporter.report(Event::Warning {
+                location: None,
+                message: format!(
+                    "could not write the build cache: {e}; the build goes on without it"
+                ),
+            });
         }
         state.records.push((key.clone(), record));
         state.cache_key = key;

@@ -58,6 +58,22 @@ pub(crate) fn auth_files(
     files
 }
 
+/// The caller's explicit credentials for `registry` (as the reference names it) or `resolved`
+/// (the host requests go to, e.g. `index.docker.io` for `docker.io`), if it gave any.
+pub(crate) fn explicit(
+    registry: &str,
+    resolved: &str,
+    given: &[super::ExplicitCredentials],
+) -> Option<Credentials> {
+    given
+        .iter()
+        .find(|c| c.registry == registry || c.registry == resolved)
+        .map(|c| Credentials {
+            auth: RegistryAuth::Basic(c.username.clone(), c.secret.clone()),
+            description: format!("user '{}' from {}", c.username, c.origin),
+        })
+}
+
 /// The keys under which docker and podman file credentials for `registry` (as written in the
 /// image reference, e.g. `docker.io` or `127.0.0.1:5000`).
 fn server_keys(registry: &str) -> Vec<&str> {
@@ -207,6 +223,24 @@ mod tests {
         let broken = write(dir.path(), "broken.json", "{not json");
         let err = resolve("docker.io", &[broken]).unwrap_err();
         assert!(err.to_string().contains("not valid JSON"), "{err}");
+    }
+
+    #[test]
+    fn explicit_credentials_match_their_registry_and_hide_the_secret() {
+        let given = vec![super::super::ExplicitCredentials {
+            registry: "ghcr.io".into(),
+            username: "octo".into(),
+            secret: "ghs_t0ken".into(),
+            origin: "GITHUB_TOKEN".into(),
+        }];
+        let c = explicit("ghcr.io", "ghcr.io", &given).unwrap();
+        assert_eq!(
+            c.auth,
+            RegistryAuth::Basic("octo".into(), "ghs_t0ken".into())
+        );
+        assert_eq!(c.description, "user 'octo' from GITHUB_TOKEN");
+        assert!(explicit("docker.io", "index.docker.io", &given).is_none());
+        assert!(!format!("{given:?}").contains("ghs_t0ken"));
     }
 
     #[test]

@@ -77,6 +77,32 @@ pub struct RegistryOptions {
     /// certs.d roots holding `<host:port>/*.crt` CA files. `None`: `/etc/docker/certs.d`,
     /// `/etc/containers/certs.d`, `$XDG_CONFIG_HOME/containers/certs.d`.
     pub certs_dirs: Option<Vec<PathBuf>>,
+    /// Credentials handed over by the caller (a CI job's token), used for their registry
+    /// before any file is read.
+    pub credentials: Vec<ExplicitCredentials>,
+}
+
+/// A user name and secret for one registry, given explicitly rather than found in a file.
+/// `Debug` shows the user and where it came from, never the secret.
+#[derive(Clone, PartialEq, Eq)]
+pub struct ExplicitCredentials {
+    /// The registry as image references name it: `ghcr.io`, `registry.gitlab.com`, `host:port`.
+    pub registry: String,
+    pub username: String,
+    pub secret: String,
+    /// Where they came from, for messages: "GITHUB_TOKEN", "CI_REGISTRY_PASSWORD".
+    pub origin: String,
+}
+
+impl fmt::Debug for ExplicitCredentials {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ExplicitCredentials")
+            .field("registry", &self.registry)
+            .field("username", &self.username)
+            .field("secret", &"<redacted>")
+            .field("origin", &self.origin)
+            .finish()
+    }
 }
 
 /// An OS/architecture pair as OCI names them (`linux/amd64`, `linux/arm64`, `linux/arm/v7`).
@@ -201,6 +227,7 @@ pub struct Registry {
     certs_dirs: Vec<PathBuf>,
     auth_files: Vec<PathBuf>,
     insecure_hosts: Vec<String>,
+    explicit: Vec<ExplicitCredentials>,
     /// One client per registry host: the scheme, CAs and credentials differ by host.
     hosts: tokio::sync::Mutex<HashMap<String, Arc<Host>>>,
 }
@@ -286,6 +313,7 @@ impl Registry {
                 opts.extra_auth_files.as_deref(),
             ),
             insecure_hosts: opts.insecure_hosts,
+            explicit: opts.credentials,
             hosts: Default::default(),
         }
     }
@@ -309,13 +337,16 @@ impl Registry {
 
         let name = image.registry().to_string();
         let files = self.auth_files.clone();
-        let creds = tokio::task::spawn_blocking(move || auth::resolve(&name, &files))
-            .await
-            .map_err(|e| RegistryError::Credentials {
-                host: registry.clone(),
-                source_path: "credential lookup".to_string(),
-                detail: e.to_string(),
-            })??;
+        let creds = match auth::explicit(&name, &registry, &self.explicit) {
+            Some(c) => c,
+            None => tokio::task::spawn_blocking(move || auth::resolve(&name, &files))
+                .await
+                .map_err(|e| RegistryError::Credentials {
+                    host: registry.clone(),
+                    source_path: "credential lookup".to_string(),
+                    detail: e.to_string(),
+                })??,
+        };
 
         let config = ClientConfig {
             protocol: if plain {

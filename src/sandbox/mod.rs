@@ -289,7 +289,9 @@ pub fn run_step(
     let write_clone = write_end
         .try_clone()
         .map_err(|e| SandboxError::io("pipe", e))?;
-    let exe = std::env::current_exe().map_err(|e| SandboxError::io("/proc/self/exe", e))?;
+    // /proc/self/exe, not the path it points to: that path may have been replaced or removed
+    // since this process started (an upgrade during a build), while the open inode still runs.
+    let exe = std::path::PathBuf::from("/proc/self/exe");
     let mut child = Command::new(exe)
         .arg(helper::SUBCOMMAND)
         .arg(&spec_path)

