@@ -47,6 +47,7 @@ fn run(cli: cli::Cli) -> Result<ExitCode> {
             let planned = userns::plan_mapping();
             let report = detect::run(&root, &planned)?;
             let choice = detect::ladder::choose(&report, &planned, &Default::default());
+            let mut out = String::new();
             if args.format == "json" {
                 let mut doc = serde_json::to_value(&report)?;
                 doc["choice"] = match &choice {
@@ -57,13 +58,16 @@ fn run(cli: cli::Cli) -> Result<ExitCode> {
                     }),
                     Err(e) => serde_json::json!({ "refused": e.to_string() }),
                 };
-                println!("{}", serde_json::to_string_pretty(&doc)?);
+                out.push_str(&serde_json::to_string_pretty(&doc)?);
+                out.push('\n');
             } else {
-                print!("{}", detect::render_table(&report, choice.as_ref().ok()));
+                out = detect::render_table(&report, choice.as_ref().ok());
                 if let Err(e) = &choice {
-                    println!("\n{e}");
+                    out.push_str(&format!("\n{e}\n"));
                 }
             }
+            // A closed pipe (`| head`) is not an error worth a panic.
+            let _ = std::io::Write::write_all(&mut std::io::stdout(), out.as_bytes());
             Ok(if choice.is_ok() {
                 ExitCode::SUCCESS
             } else {

@@ -228,6 +228,33 @@ fn a_user_without_subordinate_ids_builds_with_a_single_id() {
         2
     );
 
+    // Ownership other than 0 cannot exist with a single ID: the build says so.
+    let chown_ctx = context(&[
+        (
+            "Dockerfile",
+            "ARG BASE\nFROM $BASE\nCOPY --chown=1000:1000 f /f\n",
+        ),
+        ("f", "x\n"),
+    ]);
+    let out = shmocker_as(
+        NOSUB,
+        &[],
+        DEFAULT_PATH,
+        store.path(),
+        &[
+            "build",
+            "--build-arg",
+            &base_arg(),
+            chown_ctx.path().to_str().unwrap(),
+        ],
+    );
+    assert!(!out.status.success());
+    let err = stderr(&out);
+    assert!(
+        err.contains("1000:1000") && err.contains("not mapped"),
+        "{err}"
+    );
+
     // A floor refuses the downgrade, naming the cause.
     let out = shmocker_as(
         NOSUB,
