@@ -83,13 +83,14 @@ pub struct BuildArgs {
     #[arg(long = "insecure-registry", value_name = "HOST")]
     pub insecure_registries: Vec<String>,
 
-    /// Use this isolation instead of the strongest that works: root, subordinate-ids or
-    /// single-id. The build fails if it does not work here.
-    #[arg(long, value_name = "LEVEL", value_parser = ["root", "subordinate-ids", "single-id"])]
+    /// Use this isolation instead of the strongest that works: root, subordinate-ids,
+    /// single-id or chroot. The build fails if it does not work here.
+    #[arg(long, value_name = "LEVEL", value_parser = ["root", "subordinate-ids", "single-id", "chroot"])]
     pub isolation: Option<String>,
 
-    /// Refuse to build with an isolation weaker than this (root > subordinate-ids > single-id).
-    #[arg(long = "min-isolation", value_name = "LEVEL", value_parser = ["root", "subordinate-ids", "single-id"])]
+    /// Refuse to build with an isolation weaker than this (root > subordinate-ids > single-id >
+    /// chroot).
+    #[arg(long = "min-isolation", value_name = "LEVEL", value_parser = ["root", "subordinate-ids", "single-id", "chroot"])]
     pub min_isolation: Option<String>,
 
     /// How step rootfs are stacked: auto (the fastest that works), overlayfs, fuse-overlayfs or

@@ -82,8 +82,13 @@ fn run(cli: cli::Cli) -> Result<ExitCode> {
             let choice = detect::ladder::choose(&report, &planned, &request)?;
             eprint!("{}", choice.describe());
             opts.snapshotter = choice.snapshotter;
-            let mapping = choice.mapping;
-            match userns::enter(mapping)? {
+            if choice.isolation == detect::ladder::Isolation::Chroot {
+                // No namespace can be made here: the build runs as this (real root) process.
+                opts.chroot = true;
+                opts.mapping = choice.mapping;
+                return run_build(&opts);
+            }
+            match userns::enter(choice.mapping)? {
                 userns::Entered::ParentDone(code) => Ok(code),
                 userns::Entered::Inside(mapping) => {
                     if let userns::IdMapping::Single { reason, .. } = &mapping {
@@ -91,18 +96,22 @@ fn run(cli: cli::Cli) -> Result<ExitCode> {
                         let _ = reason;
                     }
                     opts.mapping = mapping;
-                    let runtime = tokio::runtime::Builder::new_multi_thread()
-                        .enable_all()
-                        .build()
-                        .context("starting the async runtime")?;
-                    let result = runtime.block_on(engine::build(&opts))?;
-                    write_results(&opts, &result)?;
-                    println!("{}", result.manifest.digest);
-                    Ok(ExitCode::SUCCESS)
+                    run_build(&opts)
                 }
             }
         }
     }
+}
+
+fn run_build(opts: &BuildOptions) -> Result<ExitCode> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    let result = runtime.block_on(engine::build(opts))?;
+    write_results(opts, &result)?;
+    println!("{}", result.manifest.digest);
+    Ok(ExitCode::SUCCESS)
 }
 
 fn ladder_request(args: &cli::BuildArgs) -> Result<detect::ladder::Request> {
@@ -194,6 +203,7 @@ fn build_options(args: cli::BuildArgs, root: PathBuf) -> Result<BuildOptions> {
         insecure_registries: args.insecure_registries,
         mapping: userns::IdMapping::Identity,
         snapshotter: Default::default(),
+        chroot: false,
     })
 }
 

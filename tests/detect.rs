@@ -638,3 +638,61 @@ fn every_snapshotter_gives_the_same_layers() {
         "mount stubs left in the image"
     );
 }
+
+#[test]
+fn as_root_under_dockers_seccomp_profile_steps_run_chrooted_with_the_same_layers() {
+    let wrapper = seccomp_wrapper();
+    let dockerfile = format!(
+        "{SNAPSHOT_DOCKERFILE}RUN echo quiet > /dev/null && echo y > /app/y && touch -t 200001010000 /app/y /app\n"
+    );
+    let ctx = context(&[("Dockerfile", &dockerfile), ("data.txt", "data\n")]);
+    let mut diff_ids = Vec::new();
+    for under_seccomp in [false, true] {
+        let store = scratch_dir(Who::Root);
+        let tag = unique_ref("chroot");
+        let mut cmd = if under_seccomp {
+            let mut c = Command::new(&wrapper);
+            c.arg(binary());
+            c
+        } else {
+            Command::new(binary())
+        };
+        cmd.arg("--root")
+            .arg(store.path())
+            .args(["build", "--build-arg", &base_arg(), "-t", &tag, "--push"])
+            .arg(ctx.path())
+            .env_remove("SHMOCKER_ROOT");
+        let out = cmd.output().unwrap();
+        let err = stderr(&out);
+        eprintln!(
+            "--- as root, seccomp {under_seccomp}: {}\n{err}",
+            out.status
+        );
+        assert!(out.status.success(), "build failed");
+        if under_seccomp {
+            assert!(err.contains("isolation: chroot"), "{err}");
+            assert!(err.contains("snapshotter: copy"), "{err}");
+            assert!(
+                err.contains("seccomp=unconfined"),
+                "the skip names the fix: {err}"
+            );
+        } else {
+            assert!(err.contains("isolation: root"), "{err}");
+        }
+        let config = remote_config(&tag);
+        diff_ids.push(config["rootfs"]["diff_ids"].clone());
+        if under_seccomp {
+            let work = scratch_dir(Who::Root);
+            let rootfs = common::unpack(&format!("docker://{tag}"), work.path());
+            assert_eq!(fs::read_to_string(rootfs.join("app/y")).unwrap(), "y\n");
+            assert!(
+                !rootfs.join("dev/null").exists(),
+                "device stubs left in the image"
+            );
+        }
+    }
+    assert_eq!(
+        diff_ids[0], diff_ids[1],
+        "chroot and root builds made different layers"
+    );
+}

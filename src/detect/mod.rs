@@ -257,6 +257,7 @@ pub fn run(store: &Path, mapping: &IdMapping) -> Result<Report, DetectError> {
     fs::create_dir_all(&work).map_err(store_err)?;
     let mut raws = probes::namespace_probes(&work);
     raws.insert(2, probes::mapping_probe(mapping));
+    raws.push(probes::chroot_probe(&work));
     raws.push(probes::reflink_probe(&work));
     let _ = fs::remove_dir_all(&work);
 

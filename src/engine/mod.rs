@@ -46,6 +46,8 @@ pub struct BuildOptions {
     pub mapping: IdMapping,
     /// How each step's rootfs is stacked (chosen by `detect::ladder`).
     pub snapshotter: Snapshotter,
+    /// Steps run chrooted, without namespaces (the `chroot` isolation).
+    pub chroot: bool,
 }
 
 /// What a finished build produced.
@@ -986,6 +988,7 @@ impl Builder<'_> {
             empty_dir: self.snapshots.empty_dir(),
             action,
             snapshotter: self.opts.snapshotter,
+            chroot: self.opts.chroot,
         };
         let step_no = self.step_no;
         let started = Instant::now();
