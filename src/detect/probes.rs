@@ -217,9 +217,16 @@ fn child_probes(work: &Path, uid: u32, gid: u32, report: &mut dyn FnMut(&Raw)) {
         Err(e) => failed("mount-tmpfs", e, "mount -t tmpfs"),
     });
     rest.next();
-    report(&overlay_probe(work, "overlay-userxattr", true));
+    let userxattr = overlay_probe(work, "overlay-userxattr", true);
+    report(&userxattr);
     rest.next();
-    report(&overlay_probe(work, "overlay-trusted", false));
+    // Only a fallback's question (older kernels patched to allow overlayfs in a user namespace
+    // without userxattr), and a slow one: asked when userxattr failed.
+    report(&if userxattr.ok == Some(true) {
+        skipped("overlay-trusted", "not needed: overlay-userxattr works")
+    } else {
+        overlay_probe(work, "overlay-trusted", false)
+    });
     rest.next();
     report(&fuse_probe(work));
     rest.next();
