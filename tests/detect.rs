@@ -696,3 +696,34 @@ fn as_root_under_dockers_seccomp_profile_steps_run_chrooted_with_the_same_layers
         "chroot and root builds made different layers"
     );
 }
+
+#[test]
+fn detect_names_the_environment_and_gives_its_own_fix() {
+    // A pod under the "restricted" Pod Security Standard, as far as a process can tell: the
+    // Kubernetes service variable, no_new_privs set, and a seccomp filter that denies namespaces.
+    let wrapper = seccomp_wrapper();
+    let store = scratch_dir(Who::User);
+    let out = shmocker_as(
+        env().user(),
+        &[
+            wrapper.to_str().unwrap(),
+            "env",
+            "-i",
+            "KUBERNETES_SERVICE_HOST=10.0.0.1",
+        ],
+        DEFAULT_PATH,
+        store.path(),
+        &["detect"],
+    );
+    let table = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        table.contains("(kubernetes-pss-restricted)"),
+        "environment not named:\n{table}"
+    );
+    // The matrix's fix for this environment, not the general one.
+    assert!(
+        table.contains("fix: securityContext: { seccompProfile: { type: Localhost"),
+        "{table}"
+    );
+    assert!(table.contains("fixes known for"), "{table}");
+}

@@ -305,3 +305,137 @@ pub fn choose(report: &Report, planned: &IdMapping, req: &Request) -> Result<Cho
         skipped,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::detect::{Probe, Report};
+
+    fn report(failing: &[&str]) -> Report {
+        let names = [
+            "userns",
+            "map-single",
+            "map-subordinate",
+            "mount-ns",
+            "overlay-userxattr",
+            "fuse-overlayfs",
+            "chroot",
+        ];
+        Report {
+            schema_version: 1,
+            host: crate::detect::tests::host(),
+            environment: None,
+            probes: names
+                .iter()
+                .map(|n| Probe {
+                    name: n.to_string(),
+                    status: if failing.contains(n) { "failed" } else { "ok" },
+                    detail: format!("{n} detail"),
+                    errno: None,
+                    problem: None,
+                    cause: None,
+                    fix: failing.contains(n).then(|| format!("fix {n}")),
+                })
+                .collect(),
+            elapsed_ms: 0,
+        }
+    }
+
+    const SUB: IdMapping = IdMapping::Subordinate {
+        uid: 1000,
+        gid: 1000,
+        subuid: (100000, 65536),
+        subgid: (100000, 65536),
+    };
+
+    #[test]
+    fn the_strongest_working_rungs_are_taken_and_skips_say_why() {
+        let c = choose(&report(&[]), &SUB, &Request::default()).unwrap();
+        assert_eq!(
+            (c.isolation, c.snapshotter),
+            (Isolation::SubordinateIds, Snapshotter::Overlayfs)
+        );
+        assert_eq!(c.skipped[0].reason, "not running as root");
+
+        let c = choose(
+            &report(&["map-subordinate", "overlay-userxattr"]),
+            &SUB,
+            &Request::default(),
+        )
+        .unwrap();
+        assert_eq!(c.isolation, Isolation::SingleId);
+        assert!(matches!(c.mapping, IdMapping::Single { .. }));
+        assert_eq!(c.snapshotter, Snapshotter::FuseOverlayfs);
+        let text = c.describe();
+        assert!(text.contains("skipped isolation subordinate-ids: probe map-subordinate failed"));
+        assert!(text.contains("fix map-subordinate"), "{text}");
+        assert!(text.contains("skipped snapshotter overlayfs"), "{text}");
+
+        let c = choose(
+            &report(&["overlay-userxattr", "fuse-overlayfs"]),
+            &IdMapping::Identity,
+            &Request::default(),
+        )
+        .unwrap();
+        assert_eq!(
+            (c.isolation, c.snapshotter),
+            (Isolation::Root, Snapshotter::Copy)
+        );
+    }
+
+    #[test]
+    fn without_namespaces_root_gets_chroot_and_others_are_refused() {
+        let none = report(&["userns", "map-single", "map-subordinate", "mount-ns"]);
+        let c = choose(&none, &IdMapping::Identity, &Request::default()).unwrap();
+        assert_eq!(
+            (c.isolation, c.snapshotter),
+            (Isolation::Chroot, Snapshotter::Copy)
+        );
+        let mut user = none.clone();
+        user.probes
+            .iter_mut()
+            .find(|p| p.name == "chroot")
+            .unwrap()
+            .status = "skipped";
+        let e = choose(&user, &SUB, &Request::default()).unwrap_err();
+        assert!(matches!(e, LadderError::Nothing { .. }), "{e}");
+        assert!(e.to_string().contains("fix userns"), "{e}");
+    }
+
+    #[test]
+    fn forced_rungs_and_floors() {
+        let r = report(&["fuse-overlayfs"]);
+        let forced = Request {
+            snapshotter: Some(Snapshotter::FuseOverlayfs),
+            ..Default::default()
+        };
+        let e = choose(&r, &SUB, &forced).unwrap_err();
+        assert!(
+            e.to_string()
+                .starts_with("--snapshotter fuse-overlayfs cannot be used here"),
+            "{e}"
+        );
+        let copy = Request {
+            snapshotter: Some(Snapshotter::Copy),
+            isolation: Some(Isolation::SingleId),
+            ..Default::default()
+        };
+        let c = choose(&r, &SUB, &copy).unwrap();
+        assert_eq!(
+            (c.isolation, c.snapshotter),
+            (Isolation::SingleId, Snapshotter::Copy)
+        );
+        assert!(
+            matches!(&c.mapping, IdMapping::Single { reason, .. } if reason == "--isolation single-id")
+        );
+        let floor = Request {
+            min_isolation: Some(Isolation::SubordinateIds),
+            ..Default::default()
+        };
+        let e = choose(&report(&["map-subordinate"]), &SUB, &floor).unwrap_err();
+        assert!(matches!(e, LadderError::BelowFloor { .. }), "{e}");
+        assert!(choose(&report(&[]), &SUB, &floor).is_ok());
+        assert_eq!("chroot".parse::<Isolation>(), Ok(Isolation::Chroot));
+        assert!("none".parse::<Isolation>().is_err());
+    }
+}
