@@ -144,9 +144,24 @@ pub fn binary() -> &'static Path {
     BIN.get_or_init(|| {
         let dir = env().state_dir().join("bin");
         fs::create_dir_all(&dir).unwrap();
-        let dest = dir.join(format!("shmocker-{}", std::process::id()));
-        fs::copy(env!("CARGO_BIN_EXE_shmocker"), &dest).unwrap();
-        fs::set_permissions(&dest, fs::Permissions::from_mode(0o755)).unwrap();
+        // One copy per build of the binary (named by its size and mtime), shared by every test
+        // process: nextest runs each test in its own process, and a copy each filled the disk.
+        let src = Path::new(env!("CARGO_BIN_EXE_shmocker"));
+        let meta = fs::metadata(src).unwrap();
+        let dest = dir.join(format!(
+            "shmocker-{}-{}",
+            meta.len(),
+            meta.mtime_nsec() + meta.mtime() * 1_000_000_000
+        ));
+        if !dest.exists() {
+            // Linked into place, never renamed over: a running shmocker re-executes itself
+            // through /proc/self/exe, which must not become a replaced file. The first wins.
+            let tmp = dir.join(format!("shmocker-tmp-{}", std::process::id()));
+            fs::copy(src, &tmp).unwrap();
+            fs::set_permissions(&tmp, fs::Permissions::from_mode(0o755)).unwrap();
+            let _ = fs::hard_link(&tmp, &dest);
+            fs::remove_file(&tmp).unwrap();
+        }
         dest
     })
 }
