@@ -93,6 +93,11 @@ pub struct BuildArgs {
     #[arg(long = "min-isolation", value_name = "LEVEL", value_parser = ["root", "subordinate-ids", "single-id", "chroot"])]
     pub min_isolation: Option<String>,
 
+    /// In a single-ID build, give files and processes whose owner the build cannot map (COPY
+    /// --chown, USER, WORKDIR) to 0 with a warning, instead of failing the step.
+    #[arg(long = "ignore-chown-errors")]
+    pub ignore_chown_errors: bool,
+
     /// How step rootfs are stacked: auto (the fastest that works), overlayfs, fuse-overlayfs or
     /// copy.
     #[arg(long, value_name = "NAME", default_value = "auto", value_parser = ["auto", "overlayfs", "fuse-overlayfs", "copy"])]

@@ -204,6 +204,7 @@ fn build_options(args: cli::BuildArgs, root: PathBuf) -> Result<BuildOptions> {
         mapping: userns::IdMapping::Identity,
         snapshotter: Default::default(),
         chroot: false,
+        ignore_chown_errors: args.ignore_chown_errors,
     })
 }
 

@@ -254,6 +254,40 @@ fn a_user_without_subordinate_ids_builds_with_a_single_id() {
         err.contains("1000:1000") && err.contains("not mapped"),
         "{err}"
     );
+    // ... or, asked to, squashes those owners to 0 (COPY --chown and USER alike).
+    let squash_ctx = context(&[
+        (
+            "Dockerfile",
+            "ARG BASE\nFROM $BASE\nCOPY --chown=1000:1000 f /f\nUSER 1000\nRUN id -u > /tmp/uid\n",
+        ),
+        ("f", "x\n"),
+    ]);
+    let squash_tag = unique_ref("nosub-squash");
+    let out = shmocker_as(
+        NOSUB,
+        &[],
+        DEFAULT_PATH,
+        store.path(),
+        &[
+            "build",
+            "--ignore-chown-errors",
+            "--build-arg",
+            &base_arg(),
+            "-t",
+            &squash_tag,
+            "--push",
+            squash_ctx.path().to_str().unwrap(),
+        ],
+    );
+    assert!(out.status.success(), "--ignore-chown-errors build failed");
+    let err = stderr(&out);
+    assert!(err.contains("--ignore-chown-errors"), "warned: {err}");
+    let work = scratch_dir(Who::Root);
+    let rootfs = common::unpack(&format!("docker://{squash_tag}"), work.path());
+    let t = common::tree(&rootfs);
+    let f = t.get("/f").expect("/f in the image");
+    assert_eq!((f.uid, f.gid), (0, 0), "{f:?}");
+    assert_eq!(fs::read_to_string(rootfs.join("tmp/uid")).unwrap(), "0\n");
 
     // A floor refuses the downgrade, naming the cause.
     let out = shmocker_as(

@@ -48,6 +48,8 @@ pub struct BuildOptions {
     pub snapshotter: Snapshotter,
     /// Steps run chrooted, without namespaces (the `chroot` isolation).
     pub chroot: bool,
+    /// Unmapped owners become 0 instead of failing the step.
+    pub ignore_chown_errors: bool,
 }
 
 /// What a finished build produced.
@@ -989,6 +991,7 @@ impl Builder<'_> {
             action,
             snapshotter: self.opts.snapshotter,
             chroot: self.opts.chroot,
+            ignore_chown_errors: self.opts.ignore_chown_errors,
         };
         let step_no = self.step_no;
         let started = Instant::now();

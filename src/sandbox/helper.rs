@@ -84,13 +84,17 @@ fn run(spec: &StepSpec) -> Result<StepStatus, SandboxError> {
     let root = spec.merged.as_path();
     let status = match &spec.action {
         Action::Copy(copy) => {
-            rootfs::copy_into(root, copy)?;
+            let copy = squash_copy_owner(root, copy, spec.ignore_chown_errors)?;
+            rootfs::copy_into(root, &copy)?;
             StepStatus::Exited(0)
         }
         Action::Mkdir { path, user } => {
             let owner = match user {
                 Some(u) if !u.is_empty() => {
-                    let u = rootfs::resolve_user(root, u)?;
+                    let mut u = rootfs::resolve_user(root, u)?;
+                    if spec.ignore_chown_errors {
+                        squash_user(&mut u, "WORKDIR");
+                    }
                     (u.uid, u.gid)
                 }
                 _ => (0, 0),
@@ -102,7 +106,7 @@ fn run(spec: &StepSpec) -> Result<StepStatus, SandboxError> {
             let etc_before = dir_times(&root.join("etc"));
             let stubs = make_mount_points(root)?;
             let etc_with_stubs = dir_times(&root.join("etc"));
-            let status = run_process(root, process);
+            let status = run_process(root, process, spec.ignore_chown_errors);
             let etc_after = dir_times(&root.join("etc"));
             // The rootfs must be unmounted before its upper dir is edited directly.
             unmount_rootfs(root)?;
@@ -621,7 +625,11 @@ fn is_opaque(p: &Path) -> bool {
         .any(|name| matches!(xattr::get(p, name), Ok(Some(v)) if v == b"y"))
 }
 
-fn run_process(root: &Path, process: &ProcessSpec) -> Result<StepStatus, SandboxError> {
+fn run_process(
+    root: &Path,
+    process: &ProcessSpec,
+    ignore_chown_errors: bool,
+) -> Result<StepStatus, SandboxError> {
     unshare(CloneFlags::CLONE_NEWPID | CloneFlags::CLONE_NEWUTS)
         .map_err(|e| SandboxError::sys("unshare(CLONE_NEWPID|CLONE_NEWUTS)", e))?;
     let (report_r, report_w) = pipe2(OFlag::O_CLOEXEC).map_err(|e| SandboxError::sys("pipe", e))?;
@@ -631,7 +639,7 @@ fn run_process(root: &Path, process: &ProcessSpec) -> Result<StepStatus, Sandbox
         ForkResult::Child => {
             drop(report_r);
             let mut report = File::from(report_w);
-            let code = match init(root, process, &mut report) {
+            let code = match init(root, process, &mut report, ignore_chown_errors) {
                 Ok(code) => code,
                 Err(e) => {
                     let _ = writeln!(report, "E{e}");
@@ -671,7 +679,12 @@ fn wait_for(pid: Pid) -> Result<WaitStatus, SandboxError> {
 }
 
 /// Pid 1 of the step: finishes the container's mounts, pivots, starts the command and reaps.
-fn init(root: &Path, process: &ProcessSpec, report: &mut File) -> Result<i32, SandboxError> {
+fn init(
+    root: &Path,
+    process: &ProcessSpec,
+    report: &mut File,
+    ignore_chown_errors: bool,
+) -> Result<i32, SandboxError> {
     unshare(CloneFlags::CLONE_NEWNS)
         .map_err(|e| SandboxError::sys("unshare(CLONE_NEWNS) for pid 1", e))?;
     mount_proc(root)?;
@@ -689,7 +702,10 @@ fn init(root: &Path, process: &ProcessSpec, report: &mut File) -> Result<i32, Sa
         }
     }
     nix::unistd::sethostname(&process.hostname).map_err(|e| SandboxError::sys("sethostname", e))?;
-    let user = rootfs::resolve_user(root, &process.user)?;
+    let mut user = rootfs::resolve_user(root, &process.user)?;
+    if ignore_chown_errors {
+        squash_user(&mut user, "USER");
+    }
     chdir(root).map_err(|e| SandboxError::sys("chdir to the rootfs", e))?;
     pivot_root(".", ".").map_err(|e| SandboxError::sys("pivot_root", e))?;
     umount2(".", MntFlags::MNT_DETACH)
@@ -765,6 +781,52 @@ fn init(root: &Path, process: &ProcessSpec, report: &mut File) -> Result<i32, Sa
             }
         },
     }
+}
+
+/// Whether `id` exists in this process's user namespace (`map`: `uid_map` or `gid_map`).
+fn id_mapped(id: u32, map: &str) -> bool {
+    let Ok(text) = fs::read_to_string(format!("/proc/self/{map}")) else {
+        return true;
+    };
+    text.lines().any(|l| {
+        let f: Vec<u64> = l
+            .split_whitespace()
+            .filter_map(|x| x.parse().ok())
+            .collect();
+        f.len() == 3 && (f[0]..f[0] + f[2]).contains(&u64::from(id))
+    })
+}
+
+/// `--ignore-chown-errors`: an owner this namespace does not map becomes 0, with a warning,
+/// instead of failing the step.
+fn squash_user(user: &mut rootfs::ResolvedUser, what: &str) {
+    if !id_mapped(user.uid, "uid_map") || !id_mapped(user.gid, "gid_map") {
+        eprintln!(
+            "warning: {what} {}:{} is not mapped in this build's user namespace; using 0:0 (--ignore-chown-errors)",
+            user.uid, user.gid
+        );
+        user.uid = 0;
+        user.gid = 0;
+    }
+    user.groups.retain(|g| id_mapped(*g, "gid_map"));
+}
+
+fn squash_copy_owner(
+    root: &Path,
+    copy: &super::CopySpec,
+    ignore_chown_errors: bool,
+) -> Result<super::CopySpec, SandboxError> {
+    let mut copy = copy.clone();
+    if let (true, Some(spec)) = (ignore_chown_errors, &copy.chown) {
+        let (uid, gid) = rootfs::resolve_chown(root, spec)?;
+        if !id_mapped(uid, "uid_map") || !id_mapped(gid, "gid_map") {
+            eprintln!(
+                "warning: COPY --chown={spec}: {uid}:{gid} is not mapped in this build's user namespace; the files stay owned by 0:0 (--ignore-chown-errors)"
+            );
+            copy.chown = None;
+        }
+    }
+    Ok(copy)
 }
 
 fn unmapped(kind: &str, id: u32, e: Errno) -> SandboxError {

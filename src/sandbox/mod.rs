@@ -87,6 +87,10 @@ pub struct StepSpec {
     /// (the `chroot` isolation; needs the copy snapshotter).
     #[serde(default)]
     pub chroot: bool,
+    /// An owner (COPY --chown, USER, WORKDIR) the namespace does not map becomes 0 instead of an
+    /// error (`--ignore-chown-errors`, for single-ID builds).
+    #[serde(default)]
+    pub ignore_chown_errors: bool,
 }
 
 /// How a step's rootfs is made from the image's layers, fastest first. Whatever the choice, the
