@@ -79,7 +79,14 @@ fn run(cli: cli::Cli) -> Result<ExitCode> {
             let mut opts = build_options(args, root)?;
             let planned = userns::plan_mapping();
             let report = detect::run(&opts.store_root, &planned)?;
-            let choice = detect::ladder::choose(&report, &planned, &request)?;
+            let choice = match detect::ladder::choose(&report, &planned, &request) {
+                Ok(c) => c,
+                Err(e) => {
+                    // Refused: the whole report, so the log alone says what to change.
+                    eprint!("{}", detect::render_table(&report, None));
+                    return Err(e.into());
+                }
+            };
             eprint!("{}", choice.describe());
             opts.snapshotter = choice.snapshotter;
             if choice.isolation == detect::ladder::Isolation::Chroot {

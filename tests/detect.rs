@@ -361,6 +361,10 @@ fn under_dockers_seccomp_profile_detect_names_seccomp_and_build_refuses() {
     assert!(!out.status.success());
     let err = stderr(&out);
     assert!(err.contains("no isolation works here"), "{err}");
+    assert!(
+        err.contains("probe ") && err.contains("overlay-userxattr"),
+        "the report: {err}"
+    );
     assert!(err.contains("seccomp=unconfined"), "{err}");
     assert!(!err.contains("panicked"), "{err}");
 }
