@@ -164,6 +164,14 @@ fn isolation_blocker(report: &Report, planned: &IdMapping, level: Isolation) -> 
     if level == Isolation::Chroot {
         return blocker(report, &["chroot"]);
     }
+    match (level, planned) {
+        (Isolation::Root, IdMapping::Identity) => {}
+        (Isolation::Root, _) => return Some("not running as root".into()),
+        (Isolation::SubordinateIds, IdMapping::Identity) => {
+            return Some("running as root: the full ID map is used instead".into());
+        }
+        _ => {}
+    }
     let base = ["userns", "map-single", "mount-ns"];
     if let Some(b) = blocker(report, &base) {
         return Some(b);
