@@ -11,7 +11,8 @@ use clap::{Args, Parser, Subcommand};
     about = "Build container images from Dockerfiles: no daemon, no root.",
     long_about = "shmocker turns a Dockerfile and a build context into an OCI image and pushes it \
                   to a registry, as an ordinary user: RUN steps run in a user namespace mapped onto \
-                  the user's subordinate IDs, on kernel overlayfs."
+                  the user's subordinate IDs, on kernel overlayfs; where the machine allows less, \
+                  it falls back (`shmocker detect` says what and why)."
 )]
 pub struct Cli {
     /// Where shmocker keeps its store (blobs, unpacked layers). Default:
