@@ -14,7 +14,8 @@ use shmocker::progress::ProgressMode;
     about = "Build container images from Dockerfiles: no daemon, no root.",
     long_about = "shmocker turns a Dockerfile and a build context into an OCI image and pushes it \
                   to a registry, as an ordinary user: RUN steps run in a user namespace mapped onto \
-                  the user's subordinate IDs, on kernel overlayfs."
+                  the user's subordinate IDs, on kernel overlayfs; where the machine allows less, \
+                  it falls back (`shmocker detect` says what and why)."
 )]
 pub struct Cli {
     /// Where shmocker keeps its store (blobs, unpacked layers). Default:
@@ -158,14 +159,20 @@ pub struct BuildArgs {
     #[arg(long = "insecure-registry", value_name = "HOST")]
     pub insecure_registries: Vec<String>,
 
-    /// Use this isolation instead of the strongest that works: root, subordinate-ids or
-    /// single-id. The build fails if it does not work here.
-    #[arg(long, value_name = "LEVEL", value_parser = ["root", "subordinate-ids", "single-id"])]
+    /// Use this isolation instead of the strongest that works: root, subordinate-ids,
+    /// single-id or chroot. The build fails if it does not work here.
+    #[arg(long, value_name = "LEVEL", value_parser = ["root", "subordinate-ids", "single-id", "chroot"])]
     pub isolation: Option<String>,
 
-    /// Refuse to build with an isolation weaker than this (root > subordinate-ids > single-id).
-    #[arg(long = "min-isolation", value_name = "LEVEL", value_parser = ["root", "subordinate-ids", "single-id"])]
+    /// Refuse to build with an isolation weaker than this (root > subordinate-ids > single-id >
+    /// chroot).
+    #[arg(long = "min-isolation", value_name = "LEVEL", value_parser = ["root", "subordinate-ids", "single-id", "chroot"])]
     pub min_isolation: Option<String>,
+
+    /// In a single-ID build, give files and processes whose owner the build cannot map (COPY
+    /// --chown, USER, WORKDIR) to 0 with a warning, instead of failing the step.
+    #[arg(long = "ignore-chown-errors")]
+    pub ignore_chown_errors: bool,
 
     /// How step rootfs are stacked: auto (the fastest that works), overlayfs, fuse-overlayfs or
     /// copy.

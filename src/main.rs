@@ -54,6 +54,7 @@ fn run(cli: cli::Cli) -> Result<ExitCode> {
             let planned = userns::plan_mapping();
             let report = detect::run(&root, &planned)?;
             let choice = detect::ladder::choose(&report, &planned, &Default::default());
+            let mut out = String::new();
             if args.format == "json" {
                 let mut doc = serde_json::to_value(&report)?;
                 doc["choice"] = match &choice {
@@ -64,13 +65,16 @@ fn run(cli: cli::Cli) -> Result<ExitCode> {
                     }),
                     Err(e) => serde_json::json!({ "refused": e.to_string() }),
                 };
-                println!("{}", serde_json::to_string_pretty(&doc)?);
+                out.push_str(&serde_json::to_string_pretty(&doc)?);
+                out.push('\n');
             } else {
-                print!("{}", detect::render_table(&report, choice.as_ref().ok()));
+                out = detect::render_table(&report, choice.as_ref().ok());
                 if let Err(e) = &choice {
-                    println!("\n{e}");
+                    out.push_str(&format!("\n{e}\n"));
                 }
             }
+            // A closed pipe (`| head`) is not an error worth a panic.
+            let _ = std::io::Write::write_all(&mut std::io::stdout(), out.as_bytes());
             Ok(if choice.is_ok() {
                 ExitCode::SUCCESS
             } else {
@@ -102,9 +106,30 @@ fn build_in_userns(
 ) -> Result<ExitCode> {
     let planned = userns::plan_mapping();
     let report = detect::run(&opts.store_root, &planned)?;
-    let choice = detect::ladder::choose(&report, &planned, request)?;
+    let choice = match detect::ladder::choose(&report, &planned, request) {
+        Ok(c) => c,
+        Err(e) => {
+            // Refused: the whole report, so the log alone says what to change.
+            eprint!("{}", detect::render_table(&report, None));
+            return Err(e.into());
+        }
+    };
     eprint!("{}", choice.describe());
     opts.snapshotter = choice.snapshotter;
+    let run = |opts: &BuildOptions| -> Result<Result<BuildResult, engine::BuildError>> {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()
+            .context("starting the async runtime")?;
+        Ok(runtime.block_on(engine::build(opts)))
+    };
+    if choice.isolation == detect::ladder::Isolation::Chroot {
+        // No namespace can be made here: the build runs as this (real root) process.
+        opts.chroot = true;
+        opts.mapping = choice.mapping;
+        let result = run(&opts)?;
+        return then(&opts, result);
+    }
     let mapping = choice.mapping;
     match userns::enter(mapping)? {
         userns::Entered::ParentDone(code) => Ok(code),
@@ -114,11 +139,7 @@ fn build_in_userns(
                 let _ = reason;
             }
             opts.mapping = mapping;
-            let runtime = tokio::runtime::Builder::new_multi_thread()
-                .enable_all()
-                .build()
-                .context("starting the async runtime")?;
-            let result = runtime.block_on(engine::build(&opts));
+            let result = run(&opts)?;
             then(&opts, result)
         }
     }
@@ -424,6 +445,8 @@ fn build_options(args: cli::BuildArgs, root: PathBuf) -> Result<BuildOptions> {
         reporter: Reporting::from_arc(args.progress.reporter()),
         registry_credentials: vec![],
         labels: parse_labels(&args.labels)?,
+        chroot: false,
+        ignore_chown_errors: args.ignore_chown_errors,
     })
 }
 

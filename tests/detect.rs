@@ -228,6 +228,67 @@ fn a_user_without_subordinate_ids_builds_with_a_single_id() {
         2
     );
 
+    // Ownership other than 0 cannot exist with a single ID: the build says so.
+    let chown_ctx = context(&[
+        (
+            "Dockerfile",
+            "ARG BASE\nFROM $BASE\nCOPY --chown=1000:1000 f /f\n",
+        ),
+        ("f", "x\n"),
+    ]);
+    let out = shmocker_as(
+        NOSUB,
+        &[],
+        DEFAULT_PATH,
+        store.path(),
+        &[
+            "build",
+            "--build-arg",
+            &base_arg(),
+            chown_ctx.path().to_str().unwrap(),
+        ],
+    );
+    assert!(!out.status.success());
+    let err = stderr(&out);
+    assert!(
+        err.contains("1000:1000") && err.contains("not mapped"),
+        "{err}"
+    );
+    // ... or, asked to, squashes those owners to 0 (COPY --chown and USER alike).
+    let squash_ctx = context(&[
+        (
+            "Dockerfile",
+            "ARG BASE\nFROM $BASE\nCOPY --chown=1000:1000 f /f\nUSER 1000\nRUN id -u > /tmp/uid\n",
+        ),
+        ("f", "x\n"),
+    ]);
+    let squash_tag = unique_ref("nosub-squash");
+    let out = shmocker_as(
+        NOSUB,
+        &[],
+        DEFAULT_PATH,
+        store.path(),
+        &[
+            "build",
+            "--ignore-chown-errors",
+            "--build-arg",
+            &base_arg(),
+            "-t",
+            &squash_tag,
+            "--push",
+            squash_ctx.path().to_str().unwrap(),
+        ],
+    );
+    assert!(out.status.success(), "--ignore-chown-errors build failed");
+    let err = stderr(&out);
+    assert!(err.contains("--ignore-chown-errors"), "warned: {err}");
+    let work = scratch_dir(Who::Root);
+    let rootfs = common::unpack(&format!("docker://{squash_tag}"), work.path());
+    let t = common::tree(&rootfs);
+    let f = t.get("/f").expect("/f in the image");
+    assert_eq!((f.uid, f.gid), (0, 0), "{f:?}");
+    assert_eq!(fs::read_to_string(rootfs.join("tmp/uid")).unwrap(), "0\n");
+
     // A floor refuses the downgrade, naming the cause.
     let out = shmocker_as(
         NOSUB,
@@ -300,6 +361,10 @@ fn under_dockers_seccomp_profile_detect_names_seccomp_and_build_refuses() {
     assert!(!out.status.success());
     let err = stderr(&out);
     assert!(err.contains("no isolation works here"), "{err}");
+    assert!(
+        err.contains("probe ") && err.contains("overlay-userxattr"),
+        "the report: {err}"
+    );
     assert!(err.contains("seccomp=unconfined"), "{err}");
     assert!(!err.contains("panicked"), "{err}");
 }
@@ -610,4 +675,93 @@ fn every_snapshotter_gives_the_same_layers() {
         !rootfs.join("etc/hosts").exists(),
         "mount stubs left in the image"
     );
+}
+
+#[test]
+fn as_root_under_dockers_seccomp_profile_steps_run_chrooted_with_the_same_layers() {
+    let wrapper = seccomp_wrapper();
+    let dockerfile = format!(
+        "{SNAPSHOT_DOCKERFILE}RUN echo quiet > /dev/null && echo y > /app/y && touch -t 200001010000 /app/y /app\n"
+    );
+    let ctx = context(&[("Dockerfile", &dockerfile), ("data.txt", "data\n")]);
+    let mut diff_ids = Vec::new();
+    for under_seccomp in [false, true] {
+        let store = scratch_dir(Who::Root);
+        let tag = unique_ref("chroot");
+        let mut cmd = if under_seccomp {
+            let mut c = Command::new(&wrapper);
+            c.arg(binary());
+            c
+        } else {
+            Command::new(binary())
+        };
+        cmd.arg("--root")
+            .arg(store.path())
+            .args(["build", "--build-arg", &base_arg(), "-t", &tag, "--push"])
+            .arg(ctx.path())
+            .env_remove("SHMOCKER_ROOT");
+        let out = cmd.output().unwrap();
+        let err = stderr(&out);
+        eprintln!(
+            "--- as root, seccomp {under_seccomp}: {}\n{err}",
+            out.status
+        );
+        assert!(out.status.success(), "build failed");
+        if under_seccomp {
+            assert!(err.contains("isolation: chroot"), "{err}");
+            assert!(err.contains("snapshotter: copy"), "{err}");
+            assert!(
+                err.contains("seccomp=unconfined"),
+                "the skip names the fix: {err}"
+            );
+        } else {
+            assert!(err.contains("isolation: root"), "{err}");
+        }
+        let config = remote_config(&tag);
+        diff_ids.push(config["rootfs"]["diff_ids"].clone());
+        if under_seccomp {
+            let work = scratch_dir(Who::Root);
+            let rootfs = common::unpack(&format!("docker://{tag}"), work.path());
+            assert_eq!(fs::read_to_string(rootfs.join("app/y")).unwrap(), "y\n");
+            assert!(
+                !rootfs.join("dev/null").exists(),
+                "device stubs left in the image"
+            );
+        }
+    }
+    assert_eq!(
+        diff_ids[0], diff_ids[1],
+        "chroot and root builds made different layers"
+    );
+}
+
+#[test]
+fn detect_names_the_environment_and_gives_its_own_fix() {
+    // A pod under the "restricted" Pod Security Standard, as far as a process can tell: the
+    // Kubernetes service variable, no_new_privs set, and a seccomp filter that denies namespaces.
+    let wrapper = seccomp_wrapper();
+    let store = scratch_dir(Who::User);
+    let out = shmocker_as(
+        env().user(),
+        &[
+            wrapper.to_str().unwrap(),
+            "env",
+            "-i",
+            "KUBERNETES_SERVICE_HOST=10.0.0.1",
+        ],
+        DEFAULT_PATH,
+        store.path(),
+        &["detect"],
+    );
+    let table = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        table.contains("(kubernetes-pss-restricted)"),
+        "environment not named:\n{table}"
+    );
+    // The matrix's fix for this environment, not the general one.
+    assert!(
+        table.contains("fix: securityContext: { seccompProfile: { type: Localhost"),
+        "{table}"
+    );
+    assert!(table.contains("fixes known for"), "{table}");
 }

@@ -6,8 +6,9 @@
 //! Isolation, strongest first: `root` (real root; a user namespace with the full ID map) ->
 //! `subordinate-ids` (an ordinary user; a user namespace mapped onto its /etc/subuid range by
 //! newuidmap/newgidmap) -> `single-id` (only the user's own ID, as 0; files of other owners
-//! cannot be made). Nothing below that is implemented: without a user namespace and a mount
-//! namespace the build is refused, with the report.
+//! cannot be made) -> `chroot` (real root where no namespace can be made, as in a default Docker
+//! container: no mounts, each step chrooted into a copy of its rootfs, in the host's pid and
+//! network namespaces). Below that the build is refused, with the report.
 //!
 //! Snapshotters, fastest first: `overlayfs` -> `fuse-overlayfs` -> `copy`.
 
@@ -20,6 +21,7 @@ use crate::sandbox::userns::IdMapping;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Isolation {
+    Chroot,
     SingleId,
     SubordinateIds,
     Root,
@@ -27,10 +29,11 @@ pub enum Isolation {
 
 impl Isolation {
     /// Strongest first.
-    pub const LADDER: [Isolation; 3] = [
+    pub const LADDER: [Isolation; 4] = [
         Isolation::Root,
         Isolation::SubordinateIds,
         Isolation::SingleId,
+        Isolation::Chroot,
     ];
 
     pub fn name(self) -> &'static str {
@@ -38,6 +41,7 @@ impl Isolation {
             Isolation::Root => "root",
             Isolation::SubordinateIds => "subordinate-ids",
             Isolation::SingleId => "single-id",
+            Isolation::Chroot => "chroot",
         }
     }
 }
@@ -55,7 +59,7 @@ impl FromStr for Isolation {
             .into_iter()
             .find(|i| i.name() == s)
             .ok_or_else(|| {
-                format!("unknown isolation {s:?}: use root, subordinate-ids or single-id")
+                format!("unknown isolation {s:?}: use root, subordinate-ids, single-id or chroot")
             })
     }
 }
@@ -88,10 +92,15 @@ pub struct Choice {
 impl Choice {
     /// Lines printed at the start of a build.
     pub fn describe(&self) -> String {
+        let how = match self.isolation {
+            Isolation::Chroot => {
+                "real root, no namespaces: each step is chrooted into a copy of its rootfs".into()
+            }
+            _ => self.mapping.describe(),
+        };
         let mut s = format!(
-            "isolation: {} ({})\nsnapshotter: {}\n",
+            "isolation: {} ({how})\nsnapshotter: {}\n",
             self.isolation,
-            self.mapping.describe(),
             self.snapshotter.name()
         );
         for skip in &self.skipped {
@@ -152,6 +161,17 @@ fn blocker(report: &Report, needs: &[&str]) -> Option<String> {
 }
 
 fn isolation_blocker(report: &Report, planned: &IdMapping, level: Isolation) -> Option<String> {
+    if level == Isolation::Chroot {
+        return blocker(report, &["chroot"]);
+    }
+    match (level, planned) {
+        (Isolation::Root, IdMapping::Identity) => {}
+        (Isolation::Root, _) => return Some("not running as root".into()),
+        (Isolation::SubordinateIds, IdMapping::Identity) => {
+            return Some("running as root: the full ID map is used instead".into());
+        }
+        _ => {}
+    }
     let base = ["userns", "map-single", "mount-ns"];
     if let Some(b) = blocker(report, &base) {
         return Some(b);
@@ -163,15 +183,17 @@ fn isolation_blocker(report: &Report, planned: &IdMapping, level: Isolation) -> 
             Some("running as root: the full ID map is used instead".into())
         }
         (Isolation::SubordinateIds, _) => blocker(report, &["map-subordinate"]),
-        (Isolation::SingleId, _) => None,
+        (Isolation::SingleId, _) | (Isolation::Chroot, _) => None,
     }
 }
 
-fn snapshotter_blocker(report: &Report, s: Snapshotter) -> Option<String> {
-    match s {
-        Snapshotter::Overlayfs => blocker(report, &["overlay-userxattr"]),
-        Snapshotter::FuseOverlayfs => blocker(report, &["fuse-overlayfs"]),
-        Snapshotter::Copy => blocker(report, &["mount-ns"]),
+fn snapshotter_blocker(report: &Report, s: Snapshotter, isolation: Isolation) -> Option<String> {
+    match (s, isolation) {
+        (Snapshotter::Copy, Isolation::Chroot) => None,
+        (_, Isolation::Chroot) => Some("the chroot isolation cannot mount anything".into()),
+        (Snapshotter::Overlayfs, _) => blocker(report, &["overlay-userxattr"]),
+        (Snapshotter::FuseOverlayfs, _) => blocker(report, &["fuse-overlayfs"]),
+        (Snapshotter::Copy, _) => blocker(report, &["mount-ns"]),
     }
 }
 
@@ -238,6 +260,8 @@ pub fn choose(report: &Report, planned: &IdMapping, req: &Request) -> Result<Cho
     }
     let mapping = match (isolation, planned) {
         (Isolation::Root, m) | (Isolation::SubordinateIds, m) => m.clone(),
+        // No user namespace: the build's IDs are the host's, as real root.
+        (Isolation::Chroot, _) => IdMapping::Identity,
         (Isolation::SingleId, IdMapping::Single { .. }) => planned.clone(),
         (Isolation::SingleId, _) => IdMapping::Single {
             uid: nix::unistd::geteuid().as_raw(),
@@ -250,7 +274,7 @@ pub fn choose(report: &Report, planned: &IdMapping, req: &Request) -> Result<Cho
     };
     let snapshotter = match req.snapshotter {
         Some(forced) => {
-            if let Some(reason) = snapshotter_blocker(report, forced) {
+            if let Some(reason) = snapshotter_blocker(report, forced, isolation) {
                 return Err(LadderError::Forced {
                     flag: "--snapshotter",
                     value: forced.name().into(),
@@ -268,7 +292,7 @@ pub fn choose(report: &Report, planned: &IdMapping, req: &Request) -> Result<Cho
         None => {
             let mut found = Snapshotter::Copy;
             for s in Snapshotter::ALL {
-                match snapshotter_blocker(report, s) {
+                match snapshotter_blocker(report, s, isolation) {
                     None => {
                         found = s;
                         break;
@@ -288,4 +312,138 @@ pub fn choose(report: &Report, planned: &IdMapping, req: &Request) -> Result<Cho
         snapshotter,
         skipped,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::detect::{Probe, Report};
+
+    fn report(failing: &[&str]) -> Report {
+        let names = [
+            "userns",
+            "map-single",
+            "map-subordinate",
+            "mount-ns",
+            "overlay-userxattr",
+            "fuse-overlayfs",
+            "chroot",
+        ];
+        Report {
+            schema_version: 1,
+            host: crate::detect::tests::host(),
+            environment: None,
+            probes: names
+                .iter()
+                .map(|n| Probe {
+                    name: n.to_string(),
+                    status: if failing.contains(n) { "failed" } else { "ok" },
+                    detail: format!("{n} detail"),
+                    errno: None,
+                    problem: None,
+                    cause: None,
+                    fix: failing.contains(n).then(|| format!("fix {n}")),
+                })
+                .collect(),
+            elapsed_ms: 0,
+        }
+    }
+
+    const SUB: IdMapping = IdMapping::Subordinate {
+        uid: 1000,
+        gid: 1000,
+        subuid: (100000, 65536),
+        subgid: (100000, 65536),
+    };
+
+    #[test]
+    fn the_strongest_working_rungs_are_taken_and_skips_say_why() {
+        let c = choose(&report(&[]), &SUB, &Request::default()).unwrap();
+        assert_eq!(
+            (c.isolation, c.snapshotter),
+            (Isolation::SubordinateIds, Snapshotter::Overlayfs)
+        );
+        assert_eq!(c.skipped[0].reason, "not running as root");
+
+        let c = choose(
+            &report(&["map-subordinate", "overlay-userxattr"]),
+            &SUB,
+            &Request::default(),
+        )
+        .unwrap();
+        assert_eq!(c.isolation, Isolation::SingleId);
+        assert!(matches!(c.mapping, IdMapping::Single { .. }));
+        assert_eq!(c.snapshotter, Snapshotter::FuseOverlayfs);
+        let text = c.describe();
+        assert!(text.contains("skipped isolation subordinate-ids: probe map-subordinate failed"));
+        assert!(text.contains("fix map-subordinate"), "{text}");
+        assert!(text.contains("skipped snapshotter overlayfs"), "{text}");
+
+        let c = choose(
+            &report(&["overlay-userxattr", "fuse-overlayfs"]),
+            &IdMapping::Identity,
+            &Request::default(),
+        )
+        .unwrap();
+        assert_eq!(
+            (c.isolation, c.snapshotter),
+            (Isolation::Root, Snapshotter::Copy)
+        );
+    }
+
+    #[test]
+    fn without_namespaces_root_gets_chroot_and_others_are_refused() {
+        let none = report(&["userns", "map-single", "map-subordinate", "mount-ns"]);
+        let c = choose(&none, &IdMapping::Identity, &Request::default()).unwrap();
+        assert_eq!(
+            (c.isolation, c.snapshotter),
+            (Isolation::Chroot, Snapshotter::Copy)
+        );
+        let mut user = none.clone();
+        user.probes
+            .iter_mut()
+            .find(|p| p.name == "chroot")
+            .unwrap()
+            .status = "skipped";
+        let e = choose(&user, &SUB, &Request::default()).unwrap_err();
+        assert!(matches!(e, LadderError::Nothing { .. }), "{e}");
+        assert!(e.to_string().contains("fix userns"), "{e}");
+    }
+
+    #[test]
+    fn forced_rungs_and_floors() {
+        let r = report(&["fuse-overlayfs"]);
+        let forced = Request {
+            snapshotter: Some(Snapshotter::FuseOverlayfs),
+            ..Default::default()
+        };
+        let e = choose(&r, &SUB, &forced).unwrap_err();
+        assert!(
+            e.to_string()
+                .starts_with("--snapshotter fuse-overlayfs cannot be used here"),
+            "{e}"
+        );
+        let copy = Request {
+            snapshotter: Some(Snapshotter::Copy),
+            isolation: Some(Isolation::SingleId),
+            ..Default::default()
+        };
+        let c = choose(&r, &SUB, &copy).unwrap();
+        assert_eq!(
+            (c.isolation, c.snapshotter),
+            (Isolation::SingleId, Snapshotter::Copy)
+        );
+        assert!(
+            matches!(&c.mapping, IdMapping::Single { reason, .. } if reason == "--isolation single-id")
+        );
+        let floor = Request {
+            min_isolation: Some(Isolation::SubordinateIds),
+            ..Default::default()
+        };
+        let e = choose(&report(&["map-subordinate"]), &SUB, &floor).unwrap_err();
+        assert!(matches!(e, LadderError::BelowFloor { .. }), "{e}");
+        assert!(choose(&report(&[]), &SUB, &floor).is_ok());
+        assert_eq!("chroot".parse::<Isolation>(), Ok(Isolation::Chroot));
+        assert!("none".parse::<Isolation>().is_err());
+    }
 }

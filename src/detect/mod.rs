@@ -257,6 +257,7 @@ pub fn run(store: &Path, mapping: &IdMapping) -> Result<Report, DetectError> {
     fs::create_dir_all(&work).map_err(store_err)?;
     let mut raws = probes::namespace_probes(&work);
     raws.insert(2, probes::mapping_probe(mapping));
+    raws.push(probes::chroot_probe(&work));
     raws.push(probes::reflink_probe(&work));
     let _ = fs::remove_dir_all(&work);
 
@@ -571,4 +572,143 @@ pub fn render_table(report: &Report, choice: Option<&ladder::Choice>) -> String 
 /// The ID mapping a build would use, as planned from /etc/subuid and the helpers.
 pub fn planned_mapping() -> IdMapping {
     userns::plan_mapping()
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+
+    pub(crate) fn host() -> Host {
+        Host {
+            uid: 1000,
+            user: "ci".into(),
+            kernel: "6.8.0".into(),
+            seccomp: Some(0),
+            no_new_privs: Some(false),
+            cap_eff: None,
+            cap_sys_admin: false,
+            apparmor: None,
+            in_container: false,
+            sysctls: BTreeMap::new(),
+            store: Store {
+                path: "/s".into(),
+                fs_type: "ext4".into(),
+                mount_point: None,
+                flags: Vec::new(),
+            },
+        }
+    }
+
+    fn raw(name: &str, errno: &str, detail: &str) -> probes::Raw {
+        probes::Raw {
+            name: name.into(),
+            ok: Some(false),
+            errno: Some(errno.to_string()).filter(|e| !e.is_empty()),
+            detail: detail.into(),
+        }
+    }
+
+    const SUB: IdMapping = IdMapping::Subordinate {
+        uid: 1000,
+        gid: 1000,
+        subuid: (100000, 65536),
+        subgid: (100000, 65536),
+    };
+
+    #[test]
+    fn a_denied_user_namespace_is_blamed_on_what_the_host_shows() {
+        let mut h = host();
+        h.sysctls.insert(
+            "kernel.apparmor_restrict_unprivileged_userns".into(),
+            "1".into(),
+        );
+        // Ubuntu 24.04: the namespace is made, but writing the map is denied.
+        assert_eq!(
+            diagnose(&raw("map-single", "EPERM", ""), &h, &SUB),
+            Some(Problem::UsernsApparmor)
+        );
+        let mut h = host();
+        h.seccomp = Some(2);
+        assert_eq!(
+            diagnose(&raw("userns", "EPERM", ""), &h, &SUB),
+            Some(Problem::UsernsSeccomp)
+        );
+        h.sysctls
+            .insert("kernel.unprivileged_userns_clone".into(), "0".into());
+        assert_eq!(
+            diagnose(&raw("userns", "EPERM", ""), &h, &SUB),
+            Some(Problem::UsernsSysctl)
+        );
+        assert_eq!(
+            diagnose(&raw("userns", "ENOSPC", ""), &host(), &SUB),
+            Some(Problem::UsernsLimit)
+        );
+    }
+
+    #[test]
+    fn id_map_failures_name_the_missing_piece() {
+        let single = |reason: &str| IdMapping::Single {
+            uid: 1000,
+            gid: 1000,
+            reason: reason.into(),
+        };
+        let h = host();
+        let p = |m: &IdMapping, h: &Host| diagnose(&raw("map-subordinate", "", ""), h, m);
+        assert_eq!(
+            p(&single("newuidmap not found; fix: ..."), &h),
+            Some(Problem::NoUidmap)
+        );
+        assert_eq!(
+            p(&single("no range for ci in /etc/subuid"), &h),
+            Some(Problem::NoSubids)
+        );
+        assert_eq!(p(&SUB, &h), Some(Problem::SubidMapFailed));
+        let mut nnp = host();
+        nnp.no_new_privs = Some(true);
+        assert_eq!(p(&SUB, &nnp), Some(Problem::NoNewPrivs));
+        assert!(
+            Problem::NoSubids
+                .general_fix("ci")
+                .contains("--add-subuids")
+        );
+    }
+
+    #[test]
+    fn storage_and_fuse_failures() {
+        let mut on_overlay = host();
+        on_overlay.store.fs_type = "overlay".into();
+        assert_eq!(
+            diagnose(&raw("overlay-userxattr", "EINVAL", ""), &on_overlay, &SUB),
+            Some(Problem::OverlayStoreOnOverlay)
+        );
+        assert_eq!(
+            diagnose(&raw("overlay-userxattr", "EINVAL", ""), &host(), &SUB),
+            Some(Problem::OverlayUnavailable)
+        );
+        assert_eq!(
+            diagnose(&raw("overlay-trusted", "EINVAL", ""), &host(), &SUB),
+            None
+        );
+        let fuse = |errno, detail| diagnose(&raw("fuse-overlayfs", errno, detail), &host(), &SUB);
+        assert_eq!(
+            fuse("ENOENT", "opening /dev/fuse: No such file"),
+            Some(Problem::NoDevFuse)
+        );
+        assert_eq!(
+            fuse("EACCES", "opening /dev/fuse: Permission denied"),
+            Some(Problem::DevFuseDenied)
+        );
+        assert_eq!(
+            fuse("ENOENT", "fuse-overlayfs is not in PATH"),
+            Some(Problem::NoFuseOverlayfs)
+        );
+    }
+
+    #[test]
+    fn every_problem_id_round_trips() {
+        for p in Problem::ALL {
+            assert_eq!(Problem::from_id(p.id()), Some(p));
+            assert!(!p.cause().is_empty() && !p.general_fix("u").is_empty());
+        }
+    }
 }

@@ -82,6 +82,10 @@ pub struct BuildOptions {
     pub registry_credentials: Vec<ExplicitCredentials>,
     /// Labels set on the image after the Dockerfile's own (`--label`; they win, as in docker).
     pub labels: BTreeMap<String, String>,
+    /// Steps run chrooted, without namespaces (the `chroot` isolation).
+    pub chroot: bool,
+    /// Unmapped owners become 0 instead of failing the step.
+    pub ignore_chown_errors: bool,
 }
 
 /// An `--output` other than the registry.
@@ -732,6 +736,8 @@ impl<'a> Builder<'a> {
             empty_dir: self.snapshots.empty_dir(),
             scratch,
             snapshotter: self.opts.snapshotter,
+            chroot: self.opts.chroot,
+            ignore_chown_errors: self.opts.ignore_chown_errors,
             action: crate::sandbox::Action::Export {
                 dest: dest.to_path_buf(),
             },

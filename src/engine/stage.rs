@@ -1656,6 +1656,8 @@ impl Builder<'_> {
             empty_dir: self.snapshots.empty_dir(),
             scratch,
             snapshotter: self.opts.snapshotter,
+            chroot: self.opts.chroot,
+            ignore_chown_errors: self.opts.ignore_chown_errors,
             action,
         };
         let started = Instant::now();

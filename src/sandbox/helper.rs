@@ -16,7 +16,7 @@
 use std::ffi::CString;
 use std::fs::{self, File};
 use std::io::{Read, Write};
-use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
@@ -60,6 +60,9 @@ fn read_spec(path: &Path) -> Result<StepSpec, SandboxError> {
 }
 
 fn run(spec: &StepSpec) -> Result<StepStatus, SandboxError> {
+    if spec.chroot {
+        return run_chroot(spec);
+    }
     unshare(CloneFlags::CLONE_NEWNS)
         .map_err(|e| SandboxError::sys("unshare(CLONE_NEWNS) for the step", e))?;
     mount(
@@ -110,6 +113,7 @@ fn run(spec: &StepSpec) -> Result<StepStatus, SandboxError> {
                 }
                 copy.dest_is_dir |= has_dir;
             }
+            let copy = squash_copy_owner(root, &copy, spec.ignore_chown_errors)?;
             rootfs::copy_into(root, &copy)?;
             for archive in &copy.archives {
                 let dest = rootfs::mkdir_all(root, &copy.dest, (0, 0))?;
@@ -147,7 +151,10 @@ fn run(spec: &StepSpec) -> Result<StepStatus, SandboxError> {
         Action::Mkdir { path, user } => {
             let owner = match user {
                 Some(u) if !u.is_empty() => {
-                    let u = rootfs::resolve_user(root, u)?;
+                    let mut u = rootfs::resolve_user(root, u)?;
+                    if spec.ignore_chown_errors {
+                        squash_user(&mut u, "WORKDIR");
+                    }
                     (u.uid, u.gid)
                 }
                 _ => (0, 0),
@@ -160,7 +167,7 @@ fn run(spec: &StepSpec) -> Result<StepStatus, SandboxError> {
             let mut stubs = make_mount_points(root)?;
             let binds = prepare_run_mounts(spec, process, &mut stubs)?;
             let etc_with_stubs = dir_times(&root.join("etc"));
-            let status = run_process(root, process, &binds);
+            let status = run_process(root, process, &binds, spec.ignore_chown_errors);
             let etc_after = dir_times(&root.join("etc"));
             // The rootfs must be unmounted before its upper dir is edited directly.
             unmount_rootfs(root)?;
@@ -212,6 +219,220 @@ fn run(spec: &StepSpec) -> Result<StepStatus, SandboxError> {
         }
     }
     Ok(status)
+}
+
+/// The `chroot` isolation: real root, no namespaces and no mounts (where seccomp denies them).
+/// The layers are copied into `merged`, the step runs chrooted there, and the tree comparison
+/// finds its changes. Only /dev's basic device nodes are provided (made with mknod where
+/// CAP_MKNOD allows, and removed afterwards); there is no /proc, and the network files are the
+/// image's own.
+fn run_chroot(spec: &StepSpec) -> Result<StepStatus, SandboxError> {
+    if spec.snapshotter != Snapshotter::Copy {
+        return Err(SandboxError::Setup(format!(
+            "the chroot isolation cannot use the {} snapshotter (it mounts); use --snapshotter copy",
+            spec.snapshotter.name()
+        )));
+    }
+    let marks =
+        crate::layer::materialize(&lower_dirs(spec), &spec.merged, &spec.work).map_err(|e| {
+            SandboxError::Setup(format!(
+                "copying the image's layers into {}: {e}",
+                spec.merged.display()
+            ))
+        })?;
+    let root = spec.merged.as_path();
+    let unavailable = |what: &str| {
+        SandboxError::Setup(format!(
+            "{what} needs mounts, which the chroot isolation cannot make (seccomp forbids them here); run where user namespaces are allowed (see `shmocker detect`)"
+        ))
+    };
+    let status = match &spec.action {
+        Action::Copy(copy) => {
+            if copy.from.is_some() {
+                return Err(unavailable("COPY --from"));
+            }
+            rootfs::copy_into(root, copy)?;
+            for archive in &copy.archives {
+                let dest = rootfs::mkdir_all(root, &copy.dest, (0, 0))?;
+                let compression = crate::layer::sniff_compression(archive)
+                    .map_err(|e| SandboxError::Setup(e.to_string()))?;
+                let file = File::open(archive).map_err(|e| SandboxError::io(archive, e))?;
+                crate::layer::apply_layer(
+                    std::io::BufReader::new(file),
+                    compression,
+                    &dest,
+                    &crate::layer::ApplyOptions::default(),
+                )
+                .map_err(|e| SandboxError::Setup(format!("ADD {}: {e}", archive.display())))?;
+            }
+            StepStatus::Exited(0)
+        }
+        Action::Export { dest } => {
+            let out = std::process::Command::new("cp")
+                .arg("-a")
+                .arg(format!("{}/.", root.display()))
+                .arg(dest)
+                .output()
+                .map_err(|e| SandboxError::io("cp", e))?;
+            if !out.status.success() {
+                return Err(SandboxError::Setup(format!(
+                    "copying the image's filesystem to {}: {}",
+                    dest.display(),
+                    String::from_utf8_lossy(&out.stderr).trim()
+                )));
+            }
+            return Ok(StepStatus::Exited(0));
+        }
+        Action::Mkdir { path, user } => {
+            let owner = match user {
+                Some(u) if !u.is_empty() => {
+                    let u = rootfs::resolve_user(root, u)?;
+                    (u.uid, u.gid)
+                }
+                _ => (0, 0),
+            };
+            rootfs::mkdir_all(root, path, owner)?;
+            StepStatus::Exited(0)
+        }
+        Action::Run(process) => {
+            if !process.mounts.is_empty() {
+                return Err(unavailable("RUN --mount"));
+            }
+            if process.network == Network::None {
+                return Err(unavailable("RUN --network=none"));
+            }
+            let dev = root.join("dev");
+            let dev_before = dir_times(&dev);
+            let stubs = make_device_stubs(root)?;
+            let dev_with = dir_times(&dev);
+            let status = run_chrooted(root, process);
+            let dev_after = dir_times(&dev);
+            remove_stubs_in(root, &stubs)?;
+            if let (Some(before), Some(with), Some(after)) = (dev_before, dev_with, dev_after) {
+                set_dir_times(&dev, if with == after { before } else { after })?;
+            }
+            status?
+        }
+    };
+    diff_copy(spec, &marks)?;
+    Ok(status)
+}
+
+/// /dev/null and friends in the rootfs, as device nodes like the host's (needs CAP_MKNOD; left
+/// out where it is missing).
+fn make_device_stubs(root: &Path) -> Result<Vec<Stub>, SandboxError> {
+    let mut stubs = Vec::new();
+    let dev = root.join("dev");
+    match fs::symlink_metadata(&dev) {
+        Ok(m) if m.is_dir() => {}
+        Ok(_) => return Ok(stubs),
+        Err(_) => {
+            fs::create_dir(&dev).map_err(|e| SandboxError::io(&dev, e))?;
+            fs::set_permissions(&dev, fs::Permissions::from_mode(0o755))
+                .map_err(|e| SandboxError::io(&dev, e))?;
+            stubs.push(Stub {
+                rel: "dev".into(),
+                dir: true,
+            });
+        }
+    }
+    for name in ["null", "zero", "full", "random", "urandom", "tty"] {
+        let target = dev.join(name);
+        let Ok(host) = fs::metadata(Path::new("/dev").join(name)) else {
+            continue;
+        };
+        if fs::symlink_metadata(&target).is_ok() {
+            continue;
+        }
+        let made = nix::sys::stat::mknod(
+            &target,
+            nix::sys::stat::SFlag::S_IFCHR,
+            nix::sys::stat::Mode::from_bits_truncate(0o666),
+            host.rdev(),
+        );
+        if made.is_ok() {
+            let _ = fs::set_permissions(&target, fs::Permissions::from_mode(0o666));
+            stubs.push(Stub {
+                rel: PathBuf::from("dev").join(name),
+                dir: false,
+            });
+        }
+    }
+    Ok(stubs)
+}
+
+/// Runs the step's command chrooted into `root`, as its user, and waits for it.
+fn run_chrooted(root: &Path, process: &ProcessSpec) -> Result<StepStatus, SandboxError> {
+    let user = rootfs::resolve_user(root, &process.user)?;
+    let (report_r, report_w) = pipe2(OFlag::O_CLOEXEC).map_err(|e| SandboxError::sys("pipe", e))?;
+    // SAFETY: the helper is single-threaded (a fresh exec that never starts threads), so the
+    // forked child may allocate and use the standard library freely.
+    match unsafe { fork() }.map_err(|e| SandboxError::sys("fork", e))? {
+        ForkResult::Child => {
+            drop(report_r);
+            let mut report = File::from(report_w);
+            let err = (|| -> Result<(), SandboxError> {
+                nix::unistd::chroot(root).map_err(|e| SandboxError::sys("chroot", e))?;
+                chdir("/").map_err(|e| SandboxError::sys("chdir /", e))?;
+                let cwd = if process.cwd.is_empty() {
+                    "/"
+                } else {
+                    &process.cwd
+                };
+                if fs::metadata(cwd).is_err() {
+                    fs::create_dir_all(cwd).map_err(|e| SandboxError::io(cwd, e))?;
+                    nix::unistd::chown(
+                        cwd,
+                        Some(Uid::from_raw(user.uid)),
+                        Some(Gid::from_raw(user.gid)),
+                    )
+                    .map_err(|e| SandboxError::sys(format!("chown {cwd}"), e))?;
+                }
+                let mut env = process.env.clone();
+                if !env.iter().any(|e| e.starts_with("HOME=")) {
+                    env.push(format!(
+                        "HOME={}",
+                        user.home.clone().unwrap_or_else(|| "/".into())
+                    ));
+                }
+                let program = find_program(&process.args, &env)?;
+                let argv = cstrings(&process.args)?;
+                let envp = cstrings(&env)?;
+                let cprog = CString::new(program.as_os_str().as_encoded_bytes())
+                    .map_err(|_| SandboxError::Setup("program path contains NUL".into()))?;
+                let groups: Vec<Gid> = user.groups.iter().map(|g| Gid::from_raw(*g)).collect();
+                nix::unistd::setgroups(&groups).map_err(|e| SandboxError::sys("setgroups", e))?;
+                let gid = Gid::from_raw(user.gid);
+                nix::unistd::setresgid(gid, gid, gid).map_err(|e| unmapped("gid", user.gid, e))?;
+                let uid = Uid::from_raw(user.uid);
+                nix::unistd::setresuid(uid, uid, uid).map_err(|e| unmapped("uid", user.uid, e))?;
+                chdir(cwd).map_err(|e| SandboxError::sys(format!("chdir {cwd}"), e))?;
+                let e = execve(&cprog, &argv, &envp).unwrap_err();
+                Err(SandboxError::Setup(format!(
+                    "exec {}: {}",
+                    program.display(),
+                    e.desc()
+                )))
+            })()
+            .unwrap_err();
+            let _ = writeln!(report, "E{err}");
+            std::process::exit(127);
+        }
+        ForkResult::Parent { child } => {
+            drop(report_w);
+            let mut text = String::new();
+            let _ = File::from(report_r).read_to_string(&mut text);
+            let status = wait_for(child)?;
+            if let Some(err) = text.lines().find_map(|l| l.strip_prefix('E')) {
+                return Ok(StepStatus::Failed(err.to_string()));
+            }
+            Ok(match status {
+                WaitStatus::Exited(_, code) => StepStatus::Exited(code),
+                WaitStatus::Signaled(_, sig, _) => StepStatus::Signaled(sig as i32),
+                other => StepStatus::Failed(format!("unexpected wait status {other:?}")),
+            })
+        }
+    }
 }
 
 fn lower_dirs(spec: &StepSpec) -> Vec<PathBuf> {
@@ -514,7 +735,7 @@ fn remove_stubs_in(root: &Path, stubs: &[Stub]) -> Result<(), SandboxError> {
         };
         if stub.dir && m.is_dir() && dir_is_empty(&p) {
             fs::remove_dir(&p).map_err(|e| SandboxError::io(&p, e))?;
-        } else if !stub.dir && m.is_file() && m.len() == 0 {
+        } else if !stub.dir && ((m.is_file() && m.len() == 0) || m.file_type().is_char_device()) {
             fs::remove_file(&p).map_err(|e| SandboxError::io(&p, e))?;
         }
     }
@@ -664,6 +885,7 @@ fn run_process(
     root: &Path,
     process: &ProcessSpec,
     mounts: &[PreparedMount],
+    ignore_chown_errors: bool,
 ) -> Result<StepStatus, SandboxError> {
     unshare(CloneFlags::CLONE_NEWPID | CloneFlags::CLONE_NEWUTS)
         .map_err(|e| SandboxError::sys("unshare(CLONE_NEWPID|CLONE_NEWUTS)", e))?;
@@ -674,7 +896,7 @@ fn run_process(
         ForkResult::Child => {
             drop(report_r);
             let mut report = File::from(report_w);
-            let code = match init(root, process, mounts, &mut report) {
+            let code = match init(root, process, mounts, &mut report, ignore_chown_errors) {
                 Ok(code) => code,
                 Err(e) => {
                     let _ = writeln!(report, "E{e}");
@@ -719,6 +941,7 @@ fn init(
     process: &ProcessSpec,
     mounts: &[PreparedMount],
     report: &mut File,
+    ignore_chown_errors: bool,
 ) -> Result<i32, SandboxError> {
     unshare(CloneFlags::CLONE_NEWNS)
         .map_err(|e| SandboxError::sys("unshare(CLONE_NEWNS) for pid 1", e))?;
@@ -768,7 +991,10 @@ fn init(
         }
     }
     nix::unistd::sethostname(&process.hostname).map_err(|e| SandboxError::sys("sethostname", e))?;
-    let user = rootfs::resolve_user(root, &process.user)?;
+    let mut user = rootfs::resolve_user(root, &process.user)?;
+    if ignore_chown_errors {
+        squash_user(&mut user, "USER");
+    }
     chdir(root).map_err(|e| SandboxError::sys("chdir to the rootfs", e))?;
     pivot_root(".", ".").map_err(|e| SandboxError::sys("pivot_root", e))?;
     umount2(".", MntFlags::MNT_DETACH)
@@ -848,6 +1074,52 @@ fn init(
             }
         },
     }
+}
+
+/// Whether `id` exists in this process's user namespace (`map`: `uid_map` or `gid_map`).
+fn id_mapped(id: u32, map: &str) -> bool {
+    let Ok(text) = fs::read_to_string(format!("/proc/self/{map}")) else {
+        return true;
+    };
+    text.lines().any(|l| {
+        let f: Vec<u64> = l
+            .split_whitespace()
+            .filter_map(|x| x.parse().ok())
+            .collect();
+        f.len() == 3 && (f[0]..f[0] + f[2]).contains(&u64::from(id))
+    })
+}
+
+/// `--ignore-chown-errors`: an owner this namespace does not map becomes 0, with a warning,
+/// instead of failing the step.
+fn squash_user(user: &mut rootfs::ResolvedUser, what: &str) {
+    if !id_mapped(user.uid, "uid_map") || !id_mapped(user.gid, "gid_map") {
+        eprintln!(
+            "warning: {what} {}:{} is not mapped in this build's user namespace; using 0:0 (--ignore-chown-errors)",
+            user.uid, user.gid
+        );
+        user.uid = 0;
+        user.gid = 0;
+    }
+    user.groups.retain(|g| id_mapped(*g, "gid_map"));
+}
+
+fn squash_copy_owner(
+    root: &Path,
+    copy: &super::CopySpec,
+    ignore_chown_errors: bool,
+) -> Result<super::CopySpec, SandboxError> {
+    let mut copy = copy.clone();
+    if let (true, Some(spec)) = (ignore_chown_errors, &copy.chown) {
+        let (uid, gid) = rootfs::resolve_chown(root, spec)?;
+        if !id_mapped(uid, "uid_map") || !id_mapped(gid, "gid_map") {
+            eprintln!(
+                "warning: COPY --chown={spec}: {uid}:{gid} is not mapped in this build's user namespace; the files stay owned by 0:0 (--ignore-chown-errors)"
+            );
+            copy.chown = None;
+        }
+    }
+    Ok(copy)
 }
 
 fn unmapped(kind: &str, id: u32, e: Errno) -> SandboxError {

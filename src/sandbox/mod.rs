@@ -87,6 +87,14 @@ pub struct StepSpec {
     /// How the rootfs is stacked from `lower` (see [`Snapshotter`]).
     #[serde(default)]
     pub snapshotter: Snapshotter,
+    /// No namespaces: the helper is real root and chroots the step into a copy of its rootfs
+    /// (the `chroot` isolation; needs the copy snapshotter).
+    #[serde(default)]
+    pub chroot: bool,
+    /// An owner (COPY --chown, USER, WORKDIR) the namespace does not map becomes 0 instead of an
+    /// error (`--ignore-chown-errors`, for single-ID builds).
+    #[serde(default)]
+    pub ignore_chown_errors: bool,
 }
 
 /// How a step's rootfs is made from the image's layers, fastest first. Whatever the choice, the
