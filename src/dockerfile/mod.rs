@@ -56,7 +56,9 @@ mod tests {
             for _ in 0..len {
                 s.push(ALPHABET[(next() % ALPHABET.len() as u64) as usize]);
             }
-            let _ = super::parse(&s);
+            if let Ok(parsed) = super::parse(&s) {
+                let _ = super::checks::check(&s, &parsed, None);
+            }
             for escape in ['\\', '`'] {
                 let mut lex = Lex::new(escape);
                 let _ = lex.expand(&s, &env);
