@@ -587,7 +587,7 @@ fn copy_flags_link_exclude_parents() {
 
 #[test]
 fn healthcheck_onbuild_and_docker_format() {
-    let parent = "ARG BASE\nFROM ${BASE}\nHEALTHCHECK --interval=30s --retries=2 CMD wget -q -O- http://localhost/ || exit 1\nONBUILD RUN echo triggered > /onbuild-ran\nSTOPSIGNAL SIGTERM\n";
+    let parent = "ARG BASE\nFROM ${BASE}\nSHELL [\"/bin/sh\", \"-ec\"]\nHEALTHCHECK --interval=30s --retries=2 CMD wget -q -O- http://localhost/ || exit 1\nONBUILD RUN echo triggered > /onbuild-ran\nSTOPSIGNAL SIGTERM\n";
     let ctx = context(&[("Dockerfile", parent)]);
     let store = scratch_dir(Who::Root);
     let tag = unique_ref("onbuild-parent");
@@ -638,6 +638,10 @@ fn healthcheck_onbuild_and_docker_format() {
         serde_json::json!(["RUN echo triggered > /onbuild-ran"])
     );
     assert_eq!(config["config"]["StopSignal"], "SIGTERM");
+    assert_eq!(
+        config["config"]["Shell"],
+        serde_json::json!(["/bin/sh", "-ec"])
+    );
 
     // The child runs the trigger, and its own config no longer carries it.
     let child = context(&[(

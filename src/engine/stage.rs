@@ -387,6 +387,14 @@ impl Builder<'_> {
                 snapshot,
             });
         }
+        // A base image's SHELL carries over to the stages built on it.
+        let shell = config
+            .config
+            .rest
+            .get("Shell")
+            .and_then(|v| serde_json::from_value(v.clone()).ok())
+            .filter(|s: &Vec<String>| !s.is_empty())
+            .unwrap_or_else(default_shell);
         let last_created = config
             .history
             .last()
@@ -398,7 +406,7 @@ impl Builder<'_> {
             layers,
             args: vec![],
             cmd_set: false,
-            shell: default_shell(),
+            shell,
             cache_key: pulled.manifest_digest.clone(),
             last_created,
             records: vec![],
@@ -635,6 +643,13 @@ impl Builder<'_> {
                     ));
                 }
                 state.shell = node.args.clone();
+                // Docker's config field, as BuildKit writes it; later stages FROM this image
+                // start with this shell.
+                state
+                    .config
+                    .config
+                    .rest
+                    .insert("Shell".into(), serde_json::json!(node.args));
                 created_by = format!("SHELL [{}]", node.args.join(" "));
             }
             "cmd" | "entrypoint" => {
