@@ -100,19 +100,7 @@ pub(super) fn platform_args() -> Vec<(String, Option<String>)> {
     out
 }
 
-/// The proxy variables BuildKit passes to RUN without declaring them and without recording them.
-const PROXY_ARGS: [&str; 10] = [
-    "HTTP_PROXY",
-    "http_proxy",
-    "HTTPS_PROXY",
-    "https_proxy",
-    "FTP_PROXY",
-    "ftp_proxy",
-    "NO_PROXY",
-    "no_proxy",
-    "ALL_PROXY",
-    "all_proxy",
-];
+use crate::dockerfile::checks::PROXY_ARGS;
 
 /// The `--from=` values of an instruction (COPY --from, RUN --mount=...,from=).
 pub(super) fn from_references(node: &Node) -> Vec<String> {
@@ -1062,14 +1050,7 @@ impl Builder<'_> {
                         ));
                     }
                     // BuildKit skips an optional secret that was not given.
-                    return Ok((
-                        RunMount {
-                            target: target.clone(),
-                            kind: MountKind::Tmpfs { size: Some(4096) },
-                            readonly: true,
-                        },
-                        serde_json::json!({"secret-absent": id, "target": target}),
-                    ));
+                    return Ok(absent_mount("secret-absent", &id, target));
                 };
                 let source = match &secret.source {
                     SecretSource::Env(var) => {
@@ -1210,14 +1191,7 @@ impl Builder<'_> {
                             format!("ssh agent {id:?} is required but was not given; pass --ssh {id} (uses $SSH_AUTH_SOCK) or --ssh {id}=/path/to/agent.sock"),
                         ));
                     }
-                    return Ok((
-                        RunMount {
-                            target: target.clone(),
-                            kind: MountKind::Tmpfs { size: Some(4096) },
-                            readonly: true,
-                        },
-                        serde_json::json!({"ssh-absent": id, "target": target}),
-                    ));
+                    return Ok(absent_mount("ssh-absent", &id, target));
                 };
                 // The step finds the agent where BuildKit puts it, through SSH_AUTH_SOCK.
                 helper_env.push((format!("SHMOCKER_SSH_{n}"), target.clone()));
@@ -1957,6 +1931,20 @@ fn heredoc_body(doc: &crate::dockerfile::Heredoc) -> String {
     } else {
         doc.content.clone()
     }
+}
+
+/// An optional secret or agent that was not given: an empty read-only tmpfs at its target, so
+/// the step sees the place but nothing in it.
+fn absent_mount(kind: &str, id: &str, target: String) -> (RunMount, serde_json::Value) {
+    let key = serde_json::json!({ kind: id, "target": target });
+    (
+        RunMount {
+            target,
+            kind: MountKind::Tmpfs { size: Some(4096) },
+            readonly: true,
+        },
+        key,
+    )
 }
 
 /// Whether a `--from` value that names no stage can be an image reference.

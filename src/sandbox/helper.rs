@@ -115,37 +115,11 @@ fn run(spec: &StepSpec) -> Result<StepStatus, SandboxError> {
             }
             let copy = squash_copy_owner(root, &copy, spec.ignore_chown_errors)?;
             rootfs::copy_into(root, &copy)?;
-            for archive in &copy.archives {
-                let dest = rootfs::mkdir_all(root, &copy.dest, (0, 0))?;
-                let compression = crate::layer::sniff_compression(archive)
-                    .map_err(|e| SandboxError::Setup(e.to_string()))?;
-                let file = File::open(archive).map_err(|e| SandboxError::io(archive, e))?;
-                crate::layer::apply_layer(
-                    std::io::BufReader::new(file),
-                    compression,
-                    &dest,
-                    &crate::layer::ApplyOptions::default(),
-                )
-                .map_err(|e| SandboxError::Setup(format!("ADD {}: {e}", archive.display())))?;
-            }
+            unpack_archives(root, &copy)?;
             StepStatus::Exited(0)
         }
         Action::Export { dest } => {
-            // cp -a keeps owners, modes, links and times; the rootfs is read through the
-            // overlay, so whiteouts are already applied.
-            let out = std::process::Command::new("cp")
-                .arg("-a")
-                .arg(format!("{}/.", root.display()))
-                .arg(dest)
-                .output()
-                .map_err(|e| SandboxError::io("cp", e))?;
-            if !out.status.success() {
-                return Err(SandboxError::Setup(format!(
-                    "copying the image's filesystem to {}: {}",
-                    dest.display(),
-                    String::from_utf8_lossy(&out.stderr).trim()
-                )));
-            }
+            export_rootfs(root, dest)?;
             StepStatus::Exited(0)
         }
         Action::Mkdir { path, user } => {
@@ -252,35 +226,11 @@ fn run_chroot(spec: &StepSpec) -> Result<StepStatus, SandboxError> {
                 return Err(unavailable("COPY --from"));
             }
             rootfs::copy_into(root, copy)?;
-            for archive in &copy.archives {
-                let dest = rootfs::mkdir_all(root, &copy.dest, (0, 0))?;
-                let compression = crate::layer::sniff_compression(archive)
-                    .map_err(|e| SandboxError::Setup(e.to_string()))?;
-                let file = File::open(archive).map_err(|e| SandboxError::io(archive, e))?;
-                crate::layer::apply_layer(
-                    std::io::BufReader::new(file),
-                    compression,
-                    &dest,
-                    &crate::layer::ApplyOptions::default(),
-                )
-                .map_err(|e| SandboxError::Setup(format!("ADD {}: {e}", archive.display())))?;
-            }
+            unpack_archives(root, copy)?;
             StepStatus::Exited(0)
         }
         Action::Export { dest } => {
-            let out = std::process::Command::new("cp")
-                .arg("-a")
-                .arg(format!("{}/.", root.display()))
-                .arg(dest)
-                .output()
-                .map_err(|e| SandboxError::io("cp", e))?;
-            if !out.status.success() {
-                return Err(SandboxError::Setup(format!(
-                    "copying the image's filesystem to {}: {}",
-                    dest.display(),
-                    String::from_utf8_lossy(&out.stderr).trim()
-                )));
-            }
+            export_rootfs(root, dest)?;
             return Ok(StepStatus::Exited(0));
         }
         Action::Mkdir { path, user } => {
@@ -579,6 +529,43 @@ fn mount_view(lower: &[PathBuf], empty: &Path, target: &Path) -> Result<(), Sand
             e,
         )
     })
+}
+
+/// ADD: unpacks the step's local tar archives into its destination directory.
+fn unpack_archives(root: &Path, copy: &super::CopySpec) -> Result<(), SandboxError> {
+    for archive in &copy.archives {
+        let dest = rootfs::mkdir_all(root, &copy.dest, (0, 0))?;
+        let compression = crate::layer::sniff_compression(archive)
+            .map_err(|e| SandboxError::Setup(e.to_string()))?;
+        let file = File::open(archive).map_err(|e| SandboxError::io(archive, e))?;
+        crate::layer::apply_layer(
+            std::io::BufReader::new(file),
+            compression,
+            &dest,
+            &crate::layer::ApplyOptions::default(),
+        )
+        .map_err(|e| SandboxError::Setup(format!("ADD {}: {e}", archive.display())))?;
+    }
+    Ok(())
+}
+
+/// `--output type=local`: copies the rootfs to `dest`. cp -a keeps owners, modes, links and
+/// times; the rootfs is read through the overlay (or the copy), so whiteouts are applied.
+fn export_rootfs(root: &Path, dest: &Path) -> Result<(), SandboxError> {
+    let out = std::process::Command::new("cp")
+        .arg("-a")
+        .arg(format!("{}/.", root.display()))
+        .arg(dest)
+        .output()
+        .map_err(|e| SandboxError::io("cp", e))?;
+    if !out.status.success() {
+        return Err(SandboxError::Setup(format!(
+            "copying the image's filesystem to {}: {}",
+            dest.display(),
+            String::from_utf8_lossy(&out.stderr).trim()
+        )));
+    }
+    Ok(())
 }
 
 fn mount_overlay(spec: &StepSpec) -> Result<(), SandboxError> {

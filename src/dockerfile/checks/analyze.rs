@@ -29,8 +29,9 @@ const PLATFORM_ARGS: [&str; 8] = [
     "BUILDVARIANT",
 ];
 
-/// The proxy ARGs Docker predefines: usable without an ARG instruction, never reported.
-const PROXY_ARGS: [&str; 10] = [
+/// The proxy ARGs Docker predefines: usable without an ARG instruction, never reported, and
+/// passed to RUN steps without being recorded in the image.
+pub const PROXY_ARGS: [&str; 10] = [
     "HTTP_PROXY",
     "http_proxy",
     "HTTPS_PROXY",

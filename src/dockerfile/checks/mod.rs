@@ -12,6 +12,7 @@
 //! Everything here is pure text processing; the caller reads the Dockerfile and `.dockerignore`.
 
 mod analyze;
+pub use analyze::PROXY_ARGS;
 #[cfg(test)]
 mod tests;
 
