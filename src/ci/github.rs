@@ -198,6 +198,22 @@ impl Reporter for GithubReporter {
                     message,
                 );
             }
+            Event::CheckFinding {
+                location,
+                level,
+                rule,
+                message,
+                url,
+            } => {
+                let level = if level == "error" { "error" } else { "warning" };
+                self.annotate(
+                    st,
+                    level,
+                    Some(location),
+                    rule,
+                    &format!("{message} ({url})"),
+                );
+            }
             Event::Warning { location, message } => {
                 if let Some(line) = plain_line(event) {
                     text(st, &line);
@@ -362,6 +378,34 @@ mod tests {
         assert!(
             text.contains("::notice title=shmocker::1 errors and 13 warnings in all"),
             "{text}"
+        );
+    }
+
+    #[test]
+    fn check_findings_are_annotated_at_their_line_without_a_second_log_line() {
+        let sink = Sink::default();
+        let r = GithubReporter::new(Box::new(sink.clone()), Some("/ws".into()));
+        for (level, rule) in [("warning", "FromAsCasing"), ("error", "UndefinedVar")] {
+            r.report(&Event::CheckFinding {
+                location: loc(4),
+                level: level.into(),
+                rule: rule.into(),
+                message: "the message".into(),
+                url: "https://docs.docker.com/go/dockerfile/rule/x/".into(),
+            });
+        }
+        r.finish();
+        let text = sink.text();
+        assert!(text.contains(
+            "::warning file=app/Dockerfile,line=4,col=1,title=FromAsCasing::the message (https://docs.docker.com/go/dockerfile/rule/x/)"
+        ), "{text}");
+        assert!(
+            text.contains("::error file=app/Dockerfile,line=4,col=1,title=UndefinedVar::"),
+            "{text}"
+        );
+        assert!(
+            !text.contains("warning: "),
+            "the checks print their own lines: {text}"
         );
     }
 

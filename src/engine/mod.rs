@@ -222,8 +222,20 @@ pub async fn build(opts: &BuildOptions) -> Result<BuildResult, BuildError> {
         message: e.message.clone(),
     })?;
     let ignore = read_dockerignore(context_dir, &dockerfile_path)?;
-    dockerfile::checks::run_for_build(&file_name, &source, &parsed, ignore.as_ref())
-        .map_err(|e| BuildError::Input(e.to_string()))?;
+    dockerfile::checks::run_for_build(&file_name, &source, &parsed, ignore.as_ref(), &mut |f| {
+        opts.reporter.report(Event::CheckFinding {
+            location: crate::progress::Location::new(&file_name, f.line, f.column),
+            level: if f.level == dockerfile::checks::Level::Error {
+                "error".into()
+            } else {
+                "warning".into()
+            },
+            rule: f.rule.to_string(),
+            message: f.message.clone(),
+            url: f.url.clone(),
+        })
+    })
+    .map_err(|e| BuildError::Input(e.to_string()))?;
     let store = Store::open(&opts.store_root).map_err(|e| {
         BuildError::Input(format!(
             "cannot open the store at {}: {e}; pick another with --root DIR",

@@ -52,6 +52,16 @@ pub enum Event {
         location: Option<Location>,
         message: String,
     },
+    /// A build check's finding (see `dockerfile::checks`), already printed to standard error
+    /// in the checks' own format; CI reporters annotate it at its Dockerfile line.
+    CheckFinding {
+        location: Location,
+        /// `warning` or `error`.
+        level: String,
+        rule: String,
+        message: String,
+        url: String,
+    },
     /// A stage begins; its FROM step follows.
     StageStarted {
         /// The stage's index in the Dockerfile, from 0.
@@ -241,7 +251,7 @@ pub fn plain_line(event: &Event) -> Option<String> {
             location: None,
             message,
         } => format!("warning: {message}"),
-        Event::StageStarted { .. } => return None,
+        Event::StageStarted { .. } | Event::CheckFinding { .. } => return None,
         Event::StepStarted {
             step,
             stage,
@@ -453,6 +463,19 @@ impl Reporter for Recorder {
             }
             Event::Warning { location, message } => {
                 rec.warnings.push((location.clone(), message.clone()));
+            }
+            // Summaries and reports list check findings with the other warnings.
+            Event::CheckFinding {
+                location,
+                level,
+                rule,
+                message,
+                ..
+            } => {
+                rec.warnings.push((
+                    Some(location.clone()),
+                    format!("{level}: {rule}: {message}"),
+                ));
             }
             Event::Pulled { image, digest, .. } => rec.pulled.push((image.clone(), digest.clone())),
             Event::Pushed { tag, digest } => rec.pushed.push((tag.clone(), digest.clone())),

@@ -374,11 +374,13 @@ pub enum BuildCheckError {
 
 /// What a build does with the checks: prints every finding to standard error and fails when the
 /// `# check=` directive made them errors (BuildKit stops such a build before it runs a step).
+/// `on_finding` sees each finding too (the CI reporters turn them into annotations).
 pub fn run_for_build(
     file: &str,
     source: &str,
     parsed: &ParseResult,
     dockerignore: Option<&Dockerignore>,
+    on_finding: &mut dyn FnMut(&Finding),
 ) -> Result<(), BuildCheckError> {
     let report = check(source, parsed, dockerignore).map_err(|error| BuildCheckError::Invalid {
         file: file.to_string(),
@@ -388,6 +390,9 @@ pub fn run_for_build(
         return Ok(());
     }
     eprint!("{}", report.render_text(file, source));
+    for f in &report.findings {
+        on_finding(f);
+    }
     let Some(first) = report.findings.iter().find(|f| f.level == Level::Error) else {
         return Ok(());
     };

@@ -730,17 +730,23 @@ fn json_output_shape() {
 fn build_gate_fails_only_on_errors() {
     let warn = "FROM alpine as base\n";
     let parsed = parse(warn).unwrap();
-    assert_eq!(run_for_build("Dockerfile", warn, &parsed, None), Ok(()));
+    let mut seen = Vec::new();
+    assert_eq!(
+        run_for_build("Dockerfile", warn, &parsed, None, &mut |f| seen
+            .push(f.rule)),
+        Ok(())
+    );
+    assert_eq!(seen, vec!["FromAsCasing"], "every finding is handed on");
     let err = "# check=error=true\nFROM alpine as base\nMAINTAINER x\n";
     let parsed = parse(err).unwrap();
-    let e = run_for_build("Dockerfile", err, &parsed, None).unwrap_err();
+    let e = run_for_build("Dockerfile", err, &parsed, None, &mut |_| {}).unwrap_err();
     assert_eq!(
         e.to_string(),
         "Dockerfile:2:13: lint violation found for rules: FromAsCasing, MaintainerDeprecated; fix them, or drop error=true from the `# check=` directive to only warn"
     );
     let bad = "# check=nope\nFROM alpine\n";
     let parsed = parse(bad).unwrap();
-    let e = run_for_build("Dockerfile", bad, &parsed, None).unwrap_err();
+    let e = run_for_build("Dockerfile", bad, &parsed, None, &mut |_| {}).unwrap_err();
     assert!(
         e.to_string()
             .starts_with("Dockerfile:1:1: failed to parse check options"),
