@@ -324,32 +324,14 @@ fn run_chrooted(root: &Path, process: &ProcessSpec) -> Result<StepStatus, Sandbo
             let err = (|| -> Result<(), SandboxError> {
                 nix::unistd::chroot(root).map_err(|e| SandboxError::sys("chroot", e))?;
                 chdir("/").map_err(|e| SandboxError::sys("chdir /", e))?;
-                let cwd = if process.cwd.is_empty() {
-                    "/"
-                } else {
-                    &process.cwd
-                };
-                if fs::metadata(cwd).is_err() {
-                    fs::create_dir_all(cwd).map_err(|e| SandboxError::io(cwd, e))?;
-                    nix::unistd::chown(
-                        cwd,
-                        Some(Uid::from_raw(user.uid)),
-                        Some(Gid::from_raw(user.gid)),
-                    )
-                    .map_err(|e| SandboxError::sys(format!("chown {cwd}"), e))?;
-                }
-                let mut env = process.env.clone();
-                if !env.iter().any(|e| e.starts_with("HOME=")) {
-                    env.push(format!(
-                        "HOME={}",
-                        user.home.clone().unwrap_or_else(|| "/".into())
-                    ));
-                }
-                let program = find_program(&process.args, &env)?;
-                let argv = cstrings(&process.args)?;
-                let envp = cstrings(&env)?;
-                let cprog = CString::new(program.as_os_str().as_encoded_bytes())
-                    .map_err(|_| SandboxError::Setup("program path contains NUL".into()))?;
+                let Exec {
+                    cwd,
+                    program,
+                    cprog,
+                    argv,
+                    envp,
+                } = prepare_exec(process, &user)?;
+                let cwd = cwd.as_str();
                 let groups: Vec<Gid> = user.groups.iter().map(|g| Gid::from_raw(*g)).collect();
                 nix::unistd::setgroups(&groups).map_err(|e| SandboxError::sys("setgroups", e))?;
                 let gid = Gid::from_raw(user.gid);
@@ -987,32 +969,14 @@ fn init(
     umount2(".", MntFlags::MNT_DETACH)
         .map_err(|e| SandboxError::sys("detaching the old root", e))?;
     chdir("/").map_err(|e| SandboxError::sys("chdir /", e))?;
-    let cwd = if process.cwd.is_empty() {
-        "/"
-    } else {
-        &process.cwd
-    };
-    if fs::metadata(cwd).is_err() {
-        fs::create_dir_all(cwd).map_err(|e| SandboxError::io(cwd, e))?;
-        nix::unistd::chown(
-            cwd,
-            Some(Uid::from_raw(user.uid)),
-            Some(Gid::from_raw(user.gid)),
-        )
-        .map_err(|e| SandboxError::sys(format!("chown {cwd}"), e))?;
-    }
-    let mut env = process.env.clone();
-    if !env.iter().any(|e| e.starts_with("HOME=")) {
-        env.push(format!(
-            "HOME={}",
-            user.home.clone().unwrap_or_else(|| "/".into())
-        ));
-    }
-    let program = find_program(&process.args, &env)?;
-    let argv = cstrings(&process.args)?;
-    let envp = cstrings(&env)?;
-    let cprog = CString::new(program.as_os_str().as_encoded_bytes())
-        .map_err(|_| SandboxError::Setup("program path contains NUL".into()))?;
+    let Exec {
+        cwd,
+        program,
+        cprog,
+        argv,
+        envp,
+    } = prepare_exec(process, &user)?;
+    let cwd = cwd.as_str();
 
     // SAFETY: pid 1 is single-threaded (forked from the single-threaded helper).
     match unsafe { fork() }.map_err(|e| SandboxError::sys("fork", e))? {
@@ -1107,6 +1071,51 @@ fn squash_copy_owner(
         }
     }
     Ok(copy)
+}
+
+/// What the step's process is exec'd with, made inside the rootfs (after pivot_root or chroot).
+struct Exec {
+    cwd: String,
+    program: PathBuf,
+    cprog: CString,
+    argv: Vec<CString>,
+    envp: Vec<CString>,
+}
+
+/// Creates the working directory if missing (owned by the step's user, as runc does), adds HOME
+/// from the user's passwd entry when the environment has none, and finds the program in PATH.
+fn prepare_exec(process: &ProcessSpec, user: &rootfs::ResolvedUser) -> Result<Exec, SandboxError> {
+    let cwd = if process.cwd.is_empty() {
+        "/".to_string()
+    } else {
+        process.cwd.clone()
+    };
+    if fs::metadata(&cwd).is_err() {
+        fs::create_dir_all(&cwd).map_err(|e| SandboxError::io(&cwd, e))?;
+        nix::unistd::chown(
+            cwd.as_str(),
+            Some(Uid::from_raw(user.uid)),
+            Some(Gid::from_raw(user.gid)),
+        )
+        .map_err(|e| SandboxError::sys(format!("chown {cwd}"), e))?;
+    }
+    let mut env = process.env.clone();
+    if !env.iter().any(|e| e.starts_with("HOME=")) {
+        env.push(format!(
+            "HOME={}",
+            user.home.clone().unwrap_or_else(|| "/".into())
+        ));
+    }
+    let program = find_program(&process.args, &env)?;
+    let cprog = CString::new(program.as_os_str().as_encoded_bytes())
+        .map_err(|_| SandboxError::Setup("program path contains NUL".into()))?;
+    Ok(Exec {
+        cwd,
+        argv: cstrings(&process.args)?,
+        envp: cstrings(&env)?,
+        program,
+        cprog,
+    })
 }
 
 fn unmapped(kind: &str, id: u32, e: Errno) -> SandboxError {
