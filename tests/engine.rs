@@ -945,3 +945,92 @@ fn build_network_none_applies_to_every_run_unless_a_step_overrides_it() {
     );
     assert_eq!(std::fs::read_to_string(rootfs.join("b")).unwrap(), "ok\n");
 }
+
+#[test]
+fn add_clones_git_sources_at_a_ref_and_subdirectory() {
+    // A repository served over git's dumb HTTP protocol from loopback.
+    let served = scratch_dir(Who::Root);
+    let work = scratch_dir(Who::Root);
+    let src = work.path().join("src");
+    let git = |args: &[&str], dir: &std::path::Path| {
+        common::run_ok(
+            Command::new("git")
+                .args([
+                    "-c",
+                    "user.name=t",
+                    "-c",
+                    "user.email=t@example.test",
+                    "-c",
+                    "init.defaultBranch=main",
+                ])
+                .args(args)
+                .current_dir(dir),
+        )
+    };
+    std::fs::create_dir_all(src.join("sub")).unwrap();
+    std::fs::write(src.join("README"), "tagged\n").unwrap();
+    std::fs::write(src.join("sub/inner.txt"), "inner\n").unwrap();
+    git(&["init", "-q", "."], &src);
+    git(&["add", "."], &src);
+    git(&["commit", "-q", "-m", "one"], &src);
+    git(&["tag", "v1"], &src);
+    std::fs::write(src.join("README"), "later\n").unwrap();
+    git(&["commit", "-q", "-am", "two"], &src);
+    let bare = served.path().join("repo.git");
+    git(
+        &[
+            "clone",
+            "-q",
+            "--bare",
+            src.to_str().unwrap(),
+            bare.to_str().unwrap(),
+        ],
+        work.path(),
+    );
+    git(&["update-server-info"], &bare);
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut server = Command::new("python3")
+        .args([
+            "-m",
+            "http.server",
+            "--bind",
+            "127.0.0.1",
+            &port.to_string(),
+            "--directory",
+        ])
+        .arg(served.path())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("python3 serves the repository");
+    for _ in 0..50 {
+        if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    let url = format!("http://127.0.0.1:{port}/repo.git");
+    let dockerfile = format!(
+        "ARG BASE\nFROM ${{BASE}}\nADD {url}#v1 /tagged/\nADD {url}#v1:sub /only-sub/\nADD --keep-git-dir {url} /head/\n"
+    );
+    let store = scratch_dir(Who::User);
+    let (_w, rootfs, _) =
+        build_and_unpack(Who::User, store.path(), &[("Dockerfile", &dockerfile)], &[]);
+    let _ = server.kill();
+    let _ = server.wait();
+    let read =
+        |p: &str| std::fs::read_to_string(rootfs.join(p)).unwrap_or_else(|e| panic!("{p}: {e}"));
+    assert_eq!(read("tagged/README"), "tagged\n");
+    assert!(
+        !rootfs.join("tagged/.git").exists(),
+        ".git left out unless --keep-git-dir"
+    );
+    assert_eq!(read("only-sub/inner.txt"), "inner\n");
+    assert!(!rootfs.join("only-sub/README").exists());
+    assert_eq!(read("head/README"), "later\n");
+    assert!(rootfs.join("head/.git").is_dir(), "--keep-git-dir keeps it");
+}

@@ -505,6 +505,7 @@ impl Builder<'_> {
                 "--exclude",
                 "--checksum",
                 "--unpack",
+                "--keep-git-dir",
             ],
             "run" => &["--mount", "--network", "--security"],
             "healthcheck" => &[
@@ -1290,6 +1291,107 @@ impl Builder<'_> {
         false
     }
 
+    /// ADD from git: a shallow clone of `source` (`URL[#REF[:SUBDIR]]`, as BuildKit takes it)
+    /// into the build's scratch dir with the host's `git`. Returns the directory to copy (the
+    /// subdirectory, if one is named) and the commit checked out.
+    async fn git_checkout(
+        &self,
+        node: &Node,
+        source: &str,
+        keep_git_dir: bool,
+    ) -> Result<(PathBuf, String), BuildError> {
+        use sha2::Digest as _;
+        let fail = |m: String| self.err(node, format!("ADD {source}: {m}"));
+        let (url, fragment) = match source.split_once('#') {
+            Some((u, f)) => (u.to_string(), f.to_string()),
+            None => (source.to_string(), String::new()),
+        };
+        let (reference, subdir) = match fragment.split_once(':') {
+            Some((r, d)) => (r.to_string(), d.to_string()),
+            None => (fragment, String::new()),
+        };
+        let dir = self.scratch.join(format!(
+            "git-{}",
+            hex::encode(sha2::Sha256::digest(source.as_bytes()))
+        ));
+        let _ = fs::remove_dir_all(&dir);
+        let git = |args: Vec<String>, cwd: Option<PathBuf>| async move {
+            let mut cmd = tokio::process::Command::new("git");
+            cmd.args(&args).env("GIT_TERMINAL_PROMPT", "0");
+            if let Some(c) = cwd {
+                cmd.current_dir(c);
+            }
+            cmd.output().await
+        };
+        let dir_s = dir.display().to_string();
+        let mut clone = vec![
+            "clone".to_string(),
+            "--quiet".into(),
+            "--depth".into(),
+            "1".into(),
+        ];
+        if !reference.is_empty() {
+            clone.push("--branch".into());
+            clone.push(reference.clone());
+        }
+        clone.push(url.clone());
+        clone.push(dir_s.clone());
+        let out = git(clone, None)
+            .await
+            .map_err(|e| fail(format!("running git: {e}; install git on the runner")))?;
+        if !out.status.success() {
+            // A commit id is not a branch or tag: fetch everything and check it out.
+            let _ = fs::remove_dir_all(&dir);
+            let full = git(
+                vec!["clone".into(), "--quiet".into(), url.clone(), dir_s.clone()],
+                None,
+            )
+            .await
+            .map_err(|e| fail(e.to_string()))?;
+            let checked_out = full.status.success()
+                && (reference.is_empty()
+                    || git(
+                        vec!["checkout".into(), "--quiet".into(), reference.clone()],
+                        Some(dir.clone()),
+                    )
+                    .await
+                    .map(|o| o.status.success())
+                    .unwrap_or(false));
+            if !checked_out {
+                return Err(fail(format!(
+                    "git could not clone it{}: {}",
+                    if reference.is_empty() {
+                        String::new()
+                    } else {
+                        format!(" at {reference}")
+                    },
+                    String::from_utf8_lossy(&out.stderr).trim()
+                )));
+            }
+        }
+        let head = git(vec!["rev-parse".into(), "HEAD".into()], Some(dir.clone()))
+            .await
+            .map_err(|e| fail(e.to_string()))?;
+        let commit = String::from_utf8_lossy(&head.stdout).trim().to_string();
+        if !keep_git_dir {
+            let _ = fs::remove_dir_all(dir.join(".git"));
+        }
+        let root = if subdir.is_empty() {
+            dir
+        } else {
+            let rel = super::context::clean_relative(&subdir)
+                .ok_or_else(|| fail(format!("subdirectory {subdir:?} leaves the repository")))?;
+            let d = dir.join(rel);
+            if !d.is_dir() {
+                return Err(fail(format!(
+                    "{subdir:?} is not a directory of the repository"
+                )));
+            }
+            d
+        };
+        Ok((root, commit))
+    }
+
     /// The directory of a cache mount, kept in the store between builds.
     fn cache_mount_dir(&self, id: &str, uid: u32, gid: u32, mode: u32) -> Result<PathBuf, String> {
         use sha2::Digest as _;
@@ -1344,6 +1446,7 @@ impl Builder<'_> {
         let is_add = node.keyword == "add";
         let mut checksum: Option<String> = None;
         let mut unpack: Option<bool> = None;
+        let mut keep_git_dir = false;
         let mut archives: Vec<PathBuf> = Vec::new();
         let mut extra_key: Vec<String> = Vec::new();
         for f in &node.flags {
@@ -1368,6 +1471,8 @@ impl Builder<'_> {
                 unpack = Some(true);
             } else if f == "--unpack=false" {
                 unpack = Some(false);
+            } else if f == "--keep-git-dir" || f == "--keep-git-dir=true" {
+                keep_git_dir = true;
             }
         }
         let words: Vec<String> = node
@@ -1459,15 +1564,27 @@ impl Builder<'_> {
                     "COPY requires at least two arguments: COPY <src>... <dest>",
                 ));
             }
-            if checksum.is_some() && !sources.iter().all(|s| is_url(s)) {
+            if checksum.is_some() && !sources.iter().all(|s| is_url(s) || is_git_source(s)) {
                 return Err(self.err(node, "ADD --checksum applies to URL sources only"));
             }
             for s in sources {
                 if is_add && is_git_source(s) {
-                    return Err(self.err(
-                        node,
-                        format!("ADD {s}: git sources are not supported by this version of shmocker; clone in a RUN step instead"),
-                    ));
+                    let (dir, commit) = self.git_checkout(node, s, keep_git_dir).await?;
+                    if let Some(expected) = &checksum
+                        && !commit.starts_with(expected.as_str())
+                    {
+                        return Err(self.err(
+                            node,
+                            format!("ADD {s}: checksum mismatch: --checksum={expected} but the checked-out commit is {commit}"),
+                        ));
+                    }
+                    matched += 1;
+                    any_dir = true;
+                    extra_key.push(format!("{s}@{commit}"));
+                    let ctx = super::context::Context::new(dir, None);
+                    ctx.items("", &mut items)
+                        .map_err(|e| self.err(node, e.to_string()))?;
+                    continue;
                 }
                 if is_add && is_url(s) {
                     let (file, hash) = self.download(node, s, checksum.as_deref()).await?;

@@ -73,7 +73,7 @@ READY_TIMEOUT=10                     # seconds to wait for a registry to answer
 PACKAGES=(
     docker-registry:docker-registry uidmap:newuidmap fuse-overlayfs:fuse-overlayfs
     busybox-static:busybox buildah:buildah skopeo:skopeo umoci:umoci runc:runc
-    apache2-utils:htpasswd openssl:openssl jq:jq curl:curl util-linux:runuser openssh-client:ssh-agent tar:tar
+    apache2-utils:htpasswd openssl:openssl jq:jq curl:curl util-linux:runuser openssh-client:ssh-agent tar:tar git:git
     python3-seccomp:python3
 )
 
