@@ -390,6 +390,24 @@ RUN --mount=type=bind,source=data,target=/mnt/data cat /mnt/data/x > /from-bind
     );
 }
 
+/// A loopback HTTP server answering every request (up to 4) with `body`; returns its port.
+fn serve_http(body: Vec<u8>) -> u16 {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        use std::io::{Read, Write};
+        for stream in listener.incoming().take(4) {
+            let Ok(mut s) = stream else { continue };
+            let mut buf = [0u8; 2048];
+            let _ = s.read(&mut buf);
+            let head = format!("HTTP/1.0 200 OK\r\nContent-Length: {}\r\n\r\n", body.len());
+            let _ = s.write_all(head.as_bytes());
+            let _ = s.write_all(&body);
+        }
+    });
+    port
+}
+
 fn contains(hay: &[u8], needle: &[u8]) -> bool {
     hay.windows(needle.len()).any(|w| w == needle)
 }
@@ -405,20 +423,9 @@ fn gunzip_or_raw(data: &[u8]) -> Vec<u8> {
 
 #[test]
 fn network_none_cannot_reach_the_host_but_host_can() {
-    // A loopback HTTP server of the host, on a free port.
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let port = listener.local_addr().unwrap().port();
-    std::thread::spawn(move || {
-        use std::io::{Read, Write};
-        for stream in listener.incoming().take(4) {
-            let Ok(mut s) = stream else { continue };
-            let mut buf = [0u8; 1024];
-            let _ = s.read(&mut buf);
-            let _ = s.write_all(b"HTTP/1.0 200 OK\r\nContent-Length: 6\r\n\r\nhello\n");
-        }
-    });
+    let port = serve_http(b"hello\n".to_vec());
     let dockerfile = format!(
-        "ARG BASE\nFROM ${{BASE}}\nRUN wget -q -O /via-host http://127.0.0.1:{port}/\nRUN --network=none (wget -q -T 3 -O /via-none http://127.0.0.1:{port}/ && echo reached || echo unreachable) > /none-result && (ping -c1 -W1 127.0.0.1 >/dev/null 2>&1; ip link 2>/dev/null | head -c0; cat /proc/net/dev | grep -c : > /interfaces)\n"
+        "ARG BASE\nFROM ${{BASE}}\nRUN wget -q -O /via-host http://127.0.0.1:{port}/\nRUN --network=none (wget -q -T 3 -O /via-none http://127.0.0.1:{port}/ && echo reached || echo unreachable) > /none-result && grep -c : /proc/net/dev > /interfaces\n"
     );
     let store = scratch_dir(Who::User);
     let (_w, rootfs, _) =
@@ -476,21 +483,7 @@ fn add_unpacks_local_archives_and_fetches_urls_with_checksums() {
             .arg("pkg"),
     );
     let served = b"served over http\n".to_vec();
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let port = listener.local_addr().unwrap().port();
-    let body = served.clone();
-    std::thread::spawn(move || {
-        use std::io::{Read, Write};
-        for stream in listener.incoming().take(4) {
-            let Ok(mut s) = stream else { continue };
-            let mut buf = [0u8; 2048];
-            let _ = s.read(&mut buf);
-            let _ = s.write_all(
-                format!("HTTP/1.0 200 OK\r\nContent-Length: {}\r\n\r\n", body.len()).as_bytes(),
-            );
-            let _ = s.write_all(&body);
-        }
-    });
+    let port = serve_http(served.clone());
     use sha2::Digest;
     let sum = format!("sha256:{}", hex::encode(sha2::Sha256::digest(&served)));
     let dockerfile = format!(
@@ -918,17 +911,7 @@ fn run_steps_are_hardened_unless_insecure_is_allowed() {
 
 #[test]
 fn build_network_none_applies_to_every_run_unless_a_step_overrides_it() {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let port = listener.local_addr().unwrap().port();
-    std::thread::spawn(move || {
-        use std::io::{Read, Write};
-        for stream in listener.incoming().take(4) {
-            let Ok(mut s) = stream else { continue };
-            let mut buf = [0u8; 1024];
-            let _ = s.read(&mut buf);
-            let _ = s.write_all(b"HTTP/1.0 200 OK\r\nContent-Length: 3\r\n\r\nok\n");
-        }
-    });
+    let port = serve_http(b"ok\n".to_vec());
     let dockerfile = format!(
         "ARG BASE\nFROM ${{BASE}}\nRUN (wget -q -T 3 -O /a http://127.0.0.1:{port}/ && echo reached || echo unreachable) > /default-step\nRUN --network=host wget -q -O /b http://127.0.0.1:{port}/\n"
     );

@@ -324,27 +324,8 @@ fn run_chrooted(root: &Path, process: &ProcessSpec) -> Result<StepStatus, Sandbo
             let err = (|| -> Result<(), SandboxError> {
                 nix::unistd::chroot(root).map_err(|e| SandboxError::sys("chroot", e))?;
                 chdir("/").map_err(|e| SandboxError::sys("chdir /", e))?;
-                let Exec {
-                    cwd,
-                    program,
-                    cprog,
-                    argv,
-                    envp,
-                } = prepare_exec(process, &user)?;
-                let cwd = cwd.as_str();
-                let groups: Vec<Gid> = user.groups.iter().map(|g| Gid::from_raw(*g)).collect();
-                nix::unistd::setgroups(&groups).map_err(|e| SandboxError::sys("setgroups", e))?;
-                let gid = Gid::from_raw(user.gid);
-                nix::unistd::setresgid(gid, gid, gid).map_err(|e| unmapped("gid", user.gid, e))?;
-                let uid = Uid::from_raw(user.uid);
-                nix::unistd::setresuid(uid, uid, uid).map_err(|e| unmapped("uid", user.uid, e))?;
-                chdir(cwd).map_err(|e| SandboxError::sys(format!("chdir {cwd}"), e))?;
-                let e = execve(&cprog, &argv, &envp).unwrap_err();
-                Err(SandboxError::Setup(format!(
-                    "exec {}: {}",
-                    program.display(),
-                    e.desc()
-                )))
+                let exec = prepare_exec(process, &user)?;
+                Err(switch_user_and_exec(&user, &exec))
             })()
             .unwrap_err();
             let _ = writeln!(report, "E{err}");
@@ -969,14 +950,7 @@ fn init(
     umount2(".", MntFlags::MNT_DETACH)
         .map_err(|e| SandboxError::sys("detaching the old root", e))?;
     chdir("/").map_err(|e| SandboxError::sys("chdir /", e))?;
-    let Exec {
-        cwd,
-        program,
-        cprog,
-        argv,
-        envp,
-    } = prepare_exec(process, &user)?;
-    let cwd = cwd.as_str();
+    let exec = prepare_exec(process, &user)?;
 
     // SAFETY: pid 1 is single-threaded (forked from the single-threaded helper).
     match unsafe { fork() }.map_err(|e| SandboxError::sys("fork", e))? {
@@ -986,27 +960,7 @@ fn init(
                 if !process.insecure {
                     super::harden::restrict_process()?;
                 }
-                let groups: Vec<Gid> = user.groups.iter().map(|g| Gid::from_raw(*g)).collect();
-                // A single-ID namespace is made with setgroups denied (the kernel's condition for
-                // an unprivileged gid map): there are no other groups to switch to anyway.
-                let setgroups_denied =
-                    fs::read_to_string("/proc/self/setgroups").is_ok_and(|s| s.trim() == "deny");
-                if !setgroups_denied {
-                    nix::unistd::setgroups(&groups).map_err(|e| {
-                        SandboxError::sys("setgroups (supplementary groups not mapped?)", e)
-                    })?;
-                }
-                let gid = Gid::from_raw(user.gid);
-                nix::unistd::setresgid(gid, gid, gid).map_err(|e| unmapped("gid", user.gid, e))?;
-                let uid = Uid::from_raw(user.uid);
-                nix::unistd::setresuid(uid, uid, uid).map_err(|e| unmapped("uid", user.uid, e))?;
-                chdir(cwd).map_err(|e| SandboxError::sys(format!("chdir {cwd}"), e))?;
-                let e = execve(&cprog, &argv, &envp).unwrap_err();
-                Err(SandboxError::Setup(format!(
-                    "exec {}: {}",
-                    program.display(),
-                    e.desc()
-                )))
+                Err(switch_user_and_exec(&user, &exec))
             })()
             .unwrap_err();
             let _ = writeln!(report, "E{err}");
@@ -1116,6 +1070,39 @@ fn prepare_exec(process: &ProcessSpec, user: &rootfs::ResolvedUser) -> Result<Ex
         program,
         cprog,
     })
+}
+
+/// Becomes the step's user (supplementary groups, gid, uid), enters its working directory and
+/// execs the program. Returns only on failure, with the reason.
+fn switch_user_and_exec(user: &rootfs::ResolvedUser, exec: &Exec) -> SandboxError {
+    let run = || -> Result<(), SandboxError> {
+        let groups: Vec<Gid> = user.groups.iter().map(|g| Gid::from_raw(*g)).collect();
+        // A single-ID namespace is made with setgroups denied (the kernel's condition for an
+        // unprivileged gid map): there are no other groups to switch to anyway.
+        let setgroups_denied =
+            fs::read_to_string("/proc/self/setgroups").is_ok_and(|s| s.trim() == "deny");
+        if !setgroups_denied {
+            nix::unistd::setgroups(&groups).map_err(|e| {
+                SandboxError::sys("setgroups (supplementary groups not mapped?)", e)
+            })?;
+        }
+        let gid = Gid::from_raw(user.gid);
+        nix::unistd::setresgid(gid, gid, gid).map_err(|e| unmapped("gid", user.gid, e))?;
+        let uid = Uid::from_raw(user.uid);
+        nix::unistd::setresuid(uid, uid, uid).map_err(|e| unmapped("uid", user.uid, e))?;
+        let cwd = exec.cwd.as_str();
+        chdir(cwd).map_err(|e| SandboxError::sys(format!("chdir {cwd}"), e))?;
+        let e = execve(&exec.cprog, &exec.argv, &exec.envp).unwrap_err();
+        Err(SandboxError::Setup(format!(
+            "exec {}: {}",
+            exec.program.display(),
+            e.desc()
+        )))
+    };
+    match run() {
+        Err(e) => e,
+        Ok(()) => SandboxError::Setup("exec returned".into()),
+    }
 }
 
 fn unmapped(kind: &str, id: u32, e: Errno) -> SandboxError {
