@@ -176,10 +176,7 @@ impl Reporter for GithubReporter {
         match event {
             Event::StageStarted { stage, name, base } => {
                 close_group(st);
-                let title = match name {
-                    Some(n) => format!("stage {n}: FROM {base}"),
-                    None => format!("stage {stage}: FROM {base}"),
-                };
+                let title = crate::progress::stage_title(*stage, name.as_deref(), base);
                 command(st, &format!("::group::{}", escape_data(&title)));
                 st.group_open = true;
             }

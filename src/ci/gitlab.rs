@@ -70,10 +70,7 @@ impl Reporter for GitlabReporter {
             Event::StageStarted { stage, name, base } => {
                 end_section(st);
                 let section = section_name(*stage, name.as_deref());
-                let header = match name {
-                    Some(n) => format!("stage {n}: FROM {base}"),
-                    None => format!("stage {stage}: FROM {base}"),
-                };
+                let header = crate::progress::stage_title(*stage, name.as_deref(), base);
                 let _ = writeln!(
                     st.out,
                     "\x1b[0Ksection_start:{}:{section}[collapsed=true]\r\x1b[0K{header}",

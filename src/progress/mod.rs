@@ -240,6 +240,15 @@ impl Stream {
     }
 }
 
+/// How a stage is named in CI logs (GitHub groups, GitLab sections): `stage NAME: FROM BASE`,
+/// or the stage's index when it has no name.
+pub fn stage_title(stage: usize, name: Option<&str>, base: &str) -> String {
+    match name {
+        Some(n) => format!("stage {n}: FROM {base}"),
+        None => format!("stage {stage}: FROM {base}"),
+    }
+}
+
 /// The plain text of an event, as the plain reporter prints it (`None`: it prints nothing).
 pub fn plain_line(event: &Event) -> Option<String> {
     Some(match event {
