@@ -107,6 +107,12 @@ pub struct BuildArgs {
     #[arg(long, value_name = "oci|docker", default_value = "oci")]
     pub format: String,
 
+    /// How the layers the build makes are compressed: gzip (default) or zstd (OCI media types
+    /// only). `--output` also takes buildx's compression=, compression-level= and
+    /// force-compression=true (recompress the base image's layers too).
+    #[arg(long, value_name = "gzip|zstd")]
+    pub compression: Option<String>,
+
     /// Build this stage (by its `AS` name) instead of the last one; only the stages it needs run.
     #[arg(long, value_name = "STAGE")]
     pub target: Option<String>,

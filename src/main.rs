@@ -317,10 +317,42 @@ fn default_root() -> Result<PathBuf> {
 fn build_options(args: cli::BuildArgs, root: PathBuf) -> Result<BuildOptions> {
     let mut push = args.push;
     let mut exports = Vec::new();
+    // (where it was set, name, level): every --output that names a compression must agree,
+    // since one image is built for all of them.
+    let mut compression: Option<(String, String, Option<String>)> = args
+        .compression
+        .clone()
+        .map(|c| ("--compression".to_string(), c, None));
+    let mut force_compression = false;
     for spec in &args.outputs {
         let fields = parse_kv_list(spec).with_context(|| {
             format!("--output {spec:?}: expected type=oci,dest=FILE or type=registry")
         })?;
+        if let Some(v) = fields.get("force-compression") {
+            force_compression = match v.as_str() {
+                "true" => true,
+                "false" => false,
+                other => bail!("--output {spec:?}: force-compression={other:?}: use true or false"),
+            };
+        }
+        if fields.contains_key("compression") || fields.contains_key("compression-level") {
+            let name = fields
+                .get("compression")
+                .cloned()
+                .or_else(|| compression.as_ref().map(|c| c.1.clone()))
+                .unwrap_or_else(|| "gzip".into());
+            let level = fields.get("compression-level").cloned();
+            if let Some((from, other, other_level)) = &compression
+                && (other != &name
+                    || (level.is_some() && other_level.is_some() && other_level != &level))
+            {
+                bail!(
+                    "--output {spec:?}: compression {name} differs from {other} set by {from}; one image is built for all outputs: give the same compression everywhere"
+                );
+            }
+            let level = level.or_else(|| compression.as_ref().and_then(|c| c.2.clone()));
+            compression = Some((format!("--output {spec:?}"), name, level));
+        }
         match fields.get("type").map(String::as_str) {
             Some(kind @ ("oci" | "docker" | "local" | "tar")) => {
                 let dest = fields
@@ -345,6 +377,25 @@ fn build_options(args: cli::BuildArgs, root: PathBuf) -> Result<BuildOptions> {
                 bail!("--output {spec:?}: missing type=; use type=oci,dest=FILE or type=registry")
             }
         }
+    }
+    let format = match args.format.as_str() {
+        "oci" => shmocker::image::Format::Oci,
+        "docker" => shmocker::image::Format::Docker,
+        other => bail!("--format {other:?}: use oci or docker"),
+    };
+    let compression = match &compression {
+        None => shmocker::layer::LayerCompression::default(),
+        Some((from, name, level)) => {
+            shmocker::layer::LayerCompression::parse(name, level.as_deref())
+                .map_err(|e| anyhow!("{from}: {e}"))?
+        }
+    };
+    if format == shmocker::image::Format::Docker
+        && matches!(compression, shmocker::layer::LayerCompression::Zstd { .. })
+    {
+        bail!(
+            "--format docker with zstd compression: Docker's image format has no zstd layer media type; use --format oci (the default) or gzip compression"
+        );
     }
     if push && args.tags.is_empty() {
         bail!("--push needs at least one image name: add -t REGISTRY/NAME:TAG");
@@ -430,11 +481,9 @@ fn build_options(args: cli::BuildArgs, root: PathBuf) -> Result<BuildOptions> {
         tags: args.tags,
         push,
         exports,
-        format: match args.format.as_str() {
-            "oci" => shmocker::image::Format::Oci,
-            "docker" => shmocker::image::Format::Docker,
-            other => bail!("--format {other:?}: use oci or docker"),
-        },
+        format,
+        compression,
+        force_compression,
         build_args,
         iidfile: args.iidfile.as_deref().map(absolute).transpose()?,
         metadata_file: args.metadata_file.as_deref().map(absolute).transpose()?,

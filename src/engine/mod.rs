@@ -47,6 +47,11 @@ pub struct BuildOptions {
     pub exports: Vec<Export>,
     /// OCI or Docker media types (`--format`).
     pub format: image::Format,
+    /// How the layers this build makes are compressed (`--compression`, `compression=` on
+    /// `--output`).
+    pub compression: crate::layer::LayerCompression,
+    /// Recompress the base image's layers too (`force-compression=true` on `--output`).
+    pub force_compression: bool,
     pub build_args: BTreeMap<String, String>,
     /// The stage to build (`--target`); the last stage when not given.
     pub target: Option<String>,
@@ -579,6 +584,77 @@ impl<'a> Builder<'a> {
         Ok((name, value))
     }
 
+    /// The layer's blob in the build's output compression: a layer this build made (or found in
+    /// the cache) in another compression is written again in this one, as is a base image's
+    /// layer with `force-compression`. Recompressed blobs are remembered in the cache, so a warm
+    /// build does not redo it.
+    async fn in_output_compression(&self, l: &stage::Layer) -> Result<BlobRef, BuildError> {
+        let want = self.opts.compression;
+        let have = crate::layer::Compression::from_media_type(&l.blob.media_type).ok();
+        if have == Some(want.compression()) || (l.base && !self.opts.force_compression) {
+            return Ok(l.blob.clone());
+        }
+        let Some(from) = have else {
+            return Ok(l.blob.clone());
+        };
+        let key = cache::step_key(
+            "recompress",
+            &serde_json::json!({ "blob": l.blob.digest, "to": want.label() }),
+        );
+        if let Some(cache::Record { layer: Some(c), .. }) = self.cache.get(&key)
+            && c.diff_id == l.diff_id
+            && self.store.has_blob(&c.digest)
+        {
+            return Ok(BlobRef {
+                digest: c.digest,
+                size: c.size,
+                media_type: c.media_type,
+            });
+        }
+        let src = self
+            .store
+            .blob_path(&l.blob.digest)
+            .map_err(|e| internal("recompressing a layer")(e.to_string()))?;
+        let store = self.store.clone();
+        let made = tokio::task::spawn_blocking(move || {
+            crate::layer::recompress(&src, from, want, &store, None)
+        })
+        .await
+        .map_err(|e| internal("recompress task")(e.to_string()))?
+        .map_err(|e| {
+            BuildError::Input(format!(
+                "recompressing layer {} as {}: {e}",
+                l.blob.digest,
+                want.label()
+            ))
+        })?;
+        if made.diff_id != l.diff_id {
+            return Err(BuildError::Input(format!(
+                "layer {}: its uncompressed content is {} but the image says {}; the store is damaged: remove {} and build again",
+                l.blob.digest,
+                made.diff_id,
+                l.diff_id,
+                self.store.root().display()
+            )));
+        }
+        let record = cache::Record {
+            created: String::new(),
+            layer: Some(cache::CachedLayer {
+                digest: made.digest.clone(),
+                size: made.size,
+                media_type: made.media_type.clone(),
+                diff_id: made.diff_id,
+            }),
+        };
+        // Only a shortcut for the next build: failing to remember it costs time, not correctness.
+        let _ = self.cache.put(&key, &record);
+        Ok(BlobRef {
+            digest: made.digest,
+            size: made.size,
+            media_type: made.media_type,
+        })
+    }
+
     async fn finish(&self, state: StageState) -> Result<BuildResult, BuildError> {
         let format = self.opts.format;
         let mut config = state.config.clone();
@@ -604,14 +680,14 @@ impl<'a> Builder<'a> {
             annotations: None,
             platform: None,
         };
-        let layers: Vec<BlobRef> = state
-            .layers
-            .iter()
-            .map(|l| BlobRef {
-                media_type: format.layer(&l.blob.media_type),
-                ..l.blob.clone()
-            })
-            .collect();
+        let mut layers: Vec<BlobRef> = Vec::with_capacity(state.layers.len());
+        for l in &state.layers {
+            let blob = self.in_output_compression(l).await?;
+            layers.push(BlobRef {
+                media_type: format.layer(&blob.media_type),
+                ..blob
+            });
+        }
         let layer_descs: Vec<Descriptor> = layers
             .iter()
             .map(|l| Descriptor {

@@ -26,6 +26,8 @@ pub(super) struct Layer {
     pub blob: BlobRef,
     pub diff_id: String,
     pub snapshot: PathBuf,
+    /// Pulled with a base image (kept in its own compression unless `force-compression`).
+    pub base: bool,
 }
 
 /// The image a stage is building, as it grows.
@@ -373,6 +375,7 @@ impl Builder<'_> {
                 blob,
                 diff_id: diff_id.clone(),
                 snapshot,
+                base: true,
             });
         }
         // A base image's SHELL carries over to the stages built on it.
@@ -1611,32 +1614,23 @@ impl Builder<'_> {
                 {
                     if is_add && unpack != Some(false) {
                         let path = self.context.root().join(&rel);
-                        if path.is_file() {
-                            match layer::archive_kind(&path) {
-                                Ok(layer::ArchiveKind::Tar(_)) => {
-                                    matched += 1;
-                                    any_dir = true;
-                                    extra_key.push(
-                                        cache::hash_copy_items(
-                                            &[CopyItem {
-                                                src: path.clone(),
-                                                rel: PathBuf::from(&rel),
-                                            }],
-                                            &self.file_hashes,
-                                        )
-                                        .map_err(|e| self.err(node, e.to_string()))?,
-                                    );
-                                    archives.push(path);
-                                    continue;
-                                }
-                                Ok(layer::ArchiveKind::Unsupported(kind)) => {
-                                    return Err(self.err(
-                                        node,
-                                        format!("ADD {rel}: {kind}-compressed archives are not unpacked by this version of shmocker; use a plain or gzip tar, or COPY it and unpack in RUN"),
-                                    ));
-                                }
-                                _ => {}
-                            }
+                        if path.is_file()
+                            && let Ok(layer::ArchiveKind::Tar(_)) = layer::archive_kind(&path)
+                        {
+                            matched += 1;
+                            any_dir = true;
+                            extra_key.push(
+                                cache::hash_copy_items(
+                                    &[CopyItem {
+                                        src: path.clone(),
+                                        rel: PathBuf::from(&rel),
+                                    }],
+                                    &self.file_hashes,
+                                )
+                                .map_err(|e| self.err(node, e.to_string()))?,
+                            );
+                            archives.push(path);
+                            continue;
                         }
                     }
                     matched += 1;
@@ -1814,6 +1808,8 @@ impl Builder<'_> {
         let snapshots = self.snapshots.clone();
         let diff_opts = DiffOptions {
             source_date_epoch: self.opts.source_date_epoch,
+            compression: self.opts.compression,
+            threads: None,
         };
         let made = tokio::task::spawn_blocking(move || -> Result<Option<Layer>, String> {
             if layer::is_empty_upper(&upper).map_err(|e| e.to_string())? {
@@ -1835,6 +1831,7 @@ impl Builder<'_> {
                 },
                 diff_id: blob.diff_id,
                 snapshot,
+                base: false,
             }))
         })
         .await
@@ -1908,6 +1905,7 @@ impl Builder<'_> {
                 blob,
                 diff_id: l.diff_id.clone(),
                 snapshot,
+                base: false,
             });
         }
         state.cache_key = key.to_string();

@@ -1,11 +1,10 @@
 //! Unpacking a layer tar into a snapshot directory (see the module doc of `layer` for the rules).
 
 use std::fs::File;
-use std::io::{self, BufReader, Read, Write};
+use std::io::{self, Read, Write};
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::path::Path;
 
-use flate2::read::MultiGzDecoder;
 use nix::errno::Errno;
 use nix::fcntl::{AtFlags, OFlag, openat};
 use nix::sys::stat::{
@@ -34,13 +33,7 @@ pub fn apply_layer(
     dest: &Path,
     opts: &ApplyOptions,
 ) -> Result<ApplyReport, LayerError> {
-    let decompressed: Box<dyn Read + '_> = match compression {
-        Compression::None => Box::new(reader),
-        Compression::Gzip => Box::new(MultiGzDecoder::new(BufReader::with_capacity(
-            64 * 1024,
-            reader,
-        ))),
-    };
+    let decompressed = super::compress::decoder(reader, compression)?;
     let hashing = HashReader {
         inner: decompressed,
         hasher: Sha256::new(),

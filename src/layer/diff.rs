@@ -9,15 +9,16 @@ use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt};
 use std::path::Path;
 
-use flate2::write::GzEncoder;
 use sha2::{Digest as _, Sha256};
 
+use super::compress::{self, Encoder};
 use super::tarfmt::{self, AppendError, EntryHeader, TarWriter};
-use super::{DiffOptions, LayerBlob, LayerError, MEDIA_TYPE_OCI_LAYER_GZIP};
+use super::{Compression, DiffOptions, LayerBlob, LayerCompression, LayerError};
 use crate::store::{BlobWriter, Store};
 
-/// Writes the changes recorded in an overlay upper dir as a gzip-compressed OCI layer into the
-/// store, streamed: tar -> sha256 (diff_id) -> gzip -> [`BlobWriter`] (digest). Always writes a
+/// Writes the changes recorded in an overlay upper dir as a compressed OCI layer (gzip unless
+/// [`DiffOptions::compression`] says zstd) into the store, streamed: tar -> sha256 (diff_id) ->
+/// compressor -> [`BlobWriter`] (digest). Always writes a
 /// layer, even for an empty upper dir (see [`is_empty_upper`]); the caller decides.
 ///
 /// Whiteouts (0/0 character devices) and opaque directories (`overlay.opaque` xattr) become OCI
@@ -69,7 +70,7 @@ impl<W: Write> Write for HashWriter<W> {
     }
 }
 
-type Sink = BufWriter<HashWriter<GzEncoder<BlobWriter>>>;
+type Sink = BufWriter<HashWriter<Encoder<BlobWriter>>>;
 
 fn write_err(source: io::Error) -> LayerError {
     LayerError::Write { source }
@@ -82,11 +83,12 @@ fn write_blob(
     mode: Mode,
 ) -> Result<LayerBlob, LayerError> {
     let blob = store.blob_writer()?;
-    let gz = GzEncoder::new(blob, flate2::Compression::default());
+    let threads = opts.threads.unwrap_or_else(super::pargz::default_threads);
+    let enc = Encoder::new(blob, opts.compression, threads).map_err(write_err)?;
     let sink: Sink = BufWriter::with_capacity(
         128 * 1024,
         HashWriter {
-            inner: gz,
+            inner: enc,
             hasher: Sha256::new(),
         },
     );
@@ -121,8 +123,49 @@ fn write_blob(
         digest,
         diff_id,
         size,
-        media_type: MEDIA_TYPE_OCI_LAYER_GZIP.to_string(),
+        media_type: opts.compression.media_type().to_string(),
         warnings,
+    })
+}
+
+/// Writes the same layer again in another compression: the blob at `src` (compressed with
+/// `from`) is decompressed and compressed with `to` into a new blob, streamed. The diff_id is
+/// the sha256 of the uncompressed stream and does not change; the caller checks it against the
+/// one it knows.
+pub fn recompress(
+    src: &Path,
+    from: Compression,
+    to: LayerCompression,
+    store: &Store,
+    threads: Option<usize>,
+) -> Result<LayerBlob, LayerError> {
+    let file = File::open(src).map_err(io_err("opening", src))?;
+    let mut reader = compress::decoder(file, from)?;
+    let blob = store.blob_writer()?;
+    let threads = threads.unwrap_or_else(super::pargz::default_threads);
+    let mut hashing = HashWriter {
+        inner: Encoder::new(blob, to, threads).map_err(write_err)?,
+        hasher: Sha256::new(),
+    };
+    let mut buf = vec![0u8; 128 * 1024];
+    loop {
+        let n = match reader.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(source) => return Err(LayerError::Read { source }),
+        };
+        hashing.write_all(&buf[..n]).map_err(write_err)?;
+    }
+    let diff_id = format!("sha256:{}", hex::encode(hashing.hasher.finalize()));
+    let blob = hashing.inner.finish().map_err(write_err)?;
+    let (digest, size) = blob.commit(None)?;
+    Ok(LayerBlob {
+        digest,
+        diff_id,
+        size,
+        media_type: to.media_type().to_string(),
+        warnings: vec![],
     })
 }
 

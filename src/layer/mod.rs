@@ -75,7 +75,9 @@
 //! * The archive ends with two zero blocks (1024 bytes), no padding to a record size.
 
 mod apply;
+mod compress;
 mod diff;
+mod pargz;
 mod tarfmt;
 mod treediff;
 
@@ -86,7 +88,11 @@ use std::io;
 use std::path::{Path, PathBuf};
 
 pub use apply::apply_layer;
-pub use diff::{diff_upper_to_blob, dir_to_blob, is_empty_upper};
+pub use compress::{LayerCompression, MEDIA_TYPE_OCI_LAYER_ZSTD};
+pub use diff::{diff_upper_to_blob, dir_to_blob, is_empty_upper, recompress};
+pub use pargz::{
+    BLOCK_SIZE as GZIP_BLOCK_SIZE, ParGzEncoder, default_threads as default_compression_threads,
+};
 pub use treediff::{CopyMarks, diff_tree_to_upper, materialize, normalize_fuse_upper};
 
 use crate::store::StoreError;
@@ -99,6 +105,10 @@ pub const MEDIA_TYPE_OCI_LAYER_GZIP: &str = "application/vnd.oci.image.layer.v1.
 pub enum Compression {
     None,
     Gzip,
+    Zstd,
+    /// Only ADD archives come in these two; no layer media type names them.
+    Bzip2,
+    Xz,
 }
 
 impl Compression {
@@ -114,15 +124,12 @@ impl Compression {
             | "application/vnd.oci.image.layer.nondistributable.v1.tar+gzip"
             | "application/vnd.docker.image.rootfs.diff.tar.gzip"
             | "application/vnd.docker.image.rootfs.foreign.diff.tar.gzip" => Ok(Compression::Gzip),
-            t if t.ends_with("+zstd") || t.ends_with(".zstd") => {
-                Err(LayerError::UnsupportedMediaType {
-                    media_type: media_type.to_string(),
-                    hint: "zstd-compressed layers are not supported yet; use an image variant with gzip layers",
-                })
-            }
+            "application/vnd.oci.image.layer.v1.tar+zstd"
+            | "application/vnd.oci.image.layer.nondistributable.v1.tar+zstd"
+            | "application/vnd.docker.image.rootfs.diff.tar.zstd" => Ok(Compression::Zstd),
             _ => Err(LayerError::UnsupportedMediaType {
                 media_type: media_type.to_string(),
-                hint: "expected an OCI or Docker layer media type (tar or tar+gzip)",
+                hint: "expected an OCI or Docker layer media type (tar, tar+gzip or tar+zstd)",
             }),
         }
     }
@@ -131,15 +138,14 @@ impl Compression {
 /// What ADD finds in a local source file, from its first bytes (as Docker decides).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ArchiveKind {
-    /// A tar archive, plain or gzip-compressed: ADD unpacks it.
+    /// A tar archive, plain or compressed (gzip, bzip2, xz, zstd): ADD unpacks it.
     Tar(Compression),
-    /// bzip2, xz or zstd: Docker unpacks these too; shmocker does not yet.
-    Unsupported(&'static str),
-    /// Anything else: ADD copies it as a file.
+    /// Anything else, a compressed file that holds no tar included: ADD copies it as a file.
     NotAnArchive,
 }
 
-/// Sniffs a file's first bytes for a tar archive (optionally gzip-compressed).
+/// Sniffs a file's first bytes for a tar archive, plain or compressed with gzip, bzip2, xz or
+/// zstd (the compressions Docker's ADD unpacks).
 pub fn archive_kind(path: &Path) -> std::io::Result<ArchiveKind> {
     use std::io::Read;
     let mut head = Vec::with_capacity(512);
@@ -147,30 +153,29 @@ pub fn archive_kind(path: &Path) -> std::io::Result<ArchiveKind> {
         .take(512)
         .read_to_end(&mut head)?;
     let is_tar = |b: &[u8]| b.len() >= 262 && &b[257..262] == b"ustar";
-    if head.starts_with(&[0x1f, 0x8b]) {
-        let mut inner = Vec::with_capacity(512);
-        let file = std::fs::File::open(path)?;
-        // A gzip file that is not a tar is copied as it is, as Docker does.
-        let _ = flate2::read::GzDecoder::new(file)
-            .take(512)
-            .read_to_end(&mut inner);
-        return Ok(if is_tar(&inner) {
-            ArchiveKind::Tar(Compression::Gzip)
+    let compression = if head.starts_with(&[0x1f, 0x8b]) {
+        Compression::Gzip
+    } else if head.starts_with(b"BZh") {
+        Compression::Bzip2
+    } else if head.starts_with(&[0xfd, b'7', b'z', b'X', b'Z', 0x00]) {
+        Compression::Xz
+    } else if head.starts_with(&[0x28, 0xb5, 0x2f, 0xfd]) {
+        Compression::Zstd
+    } else {
+        return Ok(if is_tar(&head) {
+            ArchiveKind::Tar(Compression::None)
         } else {
             ArchiveKind::NotAnArchive
         });
+    };
+    let mut inner = Vec::with_capacity(512);
+    // A compressed file that is not a tar (or not readable as its magic says) is copied as it
+    // is, as Docker does.
+    if let Ok(d) = compress::decoder(std::fs::File::open(path)?, compression) {
+        let _ = d.take(512).read_to_end(&mut inner);
     }
-    if head.starts_with(b"BZh") {
-        return Ok(ArchiveKind::Unsupported("bzip2"));
-    }
-    if head.starts_with(&[0xfd, b'7', b'z', b'X', b'Z', 0x00]) {
-        return Ok(ArchiveKind::Unsupported("xz"));
-    }
-    if head.starts_with(&[0x28, 0xb5, 0x2f, 0xfd]) {
-        return Ok(ArchiveKind::Unsupported("zstd"));
-    }
-    Ok(if is_tar(&head) {
-        ArchiveKind::Tar(Compression::None)
+    Ok(if is_tar(&inner) {
+        ArchiveKind::Tar(compression)
     } else {
         ArchiveKind::NotAnArchive
     })
@@ -182,7 +187,7 @@ pub fn sniff_compression(path: &Path) -> Result<Compression, LayerError> {
         Ok(ArchiveKind::Tar(c)) => Ok(c),
         Ok(_) => Err(LayerError::UnsupportedMediaType {
             media_type: path.display().to_string(),
-            hint: "not a tar archive (plain or gzip)",
+            hint: "not a tar archive (plain, gzip, bzip2, xz or zstd)",
         }),
         Err(e) => Err(LayerError::UnsupportedMediaType {
             media_type: format!("{}: {e}", path.display()),
@@ -263,6 +268,11 @@ pub struct DiffOptions {
     /// When set, every mtime later than this (seconds since the epoch) is clamped to it, and
     /// whiteouts get this mtime instead of 0.
     pub source_date_epoch: Option<i64>,
+    /// gzip (the default) or zstd, with its level.
+    pub compression: LayerCompression,
+    /// Compression threads; None: [`default_compression_threads`]. The blob's bytes are the
+    /// same whatever this is.
+    pub threads: Option<usize>,
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -251,10 +251,13 @@ fn compression_from_media_type() {
     ] {
         assert_eq!(Compression::from_media_type(t).unwrap(), c, "{t}");
     }
-    let e = Compression::from_media_type("application/vnd.oci.image.layer.v1.tar+zstd")
-        .unwrap_err()
-        .to_string();
-    assert!(e.contains("zstd") && e.contains("not supported"), "{e}");
+    for t in [
+        "application/vnd.oci.image.layer.v1.tar+zstd",
+        "application/vnd.oci.image.layer.nondistributable.v1.tar+zstd",
+        "application/vnd.docker.image.rootfs.diff.tar.zstd",
+    ] {
+        assert_eq!(Compression::from_media_type(t).unwrap(), Zstd, "{t}");
+    }
     let e = Compression::from_media_type("application/json")
         .unwrap_err()
         .to_string();
@@ -1170,6 +1173,7 @@ fn diff_clamps_mtimes_to_source_date_epoch() {
     let store = Store::open(t.path().join("store")).unwrap();
     let opts = DiffOptions {
         source_date_epoch: Some(1_000_000),
+        ..Default::default()
     };
     let blob = diff_upper_to_blob(&up, &store, &opts).unwrap();
     let members = read_members(&read_blob(&store, &blob));
@@ -1353,4 +1357,239 @@ fn empty_upper_detection_and_empty_layer() {
     .unwrap();
     assert!(!is_empty_upper(&up).unwrap(), "a whiteout is a change");
     assert!(is_empty_upper(&t.path().join("missing")).is_err());
+}
+
+// ---------------------------------------------------------------------------------------------
+// Compression: parallel gzip, zstd, ADD's archive formats
+
+/// A tree with a few files, one of them ~3 MB of mixed compressibility (many gzip blocks).
+fn compressible_tree(root: &Path) {
+    fs::create_dir_all(root.join("d/e")).unwrap();
+    fs::write(root.join("d/small"), b"small file\n").unwrap();
+    let mut big = Vec::with_capacity(3 << 20);
+    let mut x: u32 = 12345;
+    while big.len() < 3 << 20 {
+        x = x.wrapping_mul(1_103_515_245).wrapping_add(12345);
+        if x.is_multiple_of(4) {
+            big.extend((0..512).map(|i| (x >> (i % 24)) as u8));
+        } else {
+            big.extend_from_slice(format!("line {} of a log file\n", x % 1000).as_bytes());
+        }
+    }
+    fs::write(root.join("d/e/big"), &big).unwrap();
+    for p in ["d", "d/e", "d/small", "d/e/big"] {
+        let t = std::time::SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(1_000_000);
+        fs::File::options()
+            .write(p != "d" && p != "d/e")
+            .read(true)
+            .open(root.join(p))
+            .unwrap()
+            .set_modified(t)
+            .unwrap();
+    }
+}
+
+fn tool_ok(cmd: &mut Command) -> Vec<u8> {
+    let out = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("{cmd:?}: {e} (install it: apt-get install gzip zstd)"));
+    assert!(
+        out.status.success(),
+        "{cmd:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out.stdout
+}
+
+#[test]
+fn layer_bytes_are_the_same_for_1_2_and_4_compression_threads() {
+    let t = tempfile::tempdir().unwrap();
+    let tree = t.path().join("tree");
+    compressible_tree(&tree);
+    let store = Store::open(t.path().join("store")).unwrap();
+    for compression in [
+        LayerCompression::default(),
+        LayerCompression::Zstd { level: 3 },
+    ] {
+        let blobs: Vec<LayerBlob> = [1, 2, 4]
+            .iter()
+            .map(|&threads| {
+                let opts = DiffOptions {
+                    compression,
+                    threads: Some(threads),
+                    ..Default::default()
+                };
+                dir_to_blob(&tree, &store, &opts).unwrap()
+            })
+            .collect();
+        assert!(blobs[0].size > 100_000, "{compression:?}: {:?}", blobs[0]);
+        assert!(
+            blobs[0].size < 3 << 20,
+            "{compression:?} compresses: {:?}",
+            blobs[0]
+        );
+        for b in &blobs[1..] {
+            assert_eq!(b, &blobs[0], "{compression:?}");
+        }
+        assert_eq!(blobs[0].media_type, compression.media_type());
+
+        // Other tools read it, and it unpacks to the same tar.
+        let path = store.blob_path(&blobs[0].digest).unwrap();
+        let tar = match compression {
+            LayerCompression::Gzip { .. } => {
+                assert_eq!(read_blob(&store, &blobs[0]).len() as u64 % 512, 0);
+                tool_ok(Command::new("gzip").arg("-t").arg(&path));
+                tool_ok(Command::new("zcat").arg(&path))
+            }
+            LayerCompression::Zstd { .. } => {
+                tool_ok(Command::new("zstd").arg("-t").arg(&path));
+                tool_ok(Command::new("zstd").arg("-dc").arg(&path))
+            }
+        };
+        assert_eq!(sha256(&tar), blobs[0].diff_id);
+        let names: Vec<String> = read_members(&tar).into_iter().map(|m| m.name).collect();
+        assert_eq!(names, ["d/", "d/e/", "d/e/big", "d/small"]);
+
+        // Round trip: unpacked and written again, the same blob.
+        let dest = t.path().join(format!("unpacked-{}", compression.label()));
+        fs::create_dir(&dest).unwrap();
+        let rep = apply_layer(
+            fs::File::open(&path).unwrap(),
+            compression.compression(),
+            &dest,
+            &ApplyOptions::default(),
+        )
+        .unwrap();
+        assert_eq!(rep.diff_id, blobs[0].diff_id);
+        assert_eq!(
+            fs::read(dest.join("d/e/big")).unwrap(),
+            fs::read(tree.join("d/e/big")).unwrap()
+        );
+        let again = dir_to_blob(
+            &dest,
+            &store,
+            &DiffOptions {
+                compression,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        assert_eq!(again, blobs[0]);
+    }
+}
+
+#[test]
+fn recompress_keeps_the_diff_id_and_matches_a_direct_write() {
+    let t = tempfile::tempdir().unwrap();
+    let tree = t.path().join("tree");
+    compressible_tree(&tree);
+    let store = Store::open(t.path().join("store")).unwrap();
+    let gz = dir_to_blob(&tree, &store, &DiffOptions::default()).unwrap();
+    let zstd = LayerCompression::Zstd { level: 3 };
+    let direct = dir_to_blob(
+        &tree,
+        &store,
+        &DiffOptions {
+            compression: zstd,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let converted = recompress(
+        &store.blob_path(&gz.digest).unwrap(),
+        Compression::Gzip,
+        zstd,
+        &store,
+        Some(2),
+    )
+    .unwrap();
+    assert_eq!(converted, direct);
+    let back = recompress(
+        &store.blob_path(&converted.digest).unwrap(),
+        Compression::Zstd,
+        LayerCompression::default(),
+        &store,
+        Some(1),
+    )
+    .unwrap();
+    assert_eq!(back, gz);
+}
+
+#[test]
+fn layer_compression_names_and_levels() {
+    assert_eq!(
+        LayerCompression::parse("gzip", None).unwrap(),
+        LayerCompression::Gzip { level: 6 }
+    );
+    assert_eq!(
+        LayerCompression::parse("zstd", Some("19")).unwrap(),
+        LayerCompression::Zstd { level: 19 }
+    );
+    for (name, level, want) in [
+        ("gzip", Some("10"), "0-9"),
+        ("zstd", Some("0"), "1-22"),
+        ("zstd", Some("x"), "not a number"),
+        ("estargz", None, "use gzip or zstd"),
+    ] {
+        let e = LayerCompression::parse(name, level).unwrap_err();
+        assert!(e.contains(want), "{name} {level:?}: {e}");
+    }
+}
+
+#[test]
+fn add_archives_in_every_compression_docker_unpacks() {
+    let t = tempfile::tempdir().unwrap();
+    let mut b = tar::Builder::new(Vec::new());
+    dir(&mut b, "pkg/", 0o755);
+    file(&mut b, "pkg/hello.txt", 0o644, b"hello from the archive\n");
+    let tar = finish(b);
+
+    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+    gz.write_all(&tar).unwrap();
+    let mut bz = bzip2::write::BzEncoder::new(Vec::new(), bzip2::Compression::fast());
+    bz.write_all(&tar).unwrap();
+    let mut xz = liblzma::write::XzEncoder::new(Vec::new(), 6);
+    xz.write_all(&tar).unwrap();
+    let zst = zstd::encode_all(&tar[..], 3).unwrap();
+    for (name, bytes, want) in [
+        ("a.tar", tar.clone(), Compression::None),
+        ("a.tgz", gz.finish().unwrap(), Compression::Gzip),
+        ("a.tar.bz2", bz.finish().unwrap(), Compression::Bzip2),
+        ("a.tar.xz", xz.finish().unwrap(), Compression::Xz),
+        ("a.tar.zst", zst, Compression::Zstd),
+    ] {
+        let path = t.path().join(name);
+        fs::write(&path, &bytes).unwrap();
+        assert_eq!(
+            archive_kind(&path).unwrap(),
+            ArchiveKind::Tar(want),
+            "{name}"
+        );
+        assert_eq!(sniff_compression(&path).unwrap(), want, "{name}");
+        let dest = t.path().join(format!("out-{name}"));
+        fs::create_dir(&dest).unwrap();
+        let rep = apply_layer(
+            fs::File::open(&path).unwrap(),
+            want,
+            &dest,
+            &ApplyOptions::default(),
+        )
+        .unwrap();
+        assert_eq!(rep.diff_id, sha256(&tar), "{name}");
+        assert_eq!(
+            fs::read(dest.join("pkg/hello.txt")).unwrap(),
+            b"hello from the archive\n",
+            "{name}"
+        );
+    }
+
+    // Compressed files that hold no tar are copied by ADD, not unpacked.
+    let not_tar = t.path().join("notes.txt.zst");
+    fs::write(&not_tar, zstd::encode_all(&b"just text"[..], 3).unwrap()).unwrap();
+    assert_eq!(archive_kind(&not_tar).unwrap(), ArchiveKind::NotAnArchive);
+    let mut bz = bzip2::write::BzEncoder::new(Vec::new(), bzip2::Compression::fast());
+    bz.write_all(b"just text").unwrap();
+    let not_tar = t.path().join("notes.txt.bz2");
+    fs::write(&not_tar, bz.finish().unwrap()).unwrap();
+    assert_eq!(archive_kind(&not_tar).unwrap(), ArchiveKind::NotAnArchive);
 }
