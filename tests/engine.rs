@@ -1017,3 +1017,297 @@ fn add_clones_git_sources_at_a_ref_and_subdirectory() {
     assert_eq!(read("head/README"), "later\n");
     assert!(rootfs.join("head/.git").is_dir(), "--keep-git-dir keeps it");
 }
+
+#[test]
+fn add_unpacks_bzip2_xz_and_zstd_archives() {
+    let staging = scratch_dir(Who::Root);
+    std::fs::create_dir_all(staging.path().join("pkg/inner")).unwrap();
+    std::fs::write(staging.path().join("pkg/inner/file.txt"), "packed\n").unwrap();
+    let ctx = context(&[]);
+    // GNU tar runs bzip2, xz and zstd itself: archives as the usual tools make them.
+    for (flag, name) in [
+        ("--bzip2", "a.tar.bz2"),
+        ("--xz", "b.tar.xz"),
+        ("--zstd", "c.tar.zst"),
+    ] {
+        common::run_ok(
+            Command::new("tar")
+                .arg("-cf")
+                .arg(ctx.path().join(name))
+                .arg(flag)
+                .arg("-C")
+                .arg(staging.path())
+                .arg("pkg"),
+        );
+    }
+    // A compressed file that is no tar is copied as it is.
+    common::run_ok(
+        Command::new("sh")
+            .arg("-c")
+            .arg("echo not a tar | zstd -q -o notes.txt.zst")
+            .current_dir(ctx.path()),
+    );
+    let dockerfile = "ARG BASE\nFROM ${BASE}\nADD a.tar.bz2 /bz2/\nADD b.tar.xz /xz/\nADD c.tar.zst /zst/\nADD notes.txt.zst /notes/\n";
+    std::fs::write(ctx.path().join("Dockerfile"), dockerfile).unwrap();
+    common::run_ok(Command::new("chmod").arg("-R").arg("a+rX").arg(ctx.path()));
+    let store = scratch_dir(Who::User);
+    let out_dir = scratch_dir(Who::User);
+    let oci = out_dir.path().join("img.tar");
+    let base = format!("BASE={}", env().busybox());
+    shmocker_ok(
+        Who::User,
+        store.path(),
+        &[
+            "build",
+            "--build-arg",
+            &base,
+            "--output",
+            &format!("type=oci,dest={}", oci.display()),
+            ctx.path().to_str().unwrap(),
+        ],
+    );
+    let work = scratch_dir(Who::Root);
+    let rootfs = unpack(&format!("oci-archive:{}", oci.display()), work.path());
+    for dir in ["bz2", "xz", "zst"] {
+        let p = rootfs.join(dir).join("pkg/inner/file.txt");
+        assert_eq!(
+            std::fs::read_to_string(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display())),
+            "packed\n"
+        );
+        assert_eq!(
+            std::fs::read_dir(rootfs.join(dir)).unwrap().count(),
+            1,
+            "{dir}: only the archive's contents, not the archive"
+        );
+    }
+    let notes = std::fs::read(rootfs.join("notes/notes.txt.zst")).unwrap();
+    assert_eq!(&notes[..4], &[0x28, 0xb5, 0x2f, 0xfd], "copied, still zstd");
+}
+
+/// Layer media types of a pushed image, as skopeo reads its manifest.
+fn layer_media_types(reference: &str) -> Vec<String> {
+    common::remote_manifest(reference)["layers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| l["mediaType"].as_str().unwrap().to_string())
+        .collect()
+}
+
+/// As `common::unpack`, with skopeo decompressing zstd layers (into gzip) on the way, since
+/// umoci 0.4 reads no zstd.
+fn unpack_via_gzip(source: &str, dir: &std::path::Path) -> std::path::PathBuf {
+    let layout = dir.join("layout");
+    common::run_ok(Command::new("skopeo").args([
+        "copy",
+        "--src-tls-verify=false",
+        "--dest-compress",
+        "--dest-compress-format",
+        "gzip",
+        source,
+        &format!("oci:{}:img", layout.display()),
+    ]));
+    let bundle = dir.join("bundle");
+    common::run_ok(
+        Command::new("umoci")
+            .args(["unpack", "--image"])
+            .arg(format!("{}:img", layout.display()))
+            .arg(&bundle),
+    );
+    bundle.join("rootfs")
+}
+
+const GZIP: &str = "application/vnd.oci.image.layer.v1.tar+gzip";
+const ZSTD: &str = "application/vnd.oci.image.layer.v1.tar+zstd";
+
+#[test]
+fn zstd_layers_are_pushed_unpacked_and_used_as_a_base() {
+    let dockerfile =
+        "ARG BASE\nFROM ${BASE}\nRUN mkdir /z && seq 1 5000 > /z/numbers\nCOPY f /z/f\n";
+    let ctx = context(&[("Dockerfile", dockerfile), ("f", "from the context\n")]);
+    let base = format!("BASE={}", env().busybox());
+    let base_layers = layer_media_types(env().busybox()).len();
+    let epoch = "SOURCE_DATE_EPOCH=1700000000";
+    let ctx_path = ctx.path().to_str().unwrap();
+
+    // Built with gzip first, then with zstd in the same store: the cached gzip layers are
+    // recompressed, and the image is the one a clean zstd build makes.
+    let warm = scratch_dir(Who::User);
+    let gz_ref = unique_ref("zstd-gz");
+    shmocker_ok(
+        Who::User,
+        warm.path(),
+        &[
+            "build",
+            "--build-arg",
+            &base,
+            "--build-arg",
+            epoch,
+            "-t",
+            &gz_ref,
+            "--push",
+            ctx_path,
+        ],
+    );
+    assert_eq!(layer_media_types(&gz_ref), vec![GZIP; base_layers + 2]);
+    let z_ref = unique_ref("zstd");
+    let warm_out = shmocker_ok(
+        Who::User,
+        warm.path(),
+        &[
+            "build",
+            "--build-arg",
+            &base,
+            "--build-arg",
+            epoch,
+            "-t",
+            &z_ref,
+            "--compression",
+            "zstd",
+            "--push",
+            ctx_path,
+        ],
+    );
+    let clean = scratch_dir(Who::User);
+    let z2_ref = unique_ref("zstd-clean");
+    let clean_out = shmocker_ok(
+        Who::User,
+        clean.path(),
+        &[
+            "build",
+            "--build-arg",
+            &base,
+            "--build-arg",
+            epoch,
+            "-t",
+            &z2_ref,
+            "--output",
+            "type=registry,compression=zstd",
+            ctx_path,
+        ],
+    );
+    assert_eq!(
+        digest(&warm_out),
+        digest(&clean_out),
+        "recompressed cached layers give the image a clean zstd build gives"
+    );
+    let mut want = vec![GZIP; base_layers];
+    want.extend([ZSTD, ZSTD]);
+    assert_eq!(
+        layer_media_types(&z_ref),
+        want,
+        "base layers are kept as they are"
+    );
+
+    // zstd's own tool checks each zstd blob as pushed, and skopeo decompresses them (into gzip,
+    // as umoci 0.4 reads no zstd) for umoci to unpack.
+    let work = scratch_dir(Who::Root);
+    let raw = work.path().join("raw");
+    common::run_ok(Command::new("skopeo").args([
+        "copy",
+        "--src-tls-verify=false",
+        &format!("docker://{z_ref}"),
+        &format!("dir:{}", raw.display()),
+    ]));
+    let manifest = common::remote_manifest(&z_ref);
+    for l in manifest["layers"].as_array().unwrap() {
+        if l["mediaType"] == ZSTD {
+            let hex = l["digest"].as_str().unwrap().trim_start_matches("sha256:");
+            common::run_ok(Command::new("zstd").arg("-qt").arg(raw.join(hex)));
+        }
+    }
+    let rootfs = unpack_via_gzip(&format!("docker://{z_ref}"), work.path());
+    assert_eq!(
+        std::fs::read_to_string(rootfs.join("z/f")).unwrap(),
+        "from the context\n"
+    );
+    assert!(
+        std::fs::read_to_string(rootfs.join("z/numbers"))
+            .unwrap()
+            .ends_with("\n5000\n")
+    );
+
+    // force-compression and a level: every layer zstd, the base image's too.
+    let all_ref = unique_ref("zstd-all");
+    shmocker_ok(
+        Who::User,
+        clean.path(),
+        &[
+            "build",
+            "--build-arg",
+            &base,
+            "-t",
+            &all_ref,
+            "--output",
+            "type=registry,compression=zstd,compression-level=19,force-compression=true",
+            ctx_path,
+        ],
+    );
+    assert_eq!(layer_media_types(&all_ref), vec![ZSTD; base_layers + 2]);
+
+    // The zstd image as a base: its layers are pulled and unpacked by shmocker.
+    let next = context(&[(
+        "Dockerfile",
+        "ARG BASE\nFROM ${BASE}\nRUN cat /z/f /z/numbers | wc -l > /lines\n",
+    )]);
+    let fresh = scratch_dir(Who::User);
+    let out_dir = scratch_dir(Who::User);
+    let oci = out_dir.path().join("img.tar");
+    shmocker_ok(
+        Who::User,
+        fresh.path(),
+        &[
+            "build",
+            "--build-arg",
+            &format!("BASE={all_ref}"),
+            "--output",
+            &format!("type=oci,dest={}", oci.display()),
+            next.path().to_str().unwrap(),
+        ],
+    );
+    let work = scratch_dir(Who::Root);
+    let rootfs = unpack_via_gzip(&format!("oci-archive:{}", oci.display()), work.path());
+    assert_eq!(
+        std::fs::read_to_string(rootfs.join("lines"))
+            .unwrap()
+            .trim(),
+        "5001"
+    );
+}
+
+#[test]
+fn zstd_with_docker_media_types_or_bad_levels_is_refused() {
+    let ctx = context(&[("Dockerfile", "FROM scratch\n")]);
+    let store = scratch_dir(Who::User);
+    for (args, needle) in [
+        (
+            &["--format", "docker", "--compression", "zstd"][..],
+            "Docker's image format has no zstd",
+        ),
+        (
+            &[
+                "--output",
+                "type=registry,compression=zstd,compression-level=30",
+            ][..],
+            "use 1-22",
+        ),
+        (&["--compression", "lz4"][..], "use gzip or zstd"),
+        (
+            &[
+                "--compression",
+                "gzip",
+                "--output",
+                "type=oci,dest=/tmp/x.tar,compression=zstd",
+            ][..],
+            "give the same compression everywhere",
+        ),
+    ] {
+        let mut all = vec!["build"];
+        all.extend_from_slice(args);
+        all.push(ctx.path().to_str().unwrap());
+        let out = shmocker(Who::User, store.path(), &all);
+        assert!(!out.status.success(), "{args:?} was accepted");
+        let err = stderr(&out);
+        assert!(err.contains(needle), "{args:?}: {err}");
+    }
+}
