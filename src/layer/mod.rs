@@ -35,10 +35,13 @@
 //!
 //! # Producing ([`diff_upper_to_blob`], [`dir_to_blob`])
 //!
-//! The layer is a gzip-compressed tar (`application/vnd.oci.image.layer.v1.tar+gzip`), written
-//! in one stream: tar bytes are hashed (the diff_id) and then compressed (flate2 `GzEncoder`,
-//! default level 6, gzip header with mtime 0, no file name, OS byte 255) into a
-//! [`BlobWriter`](crate::store::BlobWriter) that hashes the compressed bytes (the digest).
+//! The layer is a compressed tar, written in one stream: tar bytes are hashed (the diff_id) and
+//! then compressed into a [`BlobWriter`](crate::store::BlobWriter) that hashes the compressed
+//! bytes (the digest). The compression ([`DiffOptions::compression`]) is gzip by default
+//! (`application/vnd.oci.image.layer.v1.tar+gzip`): block-parallel deterministic gzip (`pargz`:
+//! level 6, 128 KiB blocks each with the previous 32 KiB as dictionary, one member, header with
+//! mtime 0, no file name, OS byte 255), or zstd (`...tar+zstd`, zstd's multi-threaded format).
+//! Either way the bytes depend on the tar and the level only, not on the number of threads.
 //!
 //! The tar format, which the reproducibility tests rely on:
 //!

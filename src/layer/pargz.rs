@@ -77,9 +77,16 @@ fn compress_block(level: u32, data: &[u8], dict: &[u8], last: bool) -> io::Resul
     let mut out = Vec::with_capacity(data.len() + data.len() / 8 + 64);
     loop {
         let consumed = c.total_in() as usize;
+        let (room, before) = (out.capacity() - out.len(), c.total_out());
         let status = c
             .compress_vec(&data[consumed..], &mut out, flush)
             .map_err(io::Error::other)?;
+        if room > 0 && c.total_out() == before && c.total_in() as usize == consumed {
+            if matches!(status, Status::StreamEnd) || !last {
+                return Ok(out);
+            }
+            return Err(io::Error::other("deflate made no progress"));
+        }
         let done = c.total_in() as usize == data.len()
             && match status {
                 Status::StreamEnd => true,
