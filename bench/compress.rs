@@ -164,6 +164,25 @@ fn main() {
             );
         }
     }
+    // The serial flate2 stream layers were written with before: the size the blocks cost.
+    let mut times = Vec::new();
+    let mut size = 0;
+    for _ in 0..runs {
+        let t = Instant::now();
+        let mut enc = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::new(6));
+        for c in data.chunks(128 * 1024) {
+            enc.write_all(c).unwrap();
+        }
+        size = enc.finish().unwrap().len();
+        times.push(t.elapsed());
+    }
+    report(
+        "serial flate2 gzip -6 (zlib-rs)",
+        data.len(),
+        size,
+        median(times),
+    );
+
     let mut zfirst: Option<Vec<u8>> = None;
     for threads in [1, 2] {
         let mut times = Vec::new();
