@@ -75,6 +75,7 @@ PACKAGES=(
     busybox-static:busybox buildah:buildah skopeo:skopeo umoci:umoci runc:runc
     apache2-utils:htpasswd openssl:openssl jq:jq curl:curl util-linux:runuser openssh-client:ssh-agent tar:tar git:git
     python3-seccomp:python3
+    gzip:gzip zstd:zstd bzip2:bzip2 xz-utils:xz pigz:pigz
 )
 
 CHECK_BUILDAH=0
