@@ -239,7 +239,7 @@ pub struct CopySpec {
     /// `--link`: the layer is made on its own, not on top of the image's layers.
     #[serde(default)]
     pub link: bool,
-    /// ADD: local tar archives (plain or gzip) unpacked into the destination directory.
+    /// ADD: local tar archives (plain, gzip, bzip2, xz or zstd), unpacked into the destination.
     #[serde(default)]
     pub archives: Vec<PathBuf>,
 }
