@@ -795,6 +795,188 @@ fn the_gitlab_component_runs_under_gitlab_ci_local_and_writes_its_reports() {
     assert!(!remote_exists(&format!("{image}:bad")));
 }
 
+// ------------------------------------------------------------------ the CircleCI orb
+
+/// The first `run` step of one of the orb's commands, as CircleCI runs it: `<< parameters.X >>`
+/// replaced by the given value or the parameter's default, the step's `environment` set, and
+/// the command given to `/bin/bash -eo pipefail` (CircleCI's default shell), here as the
+/// unprivileged test user (the machine executor's `circleci` user is not root).
+fn run_orb_command(
+    name: &str,
+    params: &[(&str, &str)],
+    env_vars: &[(&str, String)],
+    path_dir: &Path,
+    cwd: &Path,
+) -> Output {
+    let orb = yaml(&repo_root().join("ci-templates/circleci/orb.yml"));
+    let cmd = &orb["commands"][name];
+    let declared = cmd["parameters"].as_object().unwrap();
+    let value_of = |p: &str| -> String {
+        if let Some((_, v)) = params.iter().find(|(k, _)| *k == p) {
+            return v.to_string();
+        }
+        match &declared
+            .get(p)
+            .unwrap_or_else(|| panic!("{name} has no parameter {p}"))["default"]
+        {
+            serde_json::Value::String(s) => s.clone(),
+            serde_json::Value::Bool(b) => b.to_string(),
+            serde_json::Value::Null => panic!("{name}: {p} has no default and was not given"),
+            other => other.to_string(),
+        }
+    };
+    let substitute = |text: &str| -> String {
+        let mut out = String::new();
+        let mut rest = text;
+        while let Some(i) = rest.find("<< parameters.") {
+            out.push_str(&rest[..i]);
+            let after = &rest[i + "<< parameters.".len()..];
+            let end = after.find(" >>").expect("unterminated << parameters.");
+            out.push_str(&value_of(&after[..end]));
+            rest = &after[end + 3..];
+        }
+        out.push_str(rest);
+        out
+    };
+    let run = cmd["steps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find_map(|s| s.get("run"))
+        .unwrap_or_else(|| panic!("{name} has no run step"));
+    let script = substitute(run["command"].as_str().unwrap());
+    let user = env().user();
+    let mut c = Command::new("runuser");
+    c.args(["-u", user, "--", "env", "-i"])
+        .arg(format!("HOME=/home/{user}"))
+        .arg(format!("PATH={}:/usr/sbin:/usr/bin:/sbin:/bin", path_dir.display()));
+    for (k, v) in run["environment"].as_object().into_iter().flatten() {
+        let v = match v {
+            serde_json::Value::String(s) => substitute(s),
+            other => substitute(&other.to_string()),
+        };
+        c.arg(format!("{k}={v}"));
+    }
+    for (k, v) in env_vars {
+        c.arg(format!("{k}={v}"));
+    }
+    c.args(["/bin/bash", "-eo", "pipefail", "-c", &script])
+        .current_dir(cwd);
+    let out = c.output().unwrap();
+    eprintln!(
+        "--- orb command {name}: {}\n{}{}",
+        out.status,
+        text(&out.stdout),
+        text(&out.stderr)
+    );
+    out
+}
+
+#[test]
+fn the_orbs_build_command_logs_in_with_the_variables_its_parameters_name() {
+    let reg = env().var("SHMOCKER_TEST_TLS_REGISTRY").to_string();
+    let user = env().var("SHMOCKER_TEST_TLS_USER").to_string();
+    let password = fs::read_to_string(env().var("SHMOCKER_TEST_TLS_PASSWORD_FILE"))
+        .unwrap()
+        .trim()
+        .to_string();
+    let project = scratch_dir(Who::User);
+    let p = project.path();
+    fs::write(
+        p.join("Dockerfile"),
+        format!("FROM {}\nRUN echo built > /built\n", env().busybox()),
+    )
+    .unwrap();
+    let bin_dir = scratch_dir(Who::Root);
+    std::os::unix::fs::symlink(binary(), bin_dir.path().join("shmocker")).unwrap();
+    let store = scratch_dir(Who::User);
+    let reports = scratch_dir(Who::User);
+    let image = format!("{reg}/tests/circleci-{}", unique());
+    let circle = |extra: Vec<(&'static str, String)>| -> Vec<(&'static str, String)> {
+        let mut v = vec![
+            ("CI", "true".to_string()),
+            ("CIRCLECI", "true".to_string()),
+            ("CIRCLE_SHA1", SHA.to_string()),
+            ("CIRCLE_BRANCH", "main".to_string()),
+            ("CIRCLE_PROJECT_REPONAME", "app".to_string()),
+            (
+                "CIRCLE_REPOSITORY_URL",
+                "git@github.com:org/app.git".to_string(),
+            ),
+            ("SHMOCKER_ROOT", store.path().display().to_string()),
+        ];
+        v.extend(extra);
+        v
+    };
+    let reports_dir = reports.path().display().to_string();
+    let params = [
+        ("images", image.as_str()),
+        ("push", "true"),
+        ("registry", reg.as_str()),
+        ("registry-username", "DEPLOY_USER"),
+        ("registry-password", "DEPLOY_TOKEN"),
+        ("report-dir", reports_dir.as_str()),
+    ];
+
+    // The variables the parameters name are empty: the step says which, before building.
+    let out = run_orb_command(
+        "build",
+        &params,
+        &circle(vec![("DEPLOY_USER", user.clone())]),
+        bin_dir.path(),
+        p,
+    );
+    assert!(!out.status.success());
+    let err = text(&out.stderr);
+    assert!(err.contains("$DEPLOY_TOKEN is empty"), "{err}");
+    assert!(!remote_exists_with_creds(&format!("{image}:main"), &user, &password));
+
+    // With them, shmocker logs in and pushes the derived tags.
+    let out = run_orb_command(
+        "build",
+        &params,
+        &circle(vec![
+            ("DEPLOY_USER", user.clone()),
+            ("DEPLOY_TOKEN", password.clone()),
+        ]),
+        bin_dir.path(),
+        p,
+    );
+    assert!(out.status.success());
+    for tag in ["main", "latest", "sha-90dd603"] {
+        assert!(
+            remote_exists_with_creds(&format!("{image}:{tag}"), &user, &password),
+            "{image}:{tag} was not pushed"
+        );
+    }
+    // The password is in no output and no report.
+    let log = format!("{}{}", text(&out.stdout), text(&out.stderr));
+    assert!(!log.contains(&password), "the password reached the log");
+    let mut files = 0;
+    for entry in fs::read_dir(reports.path()).unwrap() {
+        let data = fs::read(entry.unwrap().path()).unwrap();
+        files += 1;
+        assert!(
+            !String::from_utf8_lossy(&data).contains(&password),
+            "the password reached a report"
+        );
+    }
+    assert!(files >= 3, "the reports were not written");
+    assert!(reports.path().join("junit.xml").is_file());
+}
+
+/// Whether `reference` exists in a registry that needs credentials.
+fn remote_exists_with_creds(reference: &str, user: &str, password: &str) -> bool {
+    Command::new("skopeo")
+        .args(["inspect", "--raw", "--creds"])
+        .arg(format!("{user}:{password}"))
+        .arg(format!("docker://{reference}"))
+        .output()
+        .unwrap()
+        .status
+        .success()
+}
+
 // ------------------------------------------------------------------ schemas and lints
 
 fn check_schema(schema: &str, files: &[PathBuf]) {
@@ -964,7 +1146,25 @@ fn every_command_and_executor_the_orb_uses_exists() {
             }
         }
     };
+    // Keys of a workflow's job entry that CircleCI keeps for itself: a job parameter with one
+    // of these names could never be given.
+    const RESERVED: [&str; 8] = [
+        "context",
+        "filters",
+        "matrix",
+        "name",
+        "requires",
+        "type",
+        "pre-steps",
+        "post-steps",
+    ];
     for (name, job) in jobs {
+        for p in job["parameters"].as_object().into_iter().flatten().map(|(k, _)| k) {
+            assert!(
+                !RESERVED.contains(&p.as_str()),
+                "job {name}: the parameter {p} is a reserved job key"
+            );
+        }
         let executor = job["executor"].as_str().unwrap();
         assert!(
             executors.contains_key(executor),

@@ -9,6 +9,7 @@ use std::sync::Arc;
 use super::reports::{self, BuildFacts};
 use super::{CiContext, Env, Provider, github, gitlab, metadata};
 use crate::engine::{BuildError, BuildOptions, BuildResult};
+use crate::registry::ExplicitCredentials;
 use crate::progress::{Fanout, ProgressMode, Recorder, Reporter, Reporting};
 
 #[derive(Debug, thiserror::Error)]
@@ -21,6 +22,13 @@ pub enum CiError {
         "no tags could be derived from {0} (no branch, tag, pull request or commit in its environment); give full names with --tag REGISTRY/NAME:TAG"
     )]
     NoTags(&'static str),
+    #[error(
+        "SHMOCKER_REGISTRY is {registry} but {missing} is empty: set both SHMOCKER_REGISTRY_USERNAME and SHMOCKER_REGISTRY_PASSWORD (the CircleCI orb fills them from the variables named by its registry-username and registry-password parameters), or unset SHMOCKER_REGISTRY"
+    )]
+    IncompleteCredentials {
+        registry: String,
+        missing: &'static str,
+    },
     #[error("{what} {path}: {source}")]
     Write {
         what: &'static str,
@@ -58,12 +66,15 @@ pub struct Request {
 }
 
 pub fn plan(env: &Env, req: &Request) -> Result<Plan, CiError> {
-    let ctx = super::detect(
+    let mut ctx = super::detect(
         env,
         req.provider,
         req.default_branch.as_deref(),
         &req.context,
     );
+    if let Some(c) = env_credentials(env)? {
+        ctx.credentials.push(c);
+    }
     let created = metadata::created_time(env.get("SOURCE_DATE_EPOCH"));
     let images: Vec<String> = if req.images.is_empty() {
         ctx.default_image.iter().cloned().collect()
@@ -91,6 +102,33 @@ pub fn plan(env: &Env, req: &Request) -> Result<Plan, CiError> {
         labels,
         derived,
     })
+}
+
+/// Credentials for one more registry, in any CI: `SHMOCKER_REGISTRY` (a host, e.g.
+/// `registry.example.com` or `docker.io`), `SHMOCKER_REGISTRY_USERNAME` and
+/// `SHMOCKER_REGISTRY_PASSWORD` (a password or token). CircleCI has no registry of its own, so
+/// this is how its orb logs in; on GitHub and GitLab it adds a registry beside ghcr.io or
+/// `$CI_REGISTRY`. Half a set is an error rather than an anonymous push that fails later.
+fn env_credentials(env: &Env) -> Result<Option<ExplicitCredentials>, CiError> {
+    let Some(registry) = env.get("SHMOCKER_REGISTRY") else {
+        return Ok(None);
+    };
+    let missing = |name| CiError::IncompleteCredentials {
+        registry: registry.to_string(),
+        missing: name,
+    };
+    let username = env
+        .get("SHMOCKER_REGISTRY_USERNAME")
+        .ok_or_else(|| missing("SHMOCKER_REGISTRY_USERNAME"))?;
+    let secret = env
+        .get("SHMOCKER_REGISTRY_PASSWORD")
+        .ok_or_else(|| missing("SHMOCKER_REGISTRY_PASSWORD"))?;
+    Ok(Some(ExplicitCredentials {
+        registry: registry.to_string(),
+        username: username.to_string(),
+        secret: secret.to_string(),
+        origin: "SHMOCKER_REGISTRY_USERNAME/SHMOCKER_REGISTRY_PASSWORD".to_string(),
+    }))
 }
 
 /// The reporter for this CI and `--progress`, and the recorder that feeds the reports.
