@@ -221,6 +221,91 @@ fn ci_on_github_pushes_derived_tags_with_labels_outputs_summary_and_masks() {
 }
 
 #[test]
+fn stages_that_run_in_parallel_each_get_a_group_of_their_own() {
+    // Stages a and b run at once and print in turns; the final stage needs both.
+    let bb = env().busybox();
+    let dockerfile = format!(
+        "FROM {bb} AS a\nRUN for i in 1 2 3 4 5 6; do echo from-a-$i; sleep 0.2; done > /a\n\
+         FROM {bb} AS b\nRUN for i in 1 2 3 4 5 6; do echo from-b-$i; sleep 0.2; done > /b\n\
+         FROM {bb}\nCOPY --from=a /a /a\nCOPY --from=b /b /b\n"
+    )
+    .replace("done > /a", "done | tee /a")
+    .replace("done > /b", "done | tee /b");
+    let ctx = context(&[("Dockerfile", &dockerfile)]);
+    let work = scratch_dir(Who::Root);
+    let store = scratch_dir(Who::Root);
+    let out = Command::new(binary())
+        .env_clear()
+        .env("PATH", "/usr/local/bin:/usr/bin:/bin")
+        .env("HOME", "/root")
+        .env("GITHUB_ACTIONS", "true")
+        .env("GITHUB_REPOSITORY", "octo/app")
+        .env("GITHUB_REF", "refs/heads/main")
+        .env("GITHUB_SHA", SHA)
+        .env("GITHUB_WORKSPACE", ctx.path())
+        .env("GITHUB_OUTPUT", work.path().join("output"))
+        .env("GITHUB_STEP_SUMMARY", work.path().join("summary"))
+        .arg("--root")
+        .arg(store.path())
+        .args(["ci", "--tag", "local/parallel:1"])
+        .arg(ctx.path())
+        .output()
+        .unwrap();
+    let (stdout, stderr) = (text(&out.stdout), text(&out.stderr));
+    eprintln!("--- stdout\n{stdout}\n--- stderr\n{stderr}");
+    assert!(out.status.success(), "shmocker ci failed");
+
+    // Which group each line is in; steps are known by their `#N [stage i/n]` lines.
+    let mut group: Option<String> = None;
+    let mut groups = Vec::new();
+    let mut step_stage: BTreeMap<String, String> = BTreeMap::new();
+    let mut seen_in: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    for line in stdout.lines() {
+        if let Some(title) = line.strip_prefix("::group::") {
+            assert!(group.is_none(), "a group opened inside another: {line}");
+            group = Some(title.to_string());
+            groups.push(title.to_string());
+            continue;
+        }
+        if line == "::endgroup::" {
+            group = None;
+            continue;
+        }
+        let Some(rest) = line.strip_prefix('#') else {
+            continue;
+        };
+        let (n, tail) = rest.split_once(' ').unwrap_or((rest, ""));
+        if let Some(label) = tail.strip_prefix('[') {
+            let stage = label.split(' ').next().unwrap().to_string();
+            step_stage.insert(n.to_string(), stage);
+        }
+        if let (Some(g), Some(stage)) = (&group, step_stage.get(n)) {
+            seen_in.entry(g.clone()).or_default().push(stage.clone());
+        }
+    }
+    assert_eq!(groups.len(), 3, "{groups:?}");
+    for (title, stages) in &seen_in {
+        let own = title
+            .strip_prefix("stage ")
+            .and_then(|t| t.split(':').next())
+            .unwrap();
+        let own = if own == "2" { "stage-2" } else { own };
+        assert!(
+            stages.iter().all(|s| s == own),
+            "the group {title:?} holds lines of other stages: {stages:?}"
+        );
+    }
+    // Both parallel stages printed all their lines, each inside its group.
+    for stage in ["a", "b"] {
+        let lines = stdout
+            .lines()
+            .filter(|l| l.contains(&format!("from-{stage}-")) && !l.contains("RUN "))
+            .count();
+        assert_eq!(lines, 6, "{stage}");
+    }
+}
+
+#[test]
 fn a_failing_step_is_annotated_at_its_dockerfile_line_and_summarised() {
     let dockerfile = format!(
         "FROM {}\nRUN echo fine\nRUN echo bad && exit 3\n",
@@ -849,7 +934,10 @@ fn run_orb_command(
     let mut c = Command::new("runuser");
     c.args(["-u", user, "--", "env", "-i"])
         .arg(format!("HOME=/home/{user}"))
-        .arg(format!("PATH={}:/usr/sbin:/usr/bin:/sbin:/bin", path_dir.display()));
+        .arg(format!(
+            "PATH={}:/usr/sbin:/usr/bin:/sbin:/bin",
+            path_dir.display()
+        ));
     for (k, v) in run["environment"].as_object().into_iter().flatten() {
         let v = match v {
             serde_json::Value::String(s) => substitute(s),
@@ -929,7 +1017,11 @@ fn the_orbs_build_command_logs_in_with_the_variables_its_parameters_name() {
     assert!(!out.status.success());
     let err = text(&out.stderr);
     assert!(err.contains("$DEPLOY_TOKEN is empty"), "{err}");
-    assert!(!remote_exists_with_creds(&format!("{image}:main"), &user, &password));
+    assert!(!remote_exists_with_creds(
+        &format!("{image}:main"),
+        &user,
+        &password
+    ));
 
     // With them, shmocker logs in and pushes the derived tags.
     let out = run_orb_command(
@@ -1159,7 +1251,12 @@ fn every_command_and_executor_the_orb_uses_exists() {
         "post-steps",
     ];
     for (name, job) in jobs {
-        for p in job["parameters"].as_object().into_iter().flatten().map(|(k, _)| k) {
+        for p in job["parameters"]
+            .as_object()
+            .into_iter()
+            .flatten()
+            .map(|(k, _)| k)
+        {
             assert!(
                 !RESERVED.contains(&p.as_str()),
                 "job {name}: the parameter {p} is a reserved job key"

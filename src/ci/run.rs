@@ -9,8 +9,8 @@ use std::sync::Arc;
 use super::reports::{self, BuildFacts};
 use super::{CiContext, Env, Provider, github, gitlab, metadata};
 use crate::engine::{BuildError, BuildOptions, BuildResult};
+use crate::progress::{Fanout, ProgressMode, Recorder, Reporter, Reporting, StageOrder};
 use crate::registry::ExplicitCredentials;
-use crate::progress::{Fanout, ProgressMode, Recorder, Reporter, Reporting};
 
 #[derive(Debug, thiserror::Error)]
 pub enum CiError {
@@ -138,10 +138,13 @@ fn env_credentials(env: &Env) -> Result<Option<ExplicitCredentials>, CiError> {
 pub fn reporter(ctx: &CiContext, mode: ProgressMode) -> (Reporting, Arc<Recorder>) {
     let recorder = Arc::new(Recorder::new());
     let shown: Arc<dyn Reporter> = match (ctx.provider, mode) {
-        (Provider::Github, ProgressMode::Auto) => {
-            Arc::new(github::GithubReporter::stdout(ctx.workspace.clone()))
+        // Log groups and sections hold one stage each, so parallel stages are shown in turn.
+        (Provider::Github, ProgressMode::Auto) => Arc::new(StageOrder::new(
+            github::GithubReporter::stdout(ctx.workspace.clone()),
+        )),
+        (Provider::Gitlab, ProgressMode::Auto) => {
+            Arc::new(StageOrder::new(gitlab::GitlabReporter::stdout()))
         }
-        (Provider::Gitlab, ProgressMode::Auto) => Arc::new(gitlab::GitlabReporter::stdout()),
         (Provider::None, m) => m.reporter(),
         // In a CI, auto never means bars: there is no terminal to draw them on.
         (_, ProgressMode::Auto) => ProgressMode::Plain.reporter(),

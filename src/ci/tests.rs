@@ -278,7 +278,12 @@ fn registry_credentials_from_shmocker_variables_in_any_ci() {
         ("SHMOCKER_REGISTRY_PASSWORD", "hub-token"),
     ];
     let plan = run::plan(&Env::from_pairs(gl), &req).unwrap();
-    let regs: Vec<_> = plan.ctx.credentials.iter().map(|c| c.registry.as_str()).collect();
+    let regs: Vec<_> = plan
+        .ctx
+        .credentials
+        .iter()
+        .map(|c| c.registry.as_str())
+        .collect();
     assert_eq!(regs, ["registry.gitlab.com", "docker.io"]);
 
     // Half a set is refused, naming what is missing, and the secret is never in the message.

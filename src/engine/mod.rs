@@ -439,6 +439,7 @@ impl<'a> Builder<'a> {
                         done.iter().map(|(k, v)| (*k, v.clone())).collect()
                     };
                     let state = this.run_stage(stages, i, &deps_built).await?;
+                    this.opts.reporter.report(Event::StageDone { stage: i });
                     built.lock().expect("stage map").insert(i, Arc::new(state));
                     Ok::<(), BuildError>(())
                 }

@@ -7,6 +7,7 @@
 //! `ci/` wraps them with the CI system's own language (GitHub groups and annotations, GitLab
 //! sections) and records the steps for job summaries and test reports.
 
+mod order;
 mod tty;
 
 use std::fmt;
@@ -16,6 +17,7 @@ use std::time::Duration;
 
 use serde::Serialize;
 
+pub use order::StageOrder;
 pub use tty::TtyReporter;
 
 /// A place in a Dockerfile.
@@ -70,6 +72,11 @@ pub enum Event {
         name: Option<String>,
         /// The image or stage it starts from, after ARG expansion.
         base: String,
+    },
+    /// Every step of the stage is done (cached or run); a failed stage reports `StepFailed`
+    /// instead.
+    StageDone {
+        stage: usize,
     },
     StepStarted {
         step: usize,
@@ -260,7 +267,9 @@ pub fn plain_line(event: &Event) -> Option<String> {
             location: None,
             message,
         } => format!("warning: {message}"),
-        Event::StageStarted { .. } | Event::CheckFinding { .. } => return None,
+        Event::StageStarted { .. } | Event::StageDone { .. } | Event::CheckFinding { .. } => {
+            return None;
+        }
         Event::StepStarted {
             step,
             stage,
@@ -499,6 +508,7 @@ impl Reporter for Recorder {
                 }
             }
             Event::StageStarted { .. }
+            | Event::StageDone { .. }
             | Event::Exported { .. }
             | Event::Info { .. }
             | Event::Pushing { .. } => {}
