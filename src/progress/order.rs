@@ -184,8 +184,7 @@ mod tests {
             r.report(e);
         }
         r.finish();
-        let v = sink.0.lock().unwrap().clone();
-        v
+        sink.0.lock().unwrap().clone()
     }
 
     #[test]
