@@ -1529,6 +1529,7 @@ impl Builder<'_> {
                     from: Some(CopyFrom {
                         lower,
                         sources: sources.to_vec(),
+                        name: from.clone(),
                     }),
                     link,
                     archives: vec![],

@@ -95,10 +95,16 @@ fn run(spec: &StepSpec) -> Result<StepStatus, SandboxError> {
                 let ctx = crate::engine::context::Context::new(view.clone(), None);
                 let mut matched = 0;
                 for source in &from.sources {
-                    for rel in ctx
-                        .matches(source)
-                        .map_err(|e| SandboxError::Setup(e.to_string()))?
-                    {
+                    let matches = ctx.matches(source).map_err(|e| match e {
+                        crate::engine::context::ContextError::NotFound(src, _) => {
+                            SandboxError::Setup(format!(
+                                "{src}: not found in --from={} (the files of that stage or image; check the path)",
+                                from.name
+                            ))
+                        }
+                        e => SandboxError::Setup(e.to_string()),
+                    })?;
+                    for rel in matches {
                         matched += 1;
                         ctx.items(&rel, &mut copy.items)
                             .map_err(|e| SandboxError::Setup(e.to_string()))?;

@@ -248,6 +248,9 @@ pub struct CopySpec {
 pub struct CopyFrom {
     pub lower: Vec<PathBuf>,
     pub sources: Vec<String>,
+    /// The `--from` value as written, for messages.
+    #[serde(default)]
+    pub name: String,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
