@@ -421,6 +421,7 @@ impl Builder<'_> {
         let snapshot = snapshot.to_path_buf();
         let opts = ApplyOptions {
             chown: self.opts.mapping.has_many_ids(),
+            record_owner: !self.opts.mapping.has_many_ids(),
             ..Default::default()
         };
         let digest = blob.digest.clone();
@@ -1815,6 +1816,7 @@ impl Builder<'_> {
         let snapshots = self.snapshots.clone();
         let diff_opts = DiffOptions {
             source_date_epoch: self.opts.source_date_epoch,
+            recorded_owners: !self.opts.mapping.has_many_ids(),
         };
         let made = tokio::task::spawn_blocking(move || -> Result<Option<Layer>, String> {
             if layer::is_empty_upper(&upper).map_err(|e| e.to_string())? {

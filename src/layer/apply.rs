@@ -340,6 +340,20 @@ impl Applier<'_> {
             .map_err(|e| self.chown_err(shown, meta, e))
     }
 
+    /// [`ApplyOptions::record_owner`]: the tar's owner kept in an xattr of `file`.
+    fn record_owner(&self, file: &File, shown: &str, meta: &Meta) -> Result<(), LayerError> {
+        if self.opts.chown || !self.opts.record_owner || (meta.uid, meta.gid) == (0, 0) {
+            return Ok(());
+        }
+        let value = format!("{}:{}", meta.uid, meta.gid);
+        file.set_xattr(super::OWNER_XATTR, value.as_bytes())
+            .map_err(|source| LayerError::Io {
+                op: "recording the owner (xattr) of",
+                path: self.host_path(shown),
+                source,
+            })
+    }
+
     fn chown_err(&self, shown: &str, meta: &Meta, e: Errno) -> LayerError {
         LayerError::Chown {
             path: self.host_path(shown),
@@ -498,6 +512,16 @@ impl Applier<'_> {
                         .map_err(|e| io_err("creating directory", &path, e))?;
                 }
                 self.chown_at(parent.as_fd(), name, &shown, &meta)?;
+                if self.opts.record_owner && !self.opts.chown {
+                    let fd = openat(
+                        parent.as_fd(),
+                        name,
+                        OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
+                        Mode::empty(),
+                    )
+                    .map_err(|e| io_err("opening directory", &path, e))?;
+                    self.record_owner(&File::from(fd), &shown, &meta)?;
+                }
                 self.dirs.push((comps.clone(), meta.mode, meta.mtime));
             }
             EntryType::Regular | EntryType::Continuous | EntryType::GNUSparse => {
@@ -528,6 +552,7 @@ impl Applier<'_> {
                         .and_then(|(uid, gid)| fchown(file.as_fd(), Some(uid), Some(gid)))
                         .map_err(|e| self.chown_err(&shown, &meta, e))?;
                 }
+                self.record_owner(&file, &shown, &meta)?;
                 // After chown, which clears setuid/setgid.
                 fchmod(file.as_fd(), perm).map_err(|e| io_err("chmod", &path, e))?;
                 futimens(file.as_fd(), &meta.mtime, &meta.mtime)
