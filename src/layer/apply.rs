@@ -61,6 +61,7 @@ pub fn apply_layer(
         report: ApplyReport::default(),
         dirs: Vec::new(),
         buf: vec![0u8; 64 * 1024],
+        no_xattrs: false,
     };
 
     let mut archive = tar::Archive::new(hashing);
@@ -242,6 +243,8 @@ struct Applier<'a> {
     /// Directories whose mode and mtime are set at the end, after their contents.
     dirs: Vec<(Vec<Vec<u8>>, u32, TimeSpec)>,
     buf: Vec<u8>,
+    /// The filesystem refused a user xattr: owners are no longer recorded.
+    no_xattrs: bool,
 }
 
 enum Lookup {
@@ -340,18 +343,36 @@ impl Applier<'_> {
             .map_err(|e| self.chown_err(shown, meta, e))
     }
 
-    /// [`ApplyOptions::record_owner`]: the tar's owner kept in an xattr of `file`.
-    fn record_owner(&self, file: &File, shown: &str, meta: &Meta) -> Result<(), LayerError> {
-        if self.opts.chown || !self.opts.record_owner || (meta.uid, meta.gid) == (0, 0) {
+    /// [`ApplyOptions::record_owner`]: the tar's owner kept in an xattr of `file`. A store
+    /// whose filesystem keeps no user xattrs (tmpfs before Linux 6.6) loses the owners, with one
+    /// warning, rather than the build.
+    fn record_owner(&mut self, file: &File, shown: &str, meta: &Meta) -> Result<(), LayerError> {
+        if self.opts.chown
+            || !self.opts.record_owner
+            || self.no_xattrs
+            || (meta.uid, meta.gid) == (0, 0)
+        {
             return Ok(());
         }
         let value = format!("{}:{}", meta.uid, meta.gid);
-        file.set_xattr(super::OWNER_XATTR, value.as_bytes())
-            .map_err(|source| LayerError::Io {
+        match file.set_xattr(super::OWNER_XATTR, value.as_bytes()) {
+            Ok(()) => Ok(()),
+            Err(e) if e.raw_os_error() == Some(nix::libc::EOPNOTSUPP) => {
+                self.no_xattrs = true;
+                self.report.warnings.push(format!(
+                    "{}: the store's filesystem keeps no user xattrs, so the owners of this image's files ({shown} belongs to {}:{}) cannot be recorded in a single-ID build: files a step changes will belong to 0 in its layer (put the store on ext4, xfs or btrfs, or give the user subordinate IDs)",
+                    self.dest.display(),
+                    meta.uid,
+                    meta.gid
+                ));
+                Ok(())
+            }
+            Err(source) => Err(LayerError::Io {
                 op: "recording the owner (xattr) of",
                 path: self.host_path(shown),
                 source,
-            })
+            }),
+        }
     }
 
     fn chown_err(&self, shown: &str, meta: &Meta, e: Errno) -> LayerError {

@@ -216,8 +216,12 @@ impl Walker<'_> {
         if !self.opts.recorded_owners {
             return Ok(());
         }
-        let value = xattr::get(path, super::OWNER_XATTR)
-            .map_err(io_err("reading the recorded owner (xattr) of", path))?;
+        let value = match xattr::get(path, super::OWNER_XATTR) {
+            Ok(v) => v,
+            // A filesystem without user xattrs has recorded nothing.
+            Err(e) if e.raw_os_error() == Some(nix::libc::EOPNOTSUPP) => None,
+            Err(e) => return Err(io_err("reading the recorded owner (xattr) of", path)(e)),
+        };
         if let Some((uid, gid)) = value.as_deref().and_then(super::parse_owner) {
             h.uid = uid;
             h.gid = gid;
