@@ -862,7 +862,9 @@ fn ssh_mount_forwards_the_agent_socket() {
 
 #[test]
 fn run_steps_are_hardened_unless_insecure_is_allowed() {
-    let dockerfile = "ARG BASE\nFROM ${BASE}\nRUN grep -E '^(CapBnd|CapEff|NoNewPrivs)' /proc/self/status > /status && wc -c < /proc/interrupts > /kcore-size && (echo 1 > /proc/sys/kernel/domainname && echo writable || echo read-only) > /proc-sys\nRUN --security=insecure grep -E '^(CapBnd|NoNewPrivs)' /proc/self/status > /insecure-status\n";
+    // `unshare -U -r` makes a user namespace: no capability is needed for that, only the
+    // seccomp filter stops it (as Docker's profile does); insecure steps may.
+    let dockerfile = "ARG BASE\nFROM ${BASE}\nRUN grep -E '^(CapBnd|CapEff|NoNewPrivs|Seccomp):' /proc/self/status > /status && wc -c < /proc/interrupts > /kcore-size && (echo 1 > /proc/sys/kernel/domainname && echo writable || echo read-only) > /proc-sys && (unshare -U -r true 2>/unshare-err && echo allowed || echo denied) > /unshare\nRUN --security=insecure grep -E '^(CapBnd|NoNewPrivs|Seccomp):' /proc/self/status > /insecure-status && (unshare -U -r true && echo allowed || echo denied) > /insecure-unshare\n";
     let store = scratch_dir(Who::User);
     let (_w, rootfs, _) = build_and_unpack(
         Who::User,
@@ -875,6 +877,14 @@ fn run_steps_are_hardened_unless_insecure_is_allowed() {
     assert!(status.contains("CapBnd:\t00000000a80425fb"), "{status}");
     assert!(status.contains("CapEff:\t00000000a80425fb"), "{status}");
     assert!(status.contains("NoNewPrivs:\t1"), "{status}");
+    // Mode 2: a seccomp filter.
+    assert!(status.contains("Seccomp:\t2"), "{status}");
+    assert_eq!(
+        std::fs::read_to_string(rootfs.join("unshare")).unwrap(),
+        "denied\n"
+    );
+    let why = std::fs::read_to_string(rootfs.join("unshare-err")).unwrap();
+    assert!(why.contains("Operation not permitted"), "{why}");
     assert_eq!(
         std::fs::read_to_string(rootfs.join("kcore-size"))
             .unwrap()
@@ -888,8 +898,14 @@ fn run_steps_are_hardened_unless_insecure_is_allowed() {
     );
     let insecure = std::fs::read_to_string(rootfs.join("insecure-status")).unwrap();
     assert!(
-        !insecure.contains("a80425fb") && insecure.contains("NoNewPrivs:\t0"),
+        !insecure.contains("a80425fb")
+            && insecure.contains("NoNewPrivs:\t0")
+            && insecure.contains("Seccomp:\t0"),
         "{insecure}"
+    );
+    assert_eq!(
+        std::fs::read_to_string(rootfs.join("insecure-unshare")).unwrap(),
+        "allowed\n"
     );
 
     // Without --allow, --security=insecure is refused at its line.

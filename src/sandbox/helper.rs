@@ -331,6 +331,11 @@ fn run_chrooted(root: &Path, process: &ProcessSpec) -> Result<StepStatus, Sandbo
                 nix::unistd::chroot(root).map_err(|e| SandboxError::sys("chroot", e))?;
                 chdir("/").map_err(|e| SandboxError::sys("chdir /", e))?;
                 let exec = prepare_exec(process, &user)?;
+                // The same limits as in a namespace: the step shares the host's namespaces
+                // here, so they matter all the more.
+                if !process.insecure {
+                    super::harden::restrict_process()?;
+                }
                 Err(switch_user_and_exec(&user, &exec))
             })()
             .unwrap_err();
