@@ -254,7 +254,7 @@ pub fn install_seccomp() -> Result<(), SandboxError> {
 
     let mut rules: BTreeMap<i64, Vec<SeccompRule>> = DENIED_SYSCALLS
         .iter()
-        .map(|&nr| (i64::from(nr), vec![]))
+        .map(|&nr| (nr, vec![]))
         .collect();
     let clone_rules = NAMESPACE_FLAGS
         .iter()
@@ -270,7 +270,7 @@ pub fn install_seccomp() -> Result<(), SandboxError> {
         })
         .collect::<Result<Vec<_>, _>>()
         .map_err(err)?;
-    rules.insert(i64::from(nix::libc::SYS_clone), clone_rules);
+    rules.insert(nix::libc::SYS_clone, clone_rules);
     let deny = SeccompFilter::new(
         rules,
         SeccompAction::Allow,
@@ -279,7 +279,7 @@ pub fn install_seccomp() -> Result<(), SandboxError> {
     )
     .map_err(err)?;
     let clone3 = SeccompFilter::new(
-        [(i64::from(nix::libc::SYS_clone3), vec![])].into(),
+        [(nix::libc::SYS_clone3, vec![])].into(),
         SeccompAction::Allow,
         SeccompAction::Errno(nix::libc::ENOSYS.cast_unsigned()),
         arch,
