@@ -1033,3 +1033,56 @@ fn add_clones_git_sources_at_a_ref_and_subdirectory() {
     assert_eq!(read("head/README"), "later\n");
     assert!(rootfs.join("head/.git").is_dir(), "--keep-git-dir keeps it");
 }
+
+#[test]
+fn a_step_printing_megabytes_is_clipped_in_the_log_as_buildkit_does() {
+    // 40,000 lines of 100 bytes: about 4 MB of output, twice BuildKit's 2 MiB limit.
+    let dockerfile = format!(
+        "FROM {}\nRUN i=0; while [ $i -lt 40000 ]; do printf '%099d\\n' $i; i=$((i+1)); done; echo finished > /done\n",
+        env().busybox()
+    );
+    let ctx = context(&[("Dockerfile", &dockerfile)]);
+    let run = |limit: Option<&str>| {
+        let store = scratch_dir(Who::Root);
+        let mut cmd = std::process::Command::new(common::binary());
+        cmd.arg("--root")
+            .arg(store.path())
+            .args(["build", "--progress=plain"])
+            .arg(ctx.path())
+            .env_remove("SHMOCKER_ROOT")
+            .env_remove("BUILDKIT_STEP_LOG_MAX_SIZE")
+            .env_remove("SHMOCKER_STEP_LOG_MAX_SIZE");
+        if let Some(l) = limit {
+            cmd.env("SHMOCKER_STEP_LOG_MAX_SIZE", l);
+        }
+        let out = cmd.output().unwrap();
+        assert!(out.status.success(), "{}", stderr(&out));
+        stderr(&out)
+    };
+    let clipped = run(None);
+    let output_lines = |log: &str| {
+        log.lines()
+            .filter(|l| {
+                l.starts_with("#2 ") && l.ends_with(|c: char| c.is_ascii_digit()) && l.len() > 100
+            })
+            .count()
+    };
+    assert!(
+        clipped.contains("#2 ") && clipped.contains("[output clipped, log limit 2MiB reached]"),
+        "{}",
+        &clipped[clipped.len().saturating_sub(2000)..]
+    );
+    assert!(clipped.contains("#2 DONE"), "the result line still comes");
+    let shown = output_lines(&clipped);
+    assert!(shown > 15_000 && shown < 22_000, "{shown} lines shown");
+    assert!(
+        clipped.len() < 3 * 1024 * 1024,
+        "{} bytes of log",
+        clipped.len()
+    );
+
+    // -1 lifts the limit: every line is there.
+    let full = run(Some("-1"));
+    assert!(!full.contains("output clipped"));
+    assert_eq!(output_lines(&full), 40_000);
+}

@@ -139,11 +139,12 @@ pub fn reporter(ctx: &CiContext, mode: ProgressMode) -> (Reporting, Arc<Recorder
     let recorder = Arc::new(Recorder::new());
     let shown: Arc<dyn Reporter> = match (ctx.provider, mode) {
         // Log groups and sections hold one stage each, so parallel stages are shown in turn.
-        (Provider::Github, ProgressMode::Auto) => Arc::new(StageOrder::new(
+        // Step output is capped as in every text log (progress::limited).
+        (Provider::Github, ProgressMode::Auto) => crate::progress::limited(StageOrder::new(
             github::GithubReporter::stdout(ctx.workspace.clone()),
         )),
         (Provider::Gitlab, ProgressMode::Auto) => {
-            Arc::new(StageOrder::new(gitlab::GitlabReporter::stdout()))
+            crate::progress::limited(StageOrder::new(gitlab::GitlabReporter::stdout()))
         }
         (Provider::None, m) => m.reporter(),
         // In a CI, auto never means bars: there is no terminal to draw them on.

@@ -7,6 +7,7 @@
 //! `ci/` wraps them with the CI system's own language (GitHub groups and annotations, GitLab
 //! sections) and records the steps for job summaries and test reports.
 
+mod limit;
 mod order;
 mod tty;
 
@@ -17,6 +18,7 @@ use std::time::Duration;
 
 use serde::Serialize;
 
+pub use limit::{LogLimit, max_bytes_from_env};
 pub use order::StageOrder;
 pub use tty::TtyReporter;
 
@@ -219,14 +221,24 @@ impl ProgressMode {
         }
     }
 
-    /// The reporter for this mode, on standard error.
+    /// The reporter for this mode, on standard error, with each step's output capped as
+    /// [`limited`] says.
     pub fn reporter(self) -> Arc<dyn Reporter> {
         match self.resolve() {
-            ProgressMode::Tty => Arc::new(TtyReporter::new()),
-            ProgressMode::Json => Arc::new(JsonReporter),
+            ProgressMode::Tty => limited(TtyReporter::new()),
+            ProgressMode::Json => limited(JsonReporter),
             ProgressMode::Quiet => Arc::new(QuietReporter),
-            _ => Arc::new(PlainReporter::stderr()),
+            _ => limited(PlainReporter::stderr()),
         }
+    }
+}
+
+/// `reporter` with each step's shown output capped at the limit from the environment (BuildKit's
+/// 2 MiB by default; see [`LogLimit`]).
+pub fn limited(reporter: impl Reporter + 'static) -> Arc<dyn Reporter> {
+    match max_bytes_from_env() {
+        Some(max) => Arc::new(LogLimit::new(reporter, max)),
+        None => Arc::new(reporter),
     }
 }
 

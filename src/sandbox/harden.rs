@@ -252,10 +252,8 @@ pub fn install_seccomp() -> Result<(), SandboxError> {
         .map_err(|e| SandboxError::Setup(format!("seccomp: {e:?}")))?;
     let err = |e: seccompiler::BackendError| SandboxError::Setup(format!("seccomp filter: {e}"));
 
-    let mut rules: BTreeMap<i64, Vec<SeccompRule>> = DENIED_SYSCALLS
-        .iter()
-        .map(|&nr| (nr, vec![]))
-        .collect();
+    let mut rules: BTreeMap<i64, Vec<SeccompRule>> =
+        DENIED_SYSCALLS.iter().map(|&nr| (nr, vec![])).collect();
     let clone_rules = NAMESPACE_FLAGS
         .iter()
         .map(|&flag| {
