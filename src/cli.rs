@@ -219,4 +219,10 @@ pub struct CiArgs {
     /// Print what would be built (CI, tags, labels) as JSON and stop.
     #[arg(long = "dry-run")]
     pub dry_run: bool,
+
+    /// On a GitHub pull request, post the build summary as a comment, and update that same
+    /// comment on later runs (needs GITHUB_TOKEN with `pull-requests: write`).
+    #[cfg(feature = "github-api")]
+    #[arg(long = "pr-comment")]
+    pub pr_comment: bool,
 }

@@ -234,6 +234,10 @@ fn run_ci(args: cli::CiArgs, root: PathBuf) -> Result<ExitCode> {
         tags: lists(&build.tags, true),
         labels: parse_labels(&build.labels)?,
         push: build.push,
+        #[cfg(feature = "github-api")]
+        pr_comment: args.pr_comment,
+        #[cfg(not(feature = "github-api"))]
+        pr_comment: false,
     };
     let plan = ci::run::plan(&env, &request)?;
     if args.dry_run {

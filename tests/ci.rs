@@ -1283,3 +1283,269 @@ fn every_command_and_executor_the_orb_uses_exists() {
     let job = &usage["workflows"]["main"]["jobs"][0];
     assert!(job.get("shmocker/build").is_some(), "{usage}");
 }
+
+// ------------------------------------------------------------------ the pull-request comment
+
+/// GitHub's REST API for issue comments, as documented (API version 2022-11-28), on 127.0.0.1:
+/// list (paged with `per_page` and `page`), create and update. Comment objects have the
+/// documented fields. Requests are recorded; `deny_writes` answers POST/PATCH with the 403 a
+/// read-only token gets.
+#[cfg(feature = "github-api")]
+mod fake_github {
+    use std::io::{BufRead, BufReader, Read, Write};
+    use std::net::TcpListener;
+    use std::sync::{Arc, Mutex};
+
+    #[derive(Debug, Clone)]
+    pub struct Request {
+        pub method: String,
+        pub path: String,
+        pub headers: Vec<(String, String)>,
+        pub body: String,
+    }
+
+    #[derive(Default)]
+    pub struct State {
+        pub comments: Vec<(u64, String)>,
+        pub requests: Vec<Request>,
+        pub deny_writes: bool,
+    }
+
+    fn comment_json(id: u64, body: &str) -> serde_json::Value {
+        serde_json::json!({
+            "id": id,
+            "node_id": format!("IC_{id}"),
+            "url": format!("https://api.github.com/repos/octo/app/issues/comments/{id}"),
+            "html_url": format!("https://github.com/octo/app/pull/7#issuecomment-{id}"),
+            "body": body,
+            "user": {"login": "github-actions[bot]", "id": 41898282, "type": "Bot", "site_admin": false},
+            "created_at": "2026-11-30T00:00:00Z",
+            "updated_at": "2026-11-30T00:00:00Z",
+            "issue_url": "https://api.github.com/repos/octo/app/issues/7",
+            "author_association": "NONE"
+        })
+    }
+
+    pub fn start(state: Arc<Mutex<State>>) -> u16 {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        std::thread::spawn(move || {
+            for stream in listener.incoming() {
+                let Ok(mut stream) = stream else { continue };
+                let mut reader = BufReader::new(stream.try_clone().unwrap());
+                let mut line = String::new();
+                if reader.read_line(&mut line).unwrap_or(0) == 0 {
+                    continue;
+                }
+                let mut parts = line.split_whitespace();
+                let method = parts.next().unwrap_or("").to_string();
+                let path = parts.next().unwrap_or("").to_string();
+                let mut headers = Vec::new();
+                let mut len = 0usize;
+                loop {
+                    let mut h = String::new();
+                    reader.read_line(&mut h).unwrap();
+                    let h = h.trim_end();
+                    if h.is_empty() {
+                        break;
+                    }
+                    if let Some((k, v)) = h.split_once(':') {
+                        let (k, v) = (k.trim().to_ascii_lowercase(), v.trim().to_string());
+                        if k == "content-length" {
+                            len = v.parse().unwrap();
+                        }
+                        headers.push((k, v));
+                    }
+                }
+                let mut body = vec![0u8; len];
+                reader.read_exact(&mut body).unwrap();
+                let body = String::from_utf8(body).unwrap();
+                let mut st = state.lock().unwrap();
+                st.requests.push(Request {
+                    method: method.clone(),
+                    path: path.clone(),
+                    headers,
+                    body: body.clone(),
+                });
+                let list = "/repos/octo/app/issues/7/comments";
+                let (status, reply) = if method == "GET" && path.starts_with(&format!("{list}?")) {
+                    let query = path.split_once('?').unwrap().1;
+                    let param = |name: &str| {
+                        query
+                            .split('&')
+                            .find_map(|kv| kv.strip_prefix(&format!("{name}=")))
+                            .and_then(|v| v.parse::<usize>().ok())
+                    };
+                    let per = param("per_page").unwrap_or(30).min(100);
+                    let page = param("page").unwrap_or(1).max(1);
+                    let items: Vec<_> = st
+                        .comments
+                        .iter()
+                        .skip((page - 1) * per)
+                        .take(per)
+                        .map(|(id, b)| comment_json(*id, b))
+                        .collect();
+                    ("200 OK", serde_json::Value::Array(items))
+                } else if st.deny_writes && (method == "POST" || method == "PATCH") {
+                    (
+                        "403 Forbidden",
+                        serde_json::json!({"message": "Resource not accessible by integration", "documentation_url": "https://docs.github.com/rest/issues/comments#create-an-issue-comment", "status": "403"}),
+                    )
+                } else if method == "POST" && path == list {
+                    let text = serde_json::from_str::<serde_json::Value>(&body).unwrap()["body"]
+                        .as_str()
+                        .unwrap()
+                        .to_string();
+                    let id = 9000 + st.comments.len() as u64;
+                    st.comments.push((id, text.clone()));
+                    ("201 Created", comment_json(id, &text))
+                } else if method == "PATCH"
+                    && let Some(id) = path
+                        .strip_prefix("/repos/octo/app/issues/comments/")
+                        .and_then(|i| i.parse::<u64>().ok())
+                {
+                    let text = serde_json::from_str::<serde_json::Value>(&body).unwrap()["body"]
+                        .as_str()
+                        .unwrap()
+                        .to_string();
+                    match st.comments.iter_mut().find(|(i, _)| *i == id) {
+                        Some(c) => {
+                            c.1 = text.clone();
+                            ("200 OK", comment_json(id, &text))
+                        }
+                        None => ("404 Not Found", serde_json::json!({"message": "Not Found"})),
+                    }
+                } else {
+                    ("404 Not Found", serde_json::json!({"message": "Not Found"}))
+                };
+                drop(st);
+                let reply = reply.to_string();
+                let _ = write!(
+                    stream,
+                    "HTTP/1.1 {status}\r\nContent-Type: application/json; charset=utf-8\r\nX-GitHub-Api-Version-Selected: 2022-11-28\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{reply}",
+                    reply.len()
+                );
+            }
+        });
+        port
+    }
+}
+
+#[cfg(feature = "github-api")]
+#[test]
+fn on_a_pull_request_the_summary_is_one_comment_updated_by_later_runs() {
+    use std::sync::{Arc, Mutex};
+    let state = Arc::new(Mutex::new(fake_github::State::default()));
+    // A busy pull request: a first page full of other people's comments.
+    state.lock().unwrap().comments = (1..=100).map(|i| (i, format!("LGTM {i}"))).collect();
+    let port = fake_github::start(state.clone());
+    let ctx = context(&[(
+        "Dockerfile",
+        &format!("FROM {}\nRUN echo hi > /hi\n", env().busybox()),
+    )]);
+    let token = "ghs_FakeTokenForTheCommentTest0123";
+    let run = || {
+        let work = scratch_dir(Who::Root);
+        let store = scratch_dir(Who::Root);
+        let out = Command::new(binary())
+            .env_clear()
+            .env("PATH", "/usr/local/bin:/usr/bin:/bin")
+            .env("HOME", "/root")
+            .env("GITHUB_ACTIONS", "true")
+            .env("GITHUB_REPOSITORY", "octo/app")
+            .env("GITHUB_REF", "refs/pull/7/merge")
+            .env("GITHUB_EVENT_NAME", "pull_request")
+            .env("GITHUB_SHA", SHA)
+            .env("GITHUB_TOKEN", token)
+            .env("GITHUB_API_URL", format!("http://127.0.0.1:{port}"))
+            .env("GITHUB_OUTPUT", work.path().join("output"))
+            .env("GITHUB_STEP_SUMMARY", work.path().join("summary"))
+            .arg("--root")
+            .arg(store.path())
+            .args(["ci", "--pr-comment", "--tag", "local/pr:7"])
+            .arg(ctx.path())
+            .output()
+            .unwrap();
+        let (stdout, stderr) = (text(&out.stdout), text(&out.stderr));
+        eprintln!("--- stdout\n{stdout}\n--- stderr\n{stderr}");
+        assert!(out.status.success(), "shmocker ci failed");
+        // Only in the mask command that hides it from the log.
+        assert_eq!(stdout.matches(token).count(), 1);
+        assert!(stdout.contains(&format!("::add-mask::{token}")) && !stderr.contains(token));
+        stderr
+    };
+
+    let first = run();
+    assert!(
+        first.contains("commented on pull request #7 (comment 9100)"),
+        "{first}"
+    );
+    {
+        let st = state.lock().unwrap();
+        // Both pages were read before deciding to create.
+        let gets: Vec<_> = st.requests.iter().filter(|r| r.method == "GET").collect();
+        assert_eq!(gets.len(), 2, "{:?}", st.requests);
+        assert!(gets[1].path.contains("page=2"));
+        let post = st.requests.iter().find(|r| r.method == "POST").unwrap();
+        let header = |name: &str| {
+            post.headers
+                .iter()
+                .find(|(k, _)| k == name)
+                .map(|(_, v)| v.as_str())
+        };
+        assert_eq!(
+            header("authorization"),
+            Some(format!("Bearer {token}").as_str())
+        );
+        assert_eq!(header("x-github-api-version"), Some("2022-11-28"));
+        assert_eq!(header("accept"), Some("application/vnd.github+json"));
+        assert!(header("user-agent").is_some_and(|u| u.starts_with("shmocker/")));
+        assert_eq!(header("content-type"), Some("application/json"));
+        let sent: serde_json::Value = serde_json::from_str(&post.body).unwrap();
+        assert!(
+            sent["body"]
+                .as_str()
+                .unwrap()
+                .contains("shmocker:build-summary")
+        );
+        let body = &st.comments.last().unwrap().1;
+        assert!(
+            body.starts_with("<!-- shmocker:build-summary -->"),
+            "{body}"
+        );
+        assert!(body.contains("shmocker build succeeded"), "{body}");
+    }
+
+    // The next run updates that comment: still one summary on the pull request.
+    let second = run();
+    assert!(
+        second.contains("updated the comment on pull request #7 (comment 9100)"),
+        "{second}"
+    );
+    {
+        let st = state.lock().unwrap();
+        assert_eq!(st.requests.iter().filter(|r| r.method == "POST").count(), 1);
+        let patch = st.requests.iter().find(|r| r.method == "PATCH").unwrap();
+        assert_eq!(patch.path, "/repos/octo/app/issues/comments/9100");
+        let ours = st
+            .comments
+            .iter()
+            .filter(|(_, b)| b.contains("shmocker:build-summary"))
+            .count();
+        assert_eq!(ours, 1);
+    }
+
+    // A token that may not write: a warning that says what to grant; the build still passes.
+    {
+        let mut st = state.lock().unwrap();
+        st.deny_writes = true;
+        st.comments.retain(|(id, _)| *id != 9100);
+    }
+    let denied = run();
+    assert!(
+        denied.contains("warning: --pr-comment:")
+            && denied.contains("403")
+            && denied.contains("pull-requests: write"),
+        "{denied}"
+    );
+}

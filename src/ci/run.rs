@@ -48,6 +48,8 @@ pub struct Plan {
     pub labels: BTreeMap<String, String>,
     /// True when the tags came from the CI rather than from --tag.
     pub derived: bool,
+    /// See [`Request::pr_comment`].
+    pub pr_comment: bool,
 }
 
 /// The inputs of [`plan`] that come from the command line.
@@ -63,6 +65,8 @@ pub struct Request {
     pub labels: BTreeMap<String, String>,
     /// Whether the image is pushed (derived tags then need an image name).
     pub push: bool,
+    /// Post the summary as a sticky pull-request comment (GitHub, feature `github-api`).
+    pub pr_comment: bool,
 }
 
 pub fn plan(env: &Env, req: &Request) -> Result<Plan, CiError> {
@@ -101,6 +105,7 @@ pub fn plan(env: &Env, req: &Request) -> Result<Plan, CiError> {
         tags,
         labels,
         derived,
+        pr_comment: req.pr_comment,
     })
 }
 
@@ -271,6 +276,10 @@ pub fn after_build(
             )
             .map_err(write_err("writing step outputs to $GITHUB_OUTPUT", path))?;
         }
+        #[cfg(feature = "github-api")]
+        if plan.pr_comment {
+            pr_comment(env, plan, &facts);
+        }
         if let Some(path) = env.get("GITHUB_STEP_SUMMARY") {
             let path = Path::new(path);
             let text = reports::summary_markdown(&facts);
@@ -290,6 +299,44 @@ pub fn after_build(
             .map_err(write_err("writing reports to", dir))?;
     }
     Ok(())
+}
+
+/// `--pr-comment`: the summary as the pull request's sticky comment; what happened is said on
+/// standard error, and a failure is a warning, never the build's result.
+#[cfg(feature = "github-api")]
+fn pr_comment(env: &Env, plan: &Plan, facts: &BuildFacts) {
+    use super::comment;
+    let Some(number) = plan.ctx.git.pull_request else {
+        eprintln!("--pr-comment: this run is not for a pull request; no comment");
+        return;
+    };
+    let (Some(repo), Some(token)) = (env.get("GITHUB_REPOSITORY"), env.get("GITHUB_TOKEN")) else {
+        eprintln!(
+            "warning: --pr-comment: no GITHUB_REPOSITORY or GITHUB_TOKEN (the action's github-token) in the environment; no comment"
+        );
+        return;
+    };
+    let target = comment::Target {
+        api: env
+            .get("GITHUB_API_URL")
+            .unwrap_or("https://api.github.com")
+            .to_string(),
+        repo: repo.to_string(),
+        pull_request: number,
+    };
+    let body = comment::body(
+        &reports::summary_markdown(facts),
+        plan.ctx.job_url.as_deref(),
+    );
+    match comment::upsert_blocking(&target, token, &body) {
+        Ok(comment::Outcome::Created { id }) => {
+            eprintln!("commented on pull request #{number} (comment {id})")
+        }
+        Ok(comment::Outcome::Updated { id }) => {
+            eprintln!("updated the comment on pull request #{number} (comment {id})")
+        }
+        Err(e) => eprintln!("warning: --pr-comment: {e}"),
+    }
 }
 
 #[cfg(test)]
