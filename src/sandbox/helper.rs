@@ -38,7 +38,8 @@ pub const SUBCOMMAND: &str = "__sandbox";
 /// Entry point of the helper process. Always writes a status file; exits 0 unless even that fails.
 pub fn main(spec_path: &Path, status_path: &Path) -> ExitCode {
     // A step dies with the build that started it (see run_process for its pid 1): a killed
-    // build leaves no step running on.
+    // build leaves no step running on. The signal follows the *thread* that spawned the helper;
+    // `run_step` spawns and waits on the same thread, which therefore outlives the helper.
     let _ = nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL);
     let status = match read_spec(spec_path).and_then(|spec| run(&spec)) {
         Ok(status) => status,
