@@ -128,6 +128,10 @@ pub(crate) enum Failure {
         error: RegistryError,
         rate_limited: bool,
     },
+    /// Refused credentials (401). Retried once: oci-client sends a request without credentials
+    /// when its token handshake failed (a reset or 503 on the `/v2/` ping), and the next
+    /// attempt repeats the handshake. Wrong credentials fail the same way twice.
+    Unauthorized(RegistryError),
     /// Final: report it as is.
     Final(RegistryError),
 }
@@ -138,6 +142,9 @@ impl Failure {
         e: OciDistributionError,
         classify: impl FnOnce(OciDistributionError) -> RegistryError,
     ) -> Failure {
+        if unauthorized(&e) {
+            return Failure::Unauthorized(classify(e));
+        }
         match transient(&e) {
             Some(rate_limited) => Failure::Transient {
                 error: classify(e),
@@ -180,6 +187,8 @@ where
         let (error, rate_limited) = match attempt().await {
             Ok(v) => return Ok(v),
             Err(Failure::Final(e)) => return Err(e),
+            Err(Failure::Unauthorized(e)) if n > 1 || policy.attempts == 1 => return Err(e),
+            Err(Failure::Unauthorized(error)) => (error, false),
             Err(Failure::Transient {
                 error,
                 rate_limited,
@@ -206,6 +215,15 @@ where
         tokio::time::sleep(delay).await;
         waited += delay;
         n += 1;
+    }
+}
+
+fn unauthorized(e: &OciDistributionError) -> bool {
+    use OciDistributionError as E;
+    match e {
+        E::UnauthorizedError { .. } | E::ServerError { code: 401, .. } => true,
+        E::RequestError(e) => e.status().is_some_and(|s| s.as_u16() == 401),
+        _ => false,
     }
 }
 
@@ -376,6 +394,22 @@ mod tests {
         .unwrap_err();
         assert_eq!(calls.load(Ordering::SeqCst), 1);
         assert!(matches!(e, RegistryError::Registry { .. }));
+    }
+
+    #[tokio::test]
+    async fn refused_credentials_get_one_more_attempt() {
+        let calls = std::sync::atomic::AtomicU32::new(0);
+        let e = run(&policy(6), None, "x", || async {
+            calls.fetch_add(1, Ordering::SeqCst);
+            Err::<(), _>(Failure::Unauthorized(err(1)))
+        })
+        .await
+        .unwrap_err();
+        assert_eq!(calls.load(Ordering::SeqCst), 2);
+        // The error itself, not a give-up: it says what to do about the credentials.
+        assert!(matches!(e, RegistryError::Registry { .. }));
+        let e = OciDistributionError::UnauthorizedError { url: "u".into() };
+        assert!(unauthorized(&e) && transient(&e).is_none());
     }
 
     #[test]
