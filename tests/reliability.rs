@@ -322,8 +322,8 @@ fn steady_context() -> tempfile::TempDir {
             &format!(
                 "FROM {}\n\
                  COPY data.txt /data.txt\n\
-                 RUN sleep 1 && seq 1 200000 > /seq\n\
-                 RUN head -c 3000000 /dev/zero | tr '\\0' x > /xs && sleep 1\n\
+                 RUN sleep 2 && seq 1 200000 > /seq\n\
+                 RUN head -c 3000000 /dev/zero | tr '\\0' x > /xs && sleep 2\n\
                  RUN cat /data.txt /seq | md5sum > /sum\n",
                 env().busybox()
             ),
@@ -464,8 +464,8 @@ fn builds_killed_at_random_moments_leave_a_usable_store() {
     let expected = printed_digest(&out);
 
     // Kill moments: a few fixed ones across the build and push, and seeded random ones.
-    let mut moments_ms: Vec<u64> = vec![300, 1000, 2000, 3500];
-    moments_ms.extend((0..3).map(|i| 200 + mix(0x5eed_0004, i) % 5000));
+    let mut moments_ms: Vec<u64> = vec![300, 1000, 2500, 4500];
+    moments_ms.extend((0..3).map(|i| 200 + mix(0x5eed_0004, i) % 6000));
     eprintln!("kill moments (ms): {moments_ms:?}");
 
     let mut killed_while_running = 0;
@@ -516,8 +516,9 @@ fn builds_killed_at_random_moments_leave_a_usable_store() {
         if running {
             killed_while_running += 1;
         }
-        // Nothing of the build runs on: the build process and every step die with it.
-        let deadline = Instant::now() + Duration::from_secs(10);
+        // Nothing of the build runs on: the build process and every step die with it, at once
+        // (a build left running would finish its steps, which sleep for seconds).
+        let deadline = Instant::now() + Duration::from_secs(1);
         loop {
             let left: Vec<u32> = tree.iter().copied().filter(|p| alive(*p)).collect();
             if left.is_empty() {
@@ -554,6 +555,19 @@ fn builds_killed_at_random_moments_leave_a_usable_store() {
         );
         assert_eq!(printed_digest(&out), expected, "round {round}");
         verify_store(store.path());
+        // What the killed build left in tmp/ (named after its pids) is gone.
+        let left: Vec<String> = fs::read_dir(store.path().join("tmp"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|name| {
+                name.split(['-', '_'])
+                    .any(|part| tree.iter().any(|pid| part == pid.to_string()))
+            })
+            .collect();
+        assert!(
+            left.is_empty(),
+            "round {round}: the killed build's files remain in tmp/: {left:?}"
+        );
         eprintln!("round {round}: killed at {ms} ms, store verified, rebuild agrees");
     }
     assert!(

@@ -12,13 +12,19 @@
 //! - **The manifest goes last.** A push uploads every blob the registry lacks, checks that all of
 //!   them are present, and only then puts the manifest. A failed blob means no manifest, so a tag
 //!   never points at an incomplete image.
+//! - **Transient failures are retried, per request.** A 5xx, 429, reset, timeout or truncated
+//!   body makes that one request (a manifest GET, a blob HEAD, a blob GET with its whole body, a
+//!   whole blob upload, a manifest PUT) start again after a backoff with jitter, within a bounded
+//!   budget; a pulled blob starts again in a fresh temp file, an upload in a fresh session. See
+//!   `retry`.
 //! - **Secrets are never printed.** Passwords and tokens live only inside
 //!   [`oci_client::secrets::RegistryAuth`], whose `Debug` redacts them; errors and `Debug` output
 //!   name the user and the file the credentials came from, never the secret.
 //!
 //! Transport rules (plain HTTP for loopback and `--insecure-registry` hosts, certs.d CAs) are in
 //! `transport`, credential lookup (docker config.json, credential helpers, podman auth.json) in
-//! `auth`, and the wording of every error in `error`.
+//! `auth`, which failures are retried and how long to wait in `retry`, and the wording of every
+//! error in `error`.
 
 mod auth;
 mod error;

@@ -129,7 +129,7 @@ impl Store {
             if owner_ns(&name).is_some_and(|ns| ns != process_tag().0) {
                 continue;
             }
-            if Path::new(&format!("/proc/{pid}")).exists() {
+            if process_alive(pid) {
                 continue;
             }
             let p = e.path();
@@ -174,6 +174,20 @@ impl Store {
     }
 }
 
+/// Whether a process runs: it exists and is not a zombie. A killed build's process stays a
+/// zombie where pid 1 does not reap orphans (a container without an init), and must count as
+/// gone.
+fn process_alive(pid: u32) -> bool {
+    match fs::read_to_string(format!("/proc/{pid}/stat")) {
+        // `pid (comm) STATE ...`; comm may hold spaces and parentheses, so after the last ')'.
+        Ok(stat) => stat
+            .rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().next())
+            .is_none_or(|state| state != "Z" && state != "X"),
+        Err(_) => false,
+    }
+}
+
 /// This process's pid namespace (the inode number of `/proc/self/ns/pid`, 0 if unknown) and a
 /// random token, both fixed for the life of the process.
 fn process_tag() -> (u64, u32) {
@@ -202,13 +216,14 @@ fn owner_ns(name: &str) -> Option<u64> {
 }
 
 /// The pid in a temp name made by [`Store::temp_path`] (`prefix-PID-NS_TOKEN_N`, or
-/// `prefix-PID-N` from older builds), or in a cache record's temp name (`cache-KEY-PID`).
+/// `prefix-PID-N` from older builds), in a cache record's temp name (`cache-KEY-PID`), or in
+/// the probes' work directory (`detect-PID`).
 fn owner_pid(name: &str) -> Option<u32> {
     let mut parts = name.rsplit('-');
     let last = parts.next()?;
     let before = parts.next()?;
-    // prefix-PID-N: the pid is the second to last part; cache-KEY-PID: the last.
-    if name.starts_with("cache-") {
+    // prefix-PID-N: the pid is the second to last part; cache-KEY-PID, detect-PID: the last.
+    if name.starts_with("cache-") || name.starts_with("detect-") {
         last.parse().ok()
     } else {
         before.parse().ok()
@@ -332,8 +347,25 @@ mod tests {
         // be checked from here: kept.
         let foreign = dir.path().join("tmp").join("blob-2147483646-7_1234_3");
         fs::write(&foreign, b"partial").unwrap();
-        assert_eq!(store.clean_stale_tmp(), 2);
+        let probes = dir.path().join("tmp").join("detect-2147483646");
+        fs::create_dir_all(probes.join("work")).unwrap();
+        assert_eq!(store.clean_stale_tmp(), 3);
+        assert!(!probes.exists());
         assert!(mine.exists() && !dead.exists() && !dead_blob.exists() && foreign.exists());
+    }
+
+    #[test]
+    fn zombies_count_as_gone() {
+        assert!(process_alive(std::process::id()));
+        let child = std::process::Command::new("true").spawn().unwrap();
+        // Exited and not reaped: a zombie until `child` is waited for.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        while process_alive(child.id()) {
+            assert!(std::time::Instant::now() < deadline, "`true` still runs");
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        assert!(Path::new(&format!("/proc/{}", child.id())).exists());
+        drop(child);
     }
 
     #[test]
