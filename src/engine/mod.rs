@@ -253,9 +253,18 @@ pub async fn build(opts: &BuildOptions) -> Result<BuildResult, BuildError> {
         cache::Cache::new(&store).map_err(|e| internal("opening the cache")(e.to_string()))?;
     let scratch = store.temp_path("build");
     fs::create_dir_all(&scratch).map_err(|e| internal("build dir")(e.to_string()))?;
+    let retry = crate::registry::RetryPolicy::from_env().map_err(BuildError::Input)?;
+    let retry_reporter = opts.reporter.clone();
     let registry = Registry::new(RegistryOptions {
         insecure_hosts: opts.insecure_registries.clone(),
         credentials: opts.registry_credentials.clone(),
+        retry: Some(retry),
+        on_retry: Some(crate::registry::RetryNotice::new(move |message| {
+            retry_reporter.report(Event::Warning {
+                location: None,
+                message: message.to_string(),
+            })
+        })),
         ..Default::default()
     });
     let store_for_hashes = store.clone();

@@ -1827,8 +1827,13 @@ impl Builder<'_> {
             let snapshot = snapshots
                 .layer_dir(&blob.diff_id)
                 .map_err(|e| e.to_string())?;
-            if !snapshot.exists() {
-                fs::rename(&upper, &snapshot).map_err(|e| e.to_string())?;
+            if !snapshot.exists()
+                && let Err(e) = fs::rename(&upper, &snapshot)
+                && !snapshot.exists()
+            {
+                // Otherwise another build sharing the store committed the same layer (same
+                // diff ID, same files) first, and that one is used.
+                return Err(e.to_string());
             }
             Ok(Some(Layer {
                 blob: BlobRef {

@@ -37,6 +37,10 @@ pub const SUBCOMMAND: &str = "__sandbox";
 
 /// Entry point of the helper process. Always writes a status file; exits 0 unless even that fails.
 pub fn main(spec_path: &Path, status_path: &Path) -> ExitCode {
+    // A step dies with the build that started it (see run_process for its pid 1): a killed
+    // build leaves no step running on. The signal follows the *thread* that spawned the helper;
+    // `run_step` spawns and waits on the same thread, which therefore outlives the helper.
+    let _ = nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL);
     let status = match read_spec(spec_path).and_then(|spec| run(&spec)) {
         Ok(status) => status,
         Err(e) => StepStatus::Failed(e.to_string()),
@@ -855,6 +859,8 @@ fn run_process(
     // forked child may allocate and use the standard library freely.
     match unsafe { fork() }.map_err(|e| SandboxError::sys("fork", e))? {
         ForkResult::Child => {
+            // pid 1 dies with the helper, and with it every process of the step.
+            let _ = nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL);
             drop(report_r);
             let mut report = File::from(report_w);
             let code = match init(root, process, mounts, &mut report, ignore_chown_errors) {
