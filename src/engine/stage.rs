@@ -821,11 +821,15 @@ impl Builder<'_> {
                 network = match v {
                     "none" => Network::None,
                     "host" => Network::Host,
+                    // Not BuildKit's: a step of its own in an otherwise host build.
+                    "private" => Network::Private,
                     "default" => self.opts.network,
                     other => {
                         return Err(self.err(
                             node,
-                            format!("RUN --network={other}: expected none, host or default"),
+                            format!(
+                                "RUN --network={other}: expected none, host, private or default"
+                            ),
                         ));
                     }
                 };
@@ -888,7 +892,17 @@ impl Builder<'_> {
             mounts,
             network,
             insecure,
+            allow_hosts: match network {
+                Network::Private => self.opts.allow_hosts.clone(),
+                _ => Vec::new(),
+            },
         };
+        if network == Network::Host && !self.opts.allow_hosts.is_empty() {
+            return Err(self.err(
+                node,
+                "RUN --network=host would bypass --allow-host: remove the flag from the step, or build without --allow-host",
+            ));
+        }
         let key = serde_json::json!({"run": {
             "args": spec.args, "env": spec.env, "cwd": spec.cwd, "user": spec.user,
             "network": format!("{:?}", spec.network), "mounts": key_mounts, "insecure": spec.insecure,

@@ -141,7 +141,9 @@ fn run(spec: &StepSpec) -> Result<StepStatus, SandboxError> {
             let mut stubs = make_mount_points(root)?;
             let binds = prepare_run_mounts(spec, process, &mut stubs)?;
             let etc_with_stubs = dir_times(&root.join("etc"));
-            let status = run_process(root, process, &binds, spec.ignore_chown_errors);
+            let private = super::net::private_process(process, &spec.scratch)?;
+            let process = private.as_ref().unwrap_or(process);
+            let status = run_process(root, process, &binds, spec.ignore_chown_errors, spec);
             let etc_after = dir_times(&root.join("etc"));
             // The rootfs must be unmounted before its upper dir is edited directly.
             unmount_rootfs(root)?;
@@ -248,8 +250,10 @@ fn run_chroot(spec: &StepSpec) -> Result<StepStatus, SandboxError> {
             if !process.mounts.is_empty() {
                 return Err(unavailable("RUN --mount"));
             }
-            if process.network == Network::None {
-                return Err(unavailable("RUN --network=none"));
+            match process.network {
+                Network::None => return Err(unavailable("RUN --network=none")),
+                Network::Private => return Err(unavailable("RUN --network=private")),
+                Network::Host => {}
             }
             let dev = root.join("dev");
             let dev_before = dir_times(&dev);
@@ -836,7 +840,16 @@ fn run_process(
     process: &ProcessSpec,
     mounts: &[PreparedMount],
     ignore_chown_errors: bool,
+    spec: &StepSpec,
 ) -> Result<StepStatus, SandboxError> {
+    let link = match process.network {
+        Network::Private => Some(super::net::Link::new(process, &spec.scratch)?),
+        _ => None,
+    };
+    let (init_link, helper_link) = match link {
+        Some(l) => (Some(l.init), Some(l.helper)),
+        None => (None, None),
+    };
     unshare(CloneFlags::CLONE_NEWPID | CloneFlags::CLONE_NEWUTS)
         .map_err(|e| SandboxError::sys("unshare(CLONE_NEWPID|CLONE_NEWUTS)", e))?;
     let (report_r, report_w) = pipe2(OFlag::O_CLOEXEC).map_err(|e| SandboxError::sys("pipe", e))?;
@@ -845,8 +858,18 @@ fn run_process(
     match unsafe { fork() }.map_err(|e| SandboxError::sys("fork", e))? {
         ForkResult::Child => {
             drop(report_r);
+            if let Some(h) = helper_link {
+                h.close_in_child();
+            }
             let mut report = File::from(report_w);
-            let code = match init(root, process, mounts, &mut report, ignore_chown_errors) {
+            let code = match init(
+                root,
+                process,
+                mounts,
+                &mut report,
+                ignore_chown_errors,
+                init_link,
+            ) {
                 Ok(code) => code,
                 Err(e) => {
                     let _ = writeln!(report, "E{e}");
@@ -857,9 +880,16 @@ fn run_process(
         }
         ForkResult::Parent { child } => {
             drop(report_w);
+            drop(init_link);
+            // Kept until pid 1 is gone: dropping it stops slirp4netns.
+            let net = helper_link.map(|h| h.start(child));
             let mut text = String::new();
             let _ = File::from(report_r).read_to_string(&mut text);
             let status = wait_for(child)?;
+            if let Some(Err(e)) = net {
+                return Ok(StepStatus::Failed(e.to_string()));
+            }
+            drop(net);
             if let Some(err) = text.lines().find_map(|l| l.strip_prefix('E')) {
                 return Ok(StepStatus::Failed(err.to_string()));
             }
@@ -892,13 +922,18 @@ fn init(
     mounts: &[PreparedMount],
     report: &mut File,
     ignore_chown_errors: bool,
+    link: Option<std::os::unix::net::UnixStream>,
 ) -> Result<i32, SandboxError> {
     unshare(CloneFlags::CLONE_NEWNS)
         .map_err(|e| SandboxError::sys("unshare(CLONE_NEWNS) for pid 1", e))?;
-    if process.network == Network::None {
+    let mut _keep = None;
+    if process.network != Network::Host {
         unshare(CloneFlags::CLONE_NEWNET)
-            .map_err(|e| SandboxError::sys("unshare(CLONE_NEWNET) for --network=none", e))?;
-        super::net::loopback_up()?;
+            .map_err(|e| SandboxError::sys("unshare(CLONE_NEWNET) for the step's network", e))?;
+        match link {
+            Some(link) => _keep = Some(super::net::init_side(process, link)?),
+            None => super::net::loopback_up()?,
+        }
     }
     mount_proc(root)?;
     if !process.insecure {
