@@ -907,6 +907,11 @@ impl Builder<'_> {
             "args": spec.args, "env": spec.env, "cwd": spec.cwd, "user": spec.user,
             "network": format!("{:?}", spec.network), "mounts": key_mounts, "insecure": spec.insecure,
         }});
+        // A result made with more egress than this build allows must not be reused.
+        let mut key = key;
+        if !spec.allow_hosts.is_empty() {
+            key["run"]["allow_hosts"] = spec.allow_hosts.iter().map(|a| a.to_string()).collect();
+        }
         let mut spec = spec;
         spec.env.extend(proxy_env);
         if let Some((_, sock)) = helper_env

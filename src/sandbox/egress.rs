@@ -430,6 +430,71 @@ mod tests {
         assert!(!allowed(&list, "evil.pypi.org", Some(443)));
     }
 
+    fn ask(port: u16, request: &str) -> (TcpStream, String) {
+        use std::io::Read;
+        let mut c = TcpStream::connect(("127.0.0.1", port)).unwrap();
+        c.write_all(request.as_bytes()).unwrap();
+        let mut head = Vec::new();
+        let mut byte = [0u8; 1];
+        while !head.ends_with(b"\r\n\r\n") && c.read(&mut byte).unwrap() == 1 {
+            head.push(byte[0]);
+        }
+        (c, String::from_utf8_lossy(&head).into_owned())
+    }
+
+    #[test]
+    fn relays_allowed_connects_and_refuses_the_rest() {
+        use std::io::Read;
+        let echo = TcpListener::bind("127.0.0.1:0").unwrap();
+        let echo_port = echo.local_addr().unwrap().port();
+        std::thread::spawn(move || {
+            for mut s in echo.incoming().flatten().take(2) {
+                let mut buf = [0u8; 5];
+                if s.read_exact(&mut buf).is_ok() {
+                    let _ = s.write_all(&buf);
+                }
+            }
+        });
+        let proxy = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = proxy.local_addr().unwrap().port();
+        let dns = UdpSocket::bind("127.0.0.1:0").unwrap();
+        serve(
+            proxy,
+            dns,
+            vec![format!("127.0.0.1:{echo_port}").parse().unwrap()],
+        );
+
+        let (mut c, head) = ask(
+            port,
+            &format!("CONNECT 127.0.0.1:{echo_port} HTTP/1.1\r\n\r\n"),
+        );
+        assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+        c.write_all(b"hello").unwrap();
+        let mut back = [0u8; 5];
+        c.read_exact(&mut back).unwrap();
+        assert_eq!(&back, b"hello");
+
+        let other = if echo_port == 65535 { 1 } else { echo_port + 1 };
+        let (mut c, head) = ask(port, &format!("CONNECT 127.0.0.1:{other} HTTP/1.1\r\n\r\n"));
+        assert!(head.starts_with("HTTP/1.1 403"), "{head}");
+        let mut body = String::new();
+        c.read_to_string(&mut body).unwrap();
+        assert!(
+            body.contains(&format!(
+                "127.0.0.1:{other} is blocked: not in --allow-host (allowed: 127.0.0.1:{echo_port})"
+            )),
+            "{body}"
+        );
+
+        let (_, head) = ask(
+            port,
+            "GET http://blocked.test/x HTTP/1.1\r\nHost: blocked.test\r\n\r\n",
+        );
+        assert!(head.starts_with("HTTP/1.1 403"), "{head}");
+        let (_, head) = ask(port, "GET /x HTTP/1.1\r\n\r\n");
+        assert!(head.starts_with("HTTP/1.1 400"), "{head}");
+    }
+
     #[test]
     fn refuses_names_not_listed() {
         let list = vec!["localhost".parse().unwrap()];
