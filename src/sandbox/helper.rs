@@ -886,11 +886,16 @@ fn run_process(
             let mut text = String::new();
             let _ = File::from(report_r).read_to_string(&mut text);
             let status = wait_for(child)?;
+            let pid1_err = text.lines().find_map(|l| l.strip_prefix('E'));
             if let Some(Err(e)) = net {
-                return Ok(StepStatus::Failed(e.to_string()));
+                // Pid 1's own error says more, unless it only saw the helper give up.
+                return Ok(StepStatus::Failed(match pid1_err {
+                    Some(err) if !err.starts_with(super::net::NOT_SET_UP) => err.to_string(),
+                    _ => e.to_string(),
+                }));
             }
             drop(net);
-            if let Some(err) = text.lines().find_map(|l| l.strip_prefix('E')) {
+            if let Some(err) = pid1_err {
                 return Ok(StepStatus::Failed(err.to_string()));
             }
             if let Some(sig) = text.lines().find_map(|l| l.strip_prefix('S')) {

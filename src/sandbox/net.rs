@@ -59,6 +59,8 @@ pub fn loopback_up() -> Result<(), SandboxError> {
 pub const HOST_ADDR: &str = "10.0.2.2";
 /// slirp4netns's DNS forwarder.
 pub const SLIRP_DNS: &str = "10.0.2.3";
+/// Pid 1's error when the helper did not bring the network up (the helper's says why).
+pub const NOT_SET_UP: &str = "the step's private network could not be set up";
 /// The port of the filtering proxy on the step's loopback (`--allow-host`).
 pub const PROXY_PORT: u16 = 3128;
 
@@ -172,6 +174,9 @@ fn egress_process(
     list: Vec<super::egress::AllowHost>,
 ) -> Result<(), SandboxError> {
     let (byte, fds) = receive(&link)?;
+    if byte.is_none() {
+        return Ok(()); // pid 1 failed before its sockets were made, and says why
+    }
     let Ok([proxy, dns]) = <[OwnedFd; 2]>::try_from(fds) else {
         return Err(SandboxError::Setup(format!(
             "pid 1 sent no sockets for the proxy ({byte:?})"
@@ -286,9 +291,7 @@ pub fn init_side(process: &ProcessSpec, link: UnixStream) -> Result<UnixStream, 
     let mut go = [0u8; 1];
     match (&link).read(&mut go) {
         Ok(1) => Ok(link),
-        _ => Err(SandboxError::Setup(
-            "the step's private network could not be set up (see the helper's error)".into(),
-        )),
+        _ => Err(SandboxError::Setup(NOT_SET_UP.into())),
     }
 }
 
