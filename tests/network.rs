@@ -446,3 +446,31 @@ fn detect_reports_the_network_stack() {
     let text = String::from_utf8_lossy(&text.stdout);
     assert!(text.contains("--network private: available"), "{text}");
 }
+
+#[test]
+fn run_network_private_without_slirp4netns_fails_at_its_line_with_the_fix() {
+    // As root nothing else of PATH is needed (no newuidmap; kernel overlayfs).
+    let store = scratch_dir(Who::Root);
+    let empty = scratch_dir(Who::Root);
+    let ctx = context(&[(
+        "Dockerfile",
+        &format!(
+            "FROM {}\nRUN true\nRUN --network=private true\n",
+            env().busybox()
+        ),
+    )]);
+    let out = Command::new(common::binary())
+        .env("PATH", empty.path())
+        .arg("--root")
+        .arg(store.path())
+        .args(["build", "--snapshotter", "overlayfs"])
+        .arg(ctx.path())
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = stderr(&out);
+    assert!(
+        err.contains("Dockerfile:3") && err.contains("apt-get install slirp4netns"),
+        "{err}"
+    );
+}

@@ -331,6 +331,8 @@ impl Launcher {
             slirp.display().to_string(),
             "--configure".into(),
             "--mtu=65520".into(),
+            "--enable-sandbox".into(),
+            "--enable-seccomp".into(),
             format!("--ready-fd={}", ready_w.as_raw_fd()),
             format!("--exit-fd={}", exit_r.as_raw_fd()),
         ]
