@@ -5,9 +5,11 @@
 //!
 //! ```text
 //! helper (own mount ns; mounts the overlay; removes mount-point stubs afterwards)
-//! └── init: pid 1 of a new pid + UTS + mount namespace; mounts /proc, /dev, /sys, hosts files,
-//!     │     pivots into the overlay, reaps orphans
-//!     └── the step's command, as the step's user
+//! ├── init: pid 1 of a new pid + UTS + mount namespace; mounts /proc, /dev, /sys, hosts files,
+//! │   │     pivots into the overlay, reaps orphans
+//! │   └── the step's command, as the step's user
+//! └── --network=private only, forked before the pid namespace: slirp4netns, or with
+//!     --allow-host the filtering proxy and resolver (see `net` and `egress`)
 //! ```
 //!
 //! Errors before the command starts travel back over a `report` pipe that closes on exec, so the
