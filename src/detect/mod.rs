@@ -9,6 +9,7 @@
 
 pub mod ladder;
 pub mod matrix;
+pub mod netstack;
 pub mod probes;
 
 use std::collections::BTreeMap;
@@ -218,6 +219,8 @@ pub struct Report {
     pub environment: Option<Recognised>,
     pub probes: Vec<Probe>,
     pub elapsed_ms: u64,
+    /// `--network private`: slirp4netns and /dev/net/tun.
+    pub network: netstack::NetworkStack,
 }
 
 impl Report {
@@ -306,6 +309,7 @@ pub fn run(store: &Path, mapping: &IdMapping) -> Result<Report, DetectError> {
         environment: recognised,
         probes,
         elapsed_ms: started.elapsed().as_millis() as u64,
+        network: netstack::probe(),
     })
 }
 
@@ -557,6 +561,8 @@ pub fn render_table(report: &Report, choice: Option<&ladder::Choice>) -> String 
         let _ = writeln!(out);
         out.push_str(&choice.describe());
     }
+    let _ = writeln!(out);
+    out.push_str(&netstack::describe(&report.network));
     if let Some(e) = &report.environment
         && !e.fixes.is_empty()
     {

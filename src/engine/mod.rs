@@ -54,6 +54,8 @@ pub struct BuildOptions {
     pub no_cache: bool,
     /// The network of RUN steps that do not choose one (`--network`).
     pub network: crate::sandbox::Network,
+    /// `--allow-host`: the only destinations of `private` RUN steps (empty: no filter).
+    pub allow_hosts: Vec<crate::sandbox::egress::AllowHost>,
     /// `--allow security.insecure`: RUN steps may ask for `--security=insecure`.
     pub allow_insecure: bool,
     /// SSH agent sockets for `RUN --mount=type=ssh` (`--ssh ID[=SOCKET]`), by id.

@@ -822,11 +822,15 @@ impl Builder<'_> {
                 network = match v {
                     "none" => Network::None,
                     "host" => Network::Host,
+                    // Not BuildKit's: a step of its own in an otherwise host build.
+                    "private" => Network::Private,
                     "default" => self.opts.network,
                     other => {
                         return Err(self.err(
                             node,
-                            format!("RUN --network={other}: expected none, host or default"),
+                            format!(
+                                "RUN --network={other}: expected none, host, private or default"
+                            ),
                         ));
                     }
                 };
@@ -889,11 +893,26 @@ impl Builder<'_> {
             mounts,
             network,
             insecure,
+            allow_hosts: match network {
+                Network::Private => self.opts.allow_hosts.clone(),
+                _ => Vec::new(),
+            },
         };
+        if network == Network::Host && !self.opts.allow_hosts.is_empty() {
+            return Err(self.err(
+                node,
+                "RUN --network=host would bypass --allow-host: remove the flag from the step, or build without --allow-host",
+            ));
+        }
         let key = serde_json::json!({"run": {
             "args": spec.args, "env": spec.env, "cwd": spec.cwd, "user": spec.user,
             "network": format!("{:?}", spec.network), "mounts": key_mounts, "insecure": spec.insecure,
         }});
+        // A result made with more egress than this build allows must not be reused.
+        let mut key = key;
+        if !spec.allow_hosts.is_empty() {
+            key["run"]["allow_hosts"] = spec.allow_hosts.iter().map(|a| a.to_string()).collect();
+        }
         let mut spec = spec;
         spec.env.extend(proxy_env);
         if let Some((_, sock)) = helper_env
