@@ -131,6 +131,11 @@ fn detect_reports_every_probe_with_a_stable_schema() {
     assert_eq!(doc["choice"]["snapshotter"], "overlayfs");
     assert!(doc["host"]["store"]["fs_type"].is_string());
     assert!(doc["host"]["seccomp"].is_number());
+    // The probes clean up after themselves, overlayfs' mode-0 work dir included.
+    let left: Vec<_> = fs::read_dir(store.path().join("tmp"))
+        .map(|d| d.flatten().map(|e| e.file_name()).collect())
+        .unwrap_or_default();
+    assert!(left.is_empty(), "left in the store's tmp/: {left:?}");
 
     // The alias and the table.
     let out = shmocker_as(env().user(), &[], DEFAULT_PATH, store.path(), &["doctor"]);

@@ -130,11 +130,12 @@ pub enum BuildError {
         message: String,
         tail: Vec<String>,
     },
-    #[error("{location}: {source}")]
+    /// The registry error's text already holds its causes, so it is not also the `source`
+    /// (an error chain would print them twice).
+    #[error("{location}: {error}")]
     Registry {
         location: String,
-        #[source]
-        source: Box<RegistryError>,
+        error: Box<RegistryError>,
     },
     #[error("{0}")]
     Internal(String),
@@ -716,7 +717,7 @@ impl<'a> Builder<'a> {
                     .await
                     .map_err(|source| BuildError::Registry {
                         location: format!("pushing {tag}"),
-                        source: Box::new(source),
+                        error: Box::new(source),
                     })?;
                 self.opts.reporter.report(Event::Pushed {
                     tag: tag.clone(),

@@ -317,7 +317,7 @@ impl Builder<'_> {
         })?;
         let reg_err = |source| BuildError::Registry {
             location: self.loc(node),
-            source: Box::new(source),
+            error: Box::new(source),
         };
         let pulled = self
             .registry
