@@ -128,6 +128,17 @@ pub enum Event {
     Pushing {
         tag: String,
     },
+    /// A long blob transfer is under way (throttled: none for quick ones, then one every few
+    /// seconds and one at the end).
+    Transfer {
+        /// `pulling` or `pushing`.
+        direction: String,
+        image: String,
+        digest: String,
+        done: u64,
+        total: u64,
+        elapsed_secs: f64,
+    },
     Pushed {
         tag: String,
         digest: String,
@@ -306,6 +317,28 @@ pub fn plain_line(event: &Event) -> Option<String> {
         Event::Exported { what, dest } => format!("exported {what} to {dest}"),
         Event::Info { message } => message.clone(),
         Event::Pushing { tag } => format!("pushing {tag}"),
+        Event::Transfer {
+            direction,
+            image,
+            digest,
+            done,
+            total,
+            elapsed_secs,
+        } => {
+            let short = digest.get(..19).unwrap_or(digest);
+            let mb = |b: u64| b as f64 / 1_000_000.0;
+            let rate = mb(*done) / elapsed_secs.max(0.001);
+            format!(
+                "{direction} {short} of {image}: {:.1} MB / {:.1} MB ({:.0}%) {rate:.1} MB/s {elapsed_secs:.1}s",
+                mb(*done),
+                mb(*total),
+                if *total == 0 {
+                    100.0
+                } else {
+                    *done as f64 * 100.0 / *total as f64
+                },
+            )
+        }
         Event::Pushed { tag, digest } => format!("pushed {tag}@{digest}"),
         Event::Finished {
             digest,
@@ -523,6 +556,7 @@ impl Reporter for Recorder {
             | Event::StageDone { .. }
             | Event::Exported { .. }
             | Event::Info { .. }
+            | Event::Transfer { .. }
             | Event::Pushing { .. } => {}
         }
     }

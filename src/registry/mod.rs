@@ -93,6 +93,47 @@ pub struct RegistryOptions {
     pub retry: Option<RetryPolicy>,
     /// Told about each retry (e.g. to print a warning).
     pub on_retry: Option<RetryNotice>,
+    /// Told how far each blob transfer has got, after every chunk (the receiver throttles).
+    pub on_transfer: Option<TransferNotice>,
+}
+
+/// Which way a blob goes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Direction {
+    Pull,
+    Push,
+}
+
+/// How far one blob transfer has got.
+#[derive(Debug, Clone)]
+pub struct Transfer<'a> {
+    pub direction: Direction,
+    /// The image, as shown to the user.
+    pub image: &'a str,
+    pub digest: &'a str,
+    /// Bytes moved so far in this attempt, and the blob's size.
+    pub done: u64,
+    pub total: u64,
+}
+
+/// A callback for [`Transfer`] updates.
+#[derive(Clone)]
+pub struct TransferNotice(Arc<dyn Fn(&Transfer<'_>) + Send + Sync>);
+
+impl TransferNotice {
+    pub fn new(f: impl Fn(&Transfer<'_>) + Send + Sync + 'static) -> TransferNotice {
+        TransferNotice(Arc::new(f))
+    }
+
+    fn tell(&self, t: &Transfer<'_>) {
+        (self.0)(t)
+    }
+}
+
+impl fmt::Debug for TransferNotice {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("TransferNotice")
+    }
 }
 
 /// A user name and secret for one registry, given explicitly rather than found in a file.
@@ -243,6 +284,7 @@ pub struct Registry {
     explicit: Vec<ExplicitCredentials>,
     retry: RetryPolicy,
     on_retry: Option<RetryNotice>,
+    on_transfer: Option<TransferNotice>,
     /// One client per registry host: the scheme, CAs and credentials differ by host.
     hosts: tokio::sync::Mutex<HashMap<String, Arc<Host>>>,
 }
@@ -385,6 +427,7 @@ impl Registry {
             explicit: opts.credentials,
             retry: opts.retry.unwrap_or_default(),
             on_retry: opts.on_retry,
+            on_transfer: opts.on_transfer,
             hosts: Default::default(),
         }
     }
@@ -639,6 +682,15 @@ impl Registry {
                     source: e,
                 })
             })?;
+            if let Some(n) = &self.on_transfer {
+                n.tell(&Transfer {
+                    direction: Direction::Pull,
+                    image: shown,
+                    digest: &blob.digest,
+                    done: writer.size(),
+                    total: blob.size,
+                });
+            }
         }
         if writer.size() != blob.size {
             // The body ended early (a connection closed mid-blob): a new attempt starts over.
@@ -886,7 +938,22 @@ impl Registry {
             .into());
         }
         // The body streams from the file; the registry checks the digest when the upload closes.
+        let mut sent = 0u64;
+        let notice = self.on_transfer.clone();
+        let (image, digest) = (shown.to_string(), blob.digest.clone());
         let body = tokio_util::io::ReaderStream::with_capacity(file, UPLOAD_READ_CHUNK)
+            .inspect_ok(move |chunk| {
+                sent += chunk.len() as u64;
+                if let Some(n) = &notice {
+                    n.tell(&Transfer {
+                        direction: Direction::Push,
+                        image: &image,
+                        digest: &digest,
+                        done: sent,
+                        total: len,
+                    });
+                }
+            })
             .map_err(OciDistributionError::from);
         host.client
             .push_blob_stream(target, body, &blob.digest, Some(len))
