@@ -518,38 +518,26 @@ impl Registry {
         let host = self.host(image).await?;
         let (raw, digest) = host.manifest_raw(image, &shown).await?;
 
-        let (manifest_raw, manifest_digest, index_digest) = match kind(&raw, &shown)? {
-            Kind::Manifest => (raw, digest, None),
-            Kind::Index => {
-                let chosen = choose_platform(&raw, platform, &shown)?;
+        let (manifest, manifest_raw, manifest_digest, index_digest) = match read_document(
+            &raw, &digest, platform, &shown,
+        )? {
+            Document::Manifest(m) => (*m, raw, digest, None),
+            Document::Index { chosen } => {
                 let child = image.clone_with_digest(chosen);
                 let (child_raw, child_digest) = host.manifest_raw(&child, &shown).await?;
-                if kind(&child_raw, &shown)? == Kind::Index {
-                    return Err(RegistryError::InvalidManifest {
-                        reference: shown,
-                        detail: format!(
-                            "the index entry for {platform} ({child_digest}) is itself an index; nested indexes are not supported"
-                        ),
-                    });
+                match read_document(&child_raw, &child_digest, platform, &shown)? {
+                    Document::Manifest(m) => (*m, child_raw, child_digest, Some(digest)),
+                    Document::Index { .. } => {
+                        return Err(RegistryError::InvalidManifest {
+                            reference: shown,
+                            detail: format!(
+                                "the index entry for {platform} ({child_digest}) is itself an index; nested indexes are not supported"
+                            ),
+                        });
+                    }
                 }
-                (child_raw, child_digest, Some(digest))
             }
         };
-
-        let manifest: OciImageManifest =
-            serde_json::from_slice(&manifest_raw).map_err(|e| RegistryError::InvalidManifest {
-                reference: shown.clone(),
-                detail: format!("cannot parse the image manifest {manifest_digest}: {e}"),
-            })?;
-        if manifest.schema_version != 2 {
-            return Err(RegistryError::InvalidManifest {
-                reference: shown,
-                detail: format!(
-                    "schema version {} is not supported (only 2)",
-                    manifest.schema_version
-                ),
-            });
-        }
 
         let config_digest = manifest.config.digest.clone();
         let config_size = u64::try_from(manifest.config.size).unwrap_or(u64::MAX);
@@ -965,6 +953,46 @@ impl Registry {
             })?;
         Ok(())
     }
+}
+
+/// A manifest document as fetched: an image manifest, or an index and the digest of its entry
+/// for the wanted platform.
+#[derive(Debug)]
+pub enum Document {
+    Manifest(Box<OciImageManifest>),
+    Index { chosen: String },
+}
+
+/// Reads a fetched manifest document (`digest` names it in messages; `shown` is the image):
+/// what it is, the platform's entry of an index, or the parsed schema-2 image manifest. No
+/// network: this is all of the parsing a pull does on what a registry sent (the fuzz target
+/// `manifest` runs it on any bytes).
+pub fn read_document(
+    raw: &[u8],
+    digest: &str,
+    platform: &Platform,
+    shown: &str,
+) -> Result<Document, RegistryError> {
+    if kind(raw, shown)? == Kind::Index {
+        return Ok(Document::Index {
+            chosen: choose_platform(raw, platform, shown)?,
+        });
+    }
+    let manifest: OciImageManifest =
+        serde_json::from_slice(raw).map_err(|e| RegistryError::InvalidManifest {
+            reference: shown.to_string(),
+            detail: format!("cannot parse the image manifest {digest}: {e}"),
+        })?;
+    if manifest.schema_version != 2 {
+        return Err(RegistryError::InvalidManifest {
+            reference: shown.to_string(),
+            detail: format!(
+                "schema version {} is not supported (only 2)",
+                manifest.schema_version
+            ),
+        });
+    }
+    Ok(Document::Manifest(Box::new(manifest)))
 }
 
 #[derive(Debug, PartialEq, Eq)]
