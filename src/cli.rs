@@ -125,10 +125,17 @@ pub struct BuildArgs {
     #[arg(long = "no-cache-filter", value_name = "STAGE", value_delimiter = ',')]
     pub no_cache_filter: Vec<String>,
 
-    /// The network of RUN steps: host (the runner's, the default) or none (loopback only).
-    /// `RUN --network=...` overrides it for one step.
-    #[arg(long, value_name = "host|none", default_value = "host")]
+    /// The network of RUN steps: host (the runner's, the default), none (loopback only) or
+    /// private (a namespace of its own, outbound through slirp4netns). `RUN --network=...`
+    /// overrides it for one step.
+    #[arg(long, value_name = "host|none|private", default_value = "host")]
     pub network: String,
+
+    /// With --network private: RUN steps may resolve and reach only these hosts (repeatable;
+    /// NAME, NAME:PORT, an IP address, or 10.0.2.2[:PORT] for the runner's loopback), through
+    /// a filtering proxy (HTTP_PROXY/HTTPS_PROXY) and resolver.
+    #[arg(long = "allow-host", value_name = "NAME[:PORT]")]
+    pub allow_hosts: Vec<String>,
 
     /// Allow an extra privilege: security.insecure lets `RUN --security=insecure` run without
     /// the sandbox's restrictions (masked /proc paths, reduced capabilities, no_new_privs).
@@ -225,4 +232,10 @@ pub struct CiArgs {
     /// Print what would be built (CI, tags, labels) as JSON and stop.
     #[arg(long = "dry-run")]
     pub dry_run: bool,
+
+    /// On a GitHub pull request, post the build summary as a comment, and update that same
+    /// comment on later runs (needs GITHUB_TOKEN with `pull-requests: write`).
+    #[cfg(feature = "github-api")]
+    #[arg(long = "pr-comment")]
+    pub pr_comment: bool,
 }

@@ -234,6 +234,10 @@ fn run_ci(args: cli::CiArgs, root: PathBuf) -> Result<ExitCode> {
         tags: lists(&build.tags, true),
         labels: parse_labels(&build.labels)?,
         push: build.push,
+        #[cfg(feature = "github-api")]
+        pr_comment: args.pr_comment,
+        #[cfg(not(feature = "github-api"))]
+        pr_comment: false,
     };
     let plan = ci::run::plan(&env, &request)?;
     if args.dry_run {
@@ -439,7 +443,24 @@ fn build_options(args: cli::BuildArgs, root: PathBuf) -> Result<BuildOptions> {
         network: match args.network.as_str() {
             "host" | "default" => shmocker::sandbox::Network::Host,
             "none" => shmocker::sandbox::Network::None,
-            other => bail!("--network {other:?}: use host or none"),
+            "private" => shmocker::sandbox::Network::Private,
+            other => bail!("--network {other:?}: use host, none or private"),
+        },
+        allow_hosts: {
+            if !args.allow_hosts.is_empty() && args.network != "private" {
+                bail!(
+                    "--allow-host only applies to --network private (RUN steps in their own network namespace); add --network private"
+                );
+            }
+            let list = args
+                .allow_hosts
+                .iter()
+                .map(|h| h.parse().map_err(|e: String| anyhow!(e)))
+                .collect::<Result<Vec<_>>>()?;
+            if args.network == "private" && list.is_empty() {
+                shmocker::sandbox::net::private_stack_ready().map_err(|e| anyhow!(e))?;
+            }
+            list
         },
         allow_insecure: {
             for a in &args.allow {

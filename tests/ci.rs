@@ -221,6 +221,91 @@ fn ci_on_github_pushes_derived_tags_with_labels_outputs_summary_and_masks() {
 }
 
 #[test]
+fn stages_that_run_in_parallel_each_get_a_group_of_their_own() {
+    // Stages a and b run at once and print in turns; the final stage needs both.
+    let bb = env().busybox();
+    let dockerfile = format!(
+        "FROM {bb} AS a\nRUN for i in 1 2 3 4 5 6; do echo from-a-$i; sleep 0.2; done > /a\n\
+         FROM {bb} AS b\nRUN for i in 1 2 3 4 5 6; do echo from-b-$i; sleep 0.2; done > /b\n\
+         FROM {bb}\nCOPY --from=a /a /a\nCOPY --from=b /b /b\n"
+    )
+    .replace("done > /a", "done | tee /a")
+    .replace("done > /b", "done | tee /b");
+    let ctx = context(&[("Dockerfile", &dockerfile)]);
+    let work = scratch_dir(Who::Root);
+    let store = scratch_dir(Who::Root);
+    let out = Command::new(binary())
+        .env_clear()
+        .env("PATH", "/usr/local/bin:/usr/bin:/bin")
+        .env("HOME", "/root")
+        .env("GITHUB_ACTIONS", "true")
+        .env("GITHUB_REPOSITORY", "octo/app")
+        .env("GITHUB_REF", "refs/heads/main")
+        .env("GITHUB_SHA", SHA)
+        .env("GITHUB_WORKSPACE", ctx.path())
+        .env("GITHUB_OUTPUT", work.path().join("output"))
+        .env("GITHUB_STEP_SUMMARY", work.path().join("summary"))
+        .arg("--root")
+        .arg(store.path())
+        .args(["ci", "--tag", "local/parallel:1"])
+        .arg(ctx.path())
+        .output()
+        .unwrap();
+    let (stdout, stderr) = (text(&out.stdout), text(&out.stderr));
+    eprintln!("--- stdout\n{stdout}\n--- stderr\n{stderr}");
+    assert!(out.status.success(), "shmocker ci failed");
+
+    // Which group each line is in; steps are known by their `#N [stage i/n]` lines.
+    let mut group: Option<String> = None;
+    let mut groups = Vec::new();
+    let mut step_stage: BTreeMap<String, String> = BTreeMap::new();
+    let mut seen_in: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    for line in stdout.lines() {
+        if let Some(title) = line.strip_prefix("::group::") {
+            assert!(group.is_none(), "a group opened inside another: {line}");
+            group = Some(title.to_string());
+            groups.push(title.to_string());
+            continue;
+        }
+        if line == "::endgroup::" {
+            group = None;
+            continue;
+        }
+        let Some(rest) = line.strip_prefix('#') else {
+            continue;
+        };
+        let (n, tail) = rest.split_once(' ').unwrap_or((rest, ""));
+        if let Some(label) = tail.strip_prefix('[') {
+            let stage = label.split(' ').next().unwrap().to_string();
+            step_stage.insert(n.to_string(), stage);
+        }
+        if let (Some(g), Some(stage)) = (&group, step_stage.get(n)) {
+            seen_in.entry(g.clone()).or_default().push(stage.clone());
+        }
+    }
+    assert_eq!(groups.len(), 3, "{groups:?}");
+    for (title, stages) in &seen_in {
+        let own = title
+            .strip_prefix("stage ")
+            .and_then(|t| t.split(':').next())
+            .unwrap();
+        let own = if own == "2" { "stage-2" } else { own };
+        assert!(
+            stages.iter().all(|s| s == own),
+            "the group {title:?} holds lines of other stages: {stages:?}"
+        );
+    }
+    // Both parallel stages printed all their lines, each inside its group.
+    for stage in ["a", "b"] {
+        let lines = stdout
+            .lines()
+            .filter(|l| l.contains(&format!("from-{stage}-")) && !l.contains("RUN "))
+            .count();
+        assert_eq!(lines, 6, "{stage}");
+    }
+}
+
+#[test]
 fn a_failing_step_is_annotated_at_its_dockerfile_line_and_summarised() {
     let dockerfile = format!(
         "FROM {}\nRUN echo fine\nRUN echo bad && exit 3\n",
@@ -795,6 +880,195 @@ fn the_gitlab_component_runs_under_gitlab_ci_local_and_writes_its_reports() {
     assert!(!remote_exists(&format!("{image}:bad")));
 }
 
+// ------------------------------------------------------------------ the CircleCI orb
+
+/// The first `run` step of one of the orb's commands, as CircleCI runs it: `<< parameters.X >>`
+/// replaced by the given value or the parameter's default, the step's `environment` set, and
+/// the command given to `/bin/bash -eo pipefail` (CircleCI's default shell), here as the
+/// unprivileged test user (the machine executor's `circleci` user is not root).
+fn run_orb_command(
+    name: &str,
+    params: &[(&str, &str)],
+    env_vars: &[(&str, String)],
+    path_dir: &Path,
+    cwd: &Path,
+) -> Output {
+    let orb = yaml(&repo_root().join("ci-templates/circleci/orb.yml"));
+    let cmd = &orb["commands"][name];
+    let declared = cmd["parameters"].as_object().unwrap();
+    let value_of = |p: &str| -> String {
+        if let Some((_, v)) = params.iter().find(|(k, _)| *k == p) {
+            return v.to_string();
+        }
+        match &declared
+            .get(p)
+            .unwrap_or_else(|| panic!("{name} has no parameter {p}"))["default"]
+        {
+            serde_json::Value::String(s) => s.clone(),
+            serde_json::Value::Bool(b) => b.to_string(),
+            serde_json::Value::Null => panic!("{name}: {p} has no default and was not given"),
+            other => other.to_string(),
+        }
+    };
+    let substitute = |text: &str| -> String {
+        let mut out = String::new();
+        let mut rest = text;
+        while let Some(i) = rest.find("<< parameters.") {
+            out.push_str(&rest[..i]);
+            let after = &rest[i + "<< parameters.".len()..];
+            let end = after.find(" >>").expect("unterminated << parameters.");
+            out.push_str(&value_of(&after[..end]));
+            rest = &after[end + 3..];
+        }
+        out.push_str(rest);
+        out
+    };
+    let run = cmd["steps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find_map(|s| s.get("run"))
+        .unwrap_or_else(|| panic!("{name} has no run step"));
+    let script = substitute(run["command"].as_str().unwrap());
+    let user = env().user();
+    let mut c = Command::new("runuser");
+    c.args(["-u", user, "--", "env", "-i"])
+        .arg(format!("HOME=/home/{user}"))
+        .arg(format!(
+            "PATH={}:/usr/sbin:/usr/bin:/sbin:/bin",
+            path_dir.display()
+        ));
+    for (k, v) in run["environment"].as_object().into_iter().flatten() {
+        let v = match v {
+            serde_json::Value::String(s) => substitute(s),
+            other => substitute(&other.to_string()),
+        };
+        c.arg(format!("{k}={v}"));
+    }
+    for (k, v) in env_vars {
+        c.arg(format!("{k}={v}"));
+    }
+    c.args(["/bin/bash", "-eo", "pipefail", "-c", &script])
+        .current_dir(cwd);
+    let out = c.output().unwrap();
+    eprintln!(
+        "--- orb command {name}: {}\n{}{}",
+        out.status,
+        text(&out.stdout),
+        text(&out.stderr)
+    );
+    out
+}
+
+#[test]
+fn the_orbs_build_command_logs_in_with_the_variables_its_parameters_name() {
+    let reg = env().var("SHMOCKER_TEST_TLS_REGISTRY").to_string();
+    let user = env().var("SHMOCKER_TEST_TLS_USER").to_string();
+    let password = fs::read_to_string(env().var("SHMOCKER_TEST_TLS_PASSWORD_FILE"))
+        .unwrap()
+        .trim()
+        .to_string();
+    let project = scratch_dir(Who::User);
+    let p = project.path();
+    fs::write(
+        p.join("Dockerfile"),
+        format!("FROM {}\nRUN echo built > /built\n", env().busybox()),
+    )
+    .unwrap();
+    let bin_dir = scratch_dir(Who::Root);
+    std::os::unix::fs::symlink(binary(), bin_dir.path().join("shmocker")).unwrap();
+    let store = scratch_dir(Who::User);
+    let reports = scratch_dir(Who::User);
+    let image = format!("{reg}/tests/circleci-{}", unique());
+    let circle = |extra: Vec<(&'static str, String)>| -> Vec<(&'static str, String)> {
+        let mut v = vec![
+            ("CI", "true".to_string()),
+            ("CIRCLECI", "true".to_string()),
+            ("CIRCLE_SHA1", SHA.to_string()),
+            ("CIRCLE_BRANCH", "main".to_string()),
+            ("CIRCLE_PROJECT_REPONAME", "app".to_string()),
+            (
+                "CIRCLE_REPOSITORY_URL",
+                "git@github.com:org/app.git".to_string(),
+            ),
+            ("SHMOCKER_ROOT", store.path().display().to_string()),
+        ];
+        v.extend(extra);
+        v
+    };
+    let reports_dir = reports.path().display().to_string();
+    let params = [
+        ("images", image.as_str()),
+        ("push", "true"),
+        ("registry", reg.as_str()),
+        ("registry-username", "DEPLOY_USER"),
+        ("registry-password", "DEPLOY_TOKEN"),
+        ("report-dir", reports_dir.as_str()),
+    ];
+
+    // The variables the parameters name are empty: the step says which, before building.
+    let out = run_orb_command(
+        "build",
+        &params,
+        &circle(vec![("DEPLOY_USER", user.clone())]),
+        bin_dir.path(),
+        p,
+    );
+    assert!(!out.status.success());
+    let err = text(&out.stderr);
+    assert!(err.contains("$DEPLOY_TOKEN is empty"), "{err}");
+    assert!(!remote_exists_with_creds(
+        &format!("{image}:main"),
+        &user,
+        &password
+    ));
+
+    // With them, shmocker logs in and pushes the derived tags.
+    let out = run_orb_command(
+        "build",
+        &params,
+        &circle(vec![
+            ("DEPLOY_USER", user.clone()),
+            ("DEPLOY_TOKEN", password.clone()),
+        ]),
+        bin_dir.path(),
+        p,
+    );
+    assert!(out.status.success());
+    for tag in ["main", "latest", "sha-90dd603"] {
+        assert!(
+            remote_exists_with_creds(&format!("{image}:{tag}"), &user, &password),
+            "{image}:{tag} was not pushed"
+        );
+    }
+    // The password is in no output and no report.
+    let log = format!("{}{}", text(&out.stdout), text(&out.stderr));
+    assert!(!log.contains(&password), "the password reached the log");
+    let mut files = 0;
+    for entry in fs::read_dir(reports.path()).unwrap() {
+        let data = fs::read(entry.unwrap().path()).unwrap();
+        files += 1;
+        assert!(
+            !String::from_utf8_lossy(&data).contains(&password),
+            "the password reached a report"
+        );
+    }
+    assert!(files >= 3, "the reports were not written");
+    assert!(reports.path().join("junit.xml").is_file());
+}
+
+/// Whether `reference` exists in a registry that needs credentials.
+fn remote_exists_with_creds(reference: &str, user: &str, password: &str) -> bool {
+    Command::new("skopeo")
+        .args(["inspect", "--raw", "--creds"])
+        .arg(format!("{user}:{password}"))
+        .arg(format!("docker://{reference}"))
+        .output()
+        .unwrap()
+        .status
+        .success()
+}
+
 // ------------------------------------------------------------------ schemas and lints
 
 fn check_schema(schema: &str, files: &[PathBuf]) {
@@ -964,7 +1238,30 @@ fn every_command_and_executor_the_orb_uses_exists() {
             }
         }
     };
+    // Keys of a workflow's job entry that CircleCI keeps for itself: a job parameter with one
+    // of these names could never be given.
+    const RESERVED: [&str; 8] = [
+        "context",
+        "filters",
+        "matrix",
+        "name",
+        "requires",
+        "type",
+        "pre-steps",
+        "post-steps",
+    ];
     for (name, job) in jobs {
+        for p in job["parameters"]
+            .as_object()
+            .into_iter()
+            .flatten()
+            .map(|(k, _)| k)
+        {
+            assert!(
+                !RESERVED.contains(&p.as_str()),
+                "job {name}: the parameter {p} is a reserved job key"
+            );
+        }
         let executor = job["executor"].as_str().unwrap();
         assert!(
             executors.contains_key(executor),
@@ -985,4 +1282,270 @@ fn every_command_and_executor_the_orb_uses_exists() {
     let usage = &orb["examples"]["build-and-push"]["usage"];
     let job = &usage["workflows"]["main"]["jobs"][0];
     assert!(job.get("shmocker/build").is_some(), "{usage}");
+}
+
+// ------------------------------------------------------------------ the pull-request comment
+
+/// GitHub's REST API for issue comments, as documented (API version 2022-11-28), on 127.0.0.1:
+/// list (paged with `per_page` and `page`), create and update. Comment objects have the
+/// documented fields. Requests are recorded; `deny_writes` answers POST/PATCH with the 403 a
+/// read-only token gets.
+#[cfg(feature = "github-api")]
+mod fake_github {
+    use std::io::{BufRead, BufReader, Read, Write};
+    use std::net::TcpListener;
+    use std::sync::{Arc, Mutex};
+
+    #[derive(Debug, Clone)]
+    pub struct Request {
+        pub method: String,
+        pub path: String,
+        pub headers: Vec<(String, String)>,
+        pub body: String,
+    }
+
+    #[derive(Default)]
+    pub struct State {
+        pub comments: Vec<(u64, String)>,
+        pub requests: Vec<Request>,
+        pub deny_writes: bool,
+    }
+
+    fn comment_json(id: u64, body: &str) -> serde_json::Value {
+        serde_json::json!({
+            "id": id,
+            "node_id": format!("IC_{id}"),
+            "url": format!("https://api.github.com/repos/octo/app/issues/comments/{id}"),
+            "html_url": format!("https://github.com/octo/app/pull/7#issuecomment-{id}"),
+            "body": body,
+            "user": {"login": "github-actions[bot]", "id": 41898282, "type": "Bot", "site_admin": false},
+            "created_at": "2026-11-30T00:00:00Z",
+            "updated_at": "2026-11-30T00:00:00Z",
+            "issue_url": "https://api.github.com/repos/octo/app/issues/7",
+            "author_association": "NONE"
+        })
+    }
+
+    pub fn start(state: Arc<Mutex<State>>) -> u16 {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        std::thread::spawn(move || {
+            for stream in listener.incoming() {
+                let Ok(mut stream) = stream else { continue };
+                let mut reader = BufReader::new(stream.try_clone().unwrap());
+                let mut line = String::new();
+                if reader.read_line(&mut line).unwrap_or(0) == 0 {
+                    continue;
+                }
+                let mut parts = line.split_whitespace();
+                let method = parts.next().unwrap_or("").to_string();
+                let path = parts.next().unwrap_or("").to_string();
+                let mut headers = Vec::new();
+                let mut len = 0usize;
+                loop {
+                    let mut h = String::new();
+                    reader.read_line(&mut h).unwrap();
+                    let h = h.trim_end();
+                    if h.is_empty() {
+                        break;
+                    }
+                    if let Some((k, v)) = h.split_once(':') {
+                        let (k, v) = (k.trim().to_ascii_lowercase(), v.trim().to_string());
+                        if k == "content-length" {
+                            len = v.parse().unwrap();
+                        }
+                        headers.push((k, v));
+                    }
+                }
+                let mut body = vec![0u8; len];
+                reader.read_exact(&mut body).unwrap();
+                let body = String::from_utf8(body).unwrap();
+                let mut st = state.lock().unwrap();
+                st.requests.push(Request {
+                    method: method.clone(),
+                    path: path.clone(),
+                    headers,
+                    body: body.clone(),
+                });
+                let list = "/repos/octo/app/issues/7/comments";
+                let (status, reply) = if method == "GET" && path.starts_with(&format!("{list}?")) {
+                    let query = path.split_once('?').unwrap().1;
+                    let param = |name: &str| {
+                        query
+                            .split('&')
+                            .find_map(|kv| kv.strip_prefix(&format!("{name}=")))
+                            .and_then(|v| v.parse::<usize>().ok())
+                    };
+                    let per = param("per_page").unwrap_or(30).min(100);
+                    let page = param("page").unwrap_or(1).max(1);
+                    let items: Vec<_> = st
+                        .comments
+                        .iter()
+                        .skip((page - 1) * per)
+                        .take(per)
+                        .map(|(id, b)| comment_json(*id, b))
+                        .collect();
+                    ("200 OK", serde_json::Value::Array(items))
+                } else if st.deny_writes && (method == "POST" || method == "PATCH") {
+                    (
+                        "403 Forbidden",
+                        serde_json::json!({"message": "Resource not accessible by integration", "documentation_url": "https://docs.github.com/rest/issues/comments#create-an-issue-comment", "status": "403"}),
+                    )
+                } else if method == "POST" && path == list {
+                    let text = serde_json::from_str::<serde_json::Value>(&body).unwrap()["body"]
+                        .as_str()
+                        .unwrap()
+                        .to_string();
+                    let id = 9000 + st.comments.len() as u64;
+                    st.comments.push((id, text.clone()));
+                    ("201 Created", comment_json(id, &text))
+                } else if method == "PATCH"
+                    && let Some(id) = path
+                        .strip_prefix("/repos/octo/app/issues/comments/")
+                        .and_then(|i| i.parse::<u64>().ok())
+                {
+                    let text = serde_json::from_str::<serde_json::Value>(&body).unwrap()["body"]
+                        .as_str()
+                        .unwrap()
+                        .to_string();
+                    match st.comments.iter_mut().find(|(i, _)| *i == id) {
+                        Some(c) => {
+                            c.1 = text.clone();
+                            ("200 OK", comment_json(id, &text))
+                        }
+                        None => ("404 Not Found", serde_json::json!({"message": "Not Found"})),
+                    }
+                } else {
+                    ("404 Not Found", serde_json::json!({"message": "Not Found"}))
+                };
+                drop(st);
+                let reply = reply.to_string();
+                let _ = write!(
+                    stream,
+                    "HTTP/1.1 {status}\r\nContent-Type: application/json; charset=utf-8\r\nX-GitHub-Api-Version-Selected: 2022-11-28\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{reply}",
+                    reply.len()
+                );
+            }
+        });
+        port
+    }
+}
+
+#[cfg(feature = "github-api")]
+#[test]
+fn on_a_pull_request_the_summary_is_one_comment_updated_by_later_runs() {
+    use std::sync::{Arc, Mutex};
+    let state = Arc::new(Mutex::new(fake_github::State::default()));
+    // A busy pull request: a first page full of other people's comments.
+    state.lock().unwrap().comments = (1..=100).map(|i| (i, format!("LGTM {i}"))).collect();
+    let port = fake_github::start(state.clone());
+    let ctx = context(&[(
+        "Dockerfile",
+        &format!("FROM {}\nRUN echo hi > /hi\n", env().busybox()),
+    )]);
+    let token = "ghs_FakeTokenForTheCommentTest0123";
+    let run = || {
+        let work = scratch_dir(Who::Root);
+        let store = scratch_dir(Who::Root);
+        let out = Command::new(binary())
+            .env_clear()
+            .env("PATH", "/usr/local/bin:/usr/bin:/bin")
+            .env("HOME", "/root")
+            .env("GITHUB_ACTIONS", "true")
+            .env("GITHUB_REPOSITORY", "octo/app")
+            .env("GITHUB_REF", "refs/pull/7/merge")
+            .env("GITHUB_EVENT_NAME", "pull_request")
+            .env("GITHUB_SHA", SHA)
+            .env("GITHUB_TOKEN", token)
+            .env("GITHUB_API_URL", format!("http://127.0.0.1:{port}"))
+            .env("GITHUB_OUTPUT", work.path().join("output"))
+            .env("GITHUB_STEP_SUMMARY", work.path().join("summary"))
+            .arg("--root")
+            .arg(store.path())
+            .args(["ci", "--pr-comment", "--tag", "local/pr:7"])
+            .arg(ctx.path())
+            .output()
+            .unwrap();
+        let (stdout, stderr) = (text(&out.stdout), text(&out.stderr));
+        eprintln!("--- stdout\n{stdout}\n--- stderr\n{stderr}");
+        assert!(out.status.success(), "shmocker ci failed");
+        // Only in the mask command that hides it from the log.
+        assert_eq!(stdout.matches(token).count(), 1);
+        assert!(stdout.contains(&format!("::add-mask::{token}")) && !stderr.contains(token));
+        stderr
+    };
+
+    let first = run();
+    assert!(
+        first.contains("commented on pull request #7 (comment 9100)"),
+        "{first}"
+    );
+    {
+        let st = state.lock().unwrap();
+        // Both pages were read before deciding to create.
+        let gets: Vec<_> = st.requests.iter().filter(|r| r.method == "GET").collect();
+        assert_eq!(gets.len(), 2, "{:?}", st.requests);
+        assert!(gets[1].path.contains("page=2"));
+        let post = st.requests.iter().find(|r| r.method == "POST").unwrap();
+        let header = |name: &str| {
+            post.headers
+                .iter()
+                .find(|(k, _)| k == name)
+                .map(|(_, v)| v.as_str())
+        };
+        assert_eq!(
+            header("authorization"),
+            Some(format!("Bearer {token}").as_str())
+        );
+        assert_eq!(header("x-github-api-version"), Some("2022-11-28"));
+        assert_eq!(header("accept"), Some("application/vnd.github+json"));
+        assert!(header("user-agent").is_some_and(|u| u.starts_with("shmocker/")));
+        assert_eq!(header("content-type"), Some("application/json"));
+        let sent: serde_json::Value = serde_json::from_str(&post.body).unwrap();
+        assert!(
+            sent["body"]
+                .as_str()
+                .unwrap()
+                .contains("shmocker:build-summary")
+        );
+        let body = &st.comments.last().unwrap().1;
+        assert!(
+            body.starts_with("<!-- shmocker:build-summary -->"),
+            "{body}"
+        );
+        assert!(body.contains("shmocker build succeeded"), "{body}");
+    }
+
+    // The next run updates that comment: still one summary on the pull request.
+    let second = run();
+    assert!(
+        second.contains("updated the comment on pull request #7 (comment 9100)"),
+        "{second}"
+    );
+    {
+        let st = state.lock().unwrap();
+        assert_eq!(st.requests.iter().filter(|r| r.method == "POST").count(), 1);
+        let patch = st.requests.iter().find(|r| r.method == "PATCH").unwrap();
+        assert_eq!(patch.path, "/repos/octo/app/issues/comments/9100");
+        let ours = st
+            .comments
+            .iter()
+            .filter(|(_, b)| b.contains("shmocker:build-summary"))
+            .count();
+        assert_eq!(ours, 1);
+    }
+
+    // A token that may not write: a warning that says what to grant; the build still passes.
+    {
+        let mut st = state.lock().unwrap();
+        st.deny_writes = true;
+        st.comments.retain(|(id, _)| *id != 9100);
+    }
+    let denied = run();
+    assert!(
+        denied.contains("warning: --pr-comment:")
+            && denied.contains("403")
+            && denied.contains("pull-requests: write"),
+        "{denied}"
+    );
 }

@@ -131,6 +131,11 @@ fn detect_reports_every_probe_with_a_stable_schema() {
     assert_eq!(doc["choice"]["snapshotter"], "overlayfs");
     assert!(doc["host"]["store"]["fs_type"].is_string());
     assert!(doc["host"]["seccomp"].is_number());
+    // The probes clean up after themselves, overlayfs' mode-0 work dir included.
+    let left: Vec<_> = fs::read_dir(store.path().join("tmp"))
+        .map(|d| d.flatten().map(|e| e.file_name()).collect())
+        .unwrap_or_default();
+    assert!(left.is_empty(), "left in the store's tmp/: {left:?}");
 
     // The alias and the table.
     let out = shmocker_as(env().user(), &[], DEFAULT_PATH, store.path(), &["doctor"]);
@@ -311,6 +316,79 @@ fn a_user_without_subordinate_ids_builds_with_a_single_id() {
         "{err}"
     );
     assert!(!err.contains("panicked"), "{err}");
+
+    // Owners the base image has are kept in the layers of files a step changes, with every
+    // snapshotter, although only one ID exists in the namespace (they are recorded at unpack).
+    let owned_base = unique_ref("owned-base");
+    let base_ctx = context(&[
+        (
+            "Dockerfile",
+            "ARG BASE\nFROM $BASE\nCOPY --chown=1000:1001 owned /owned\n",
+        ),
+        ("owned/file", "one\n"),
+    ]);
+    let root_store = scratch_dir(Who::Root);
+    common::shmocker_ok(
+        Who::Root,
+        root_store.path(),
+        &[
+            "build",
+            "--build-arg",
+            &base_arg(),
+            "-t",
+            &owned_base,
+            "--push",
+            base_ctx.path().to_str().unwrap(),
+        ],
+    );
+    let change_ctx = context(&[(
+        "Dockerfile",
+        "ARG BASE\nFROM $BASE\nRUN echo two >> /owned/file && echo new > /owned/new\n",
+    )]);
+    for snapshotter in ["overlayfs", "fuse-overlayfs", "copy"] {
+        let store = scratch_dir(Who::Root);
+        chown_to(store.path(), NOSUB);
+        let tag = unique_ref(&format!("owned-{snapshotter}"));
+        let out = shmocker_as(
+            NOSUB,
+            &[],
+            DEFAULT_PATH,
+            store.path(),
+            &[
+                "build",
+                "--snapshotter",
+                snapshotter,
+                "--build-arg",
+                &format!("BASE={owned_base}"),
+                "-t",
+                &tag,
+                "--push",
+                change_ctx.path().to_str().unwrap(),
+            ],
+        );
+        assert!(out.status.success(), "{snapshotter}: {}", stderr(&out));
+        assert!(stderr(&out).contains("isolation: single-id"));
+        let work = scratch_dir(Who::Root);
+        let rootfs = common::unpack(&format!("docker://{tag}"), work.path());
+        let t = common::tree(&rootfs);
+        let owner = |p: &str| {
+            let e = t
+                .get(p)
+                .unwrap_or_else(|| panic!("{snapshotter}: {p} missing"));
+            (e.uid, e.gid)
+        };
+        assert_eq!(owner("/owned/file"), (1000, 1001), "{snapshotter}");
+        assert_eq!(owner("/owned"), (1000, 1001), "{snapshotter}");
+        assert_eq!(
+            owner("/owned/new"),
+            (0, 0),
+            "{snapshotter}: made by the step"
+        );
+        assert_eq!(
+            fs::read_to_string(rootfs.join("owned/file")).unwrap(),
+            "one\ntwo\n"
+        );
+    }
 }
 
 #[test]

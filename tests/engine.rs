@@ -862,7 +862,9 @@ fn ssh_mount_forwards_the_agent_socket() {
 
 #[test]
 fn run_steps_are_hardened_unless_insecure_is_allowed() {
-    let dockerfile = "ARG BASE\nFROM ${BASE}\nRUN grep -E '^(CapBnd|CapEff|NoNewPrivs)' /proc/self/status > /status && wc -c < /proc/interrupts > /kcore-size && (echo 1 > /proc/sys/kernel/domainname && echo writable || echo read-only) > /proc-sys\nRUN --security=insecure grep -E '^(CapBnd|NoNewPrivs)' /proc/self/status > /insecure-status\n";
+    // `unshare -U -r` makes a user namespace: no capability is needed for that, only the
+    // seccomp filter stops it (as Docker's profile does); insecure steps may.
+    let dockerfile = "ARG BASE\nFROM ${BASE}\nRUN grep -E '^(CapBnd|CapEff|NoNewPrivs|Seccomp):' /proc/self/status > /status && wc -c < /proc/interrupts > /kcore-size && (echo 1 > /proc/sys/kernel/domainname && echo writable || echo read-only) > /proc-sys && (unshare -U -r true 2>/unshare-err && echo allowed || echo denied) > /unshare\nRUN --security=insecure grep -E '^(CapBnd|NoNewPrivs|Seccomp):' /proc/self/status > /insecure-status && (unshare -U -r true && echo allowed || echo denied) > /insecure-unshare\n";
     let store = scratch_dir(Who::User);
     let (_w, rootfs, _) = build_and_unpack(
         Who::User,
@@ -875,6 +877,14 @@ fn run_steps_are_hardened_unless_insecure_is_allowed() {
     assert!(status.contains("CapBnd:\t00000000a80425fb"), "{status}");
     assert!(status.contains("CapEff:\t00000000a80425fb"), "{status}");
     assert!(status.contains("NoNewPrivs:\t1"), "{status}");
+    // Mode 2: a seccomp filter.
+    assert!(status.contains("Seccomp:\t2"), "{status}");
+    assert_eq!(
+        std::fs::read_to_string(rootfs.join("unshare")).unwrap(),
+        "denied\n"
+    );
+    let why = std::fs::read_to_string(rootfs.join("unshare-err")).unwrap();
+    assert!(why.contains("Operation not permitted"), "{why}");
     assert_eq!(
         std::fs::read_to_string(rootfs.join("kcore-size"))
             .unwrap()
@@ -888,8 +898,14 @@ fn run_steps_are_hardened_unless_insecure_is_allowed() {
     );
     let insecure = std::fs::read_to_string(rootfs.join("insecure-status")).unwrap();
     assert!(
-        !insecure.contains("a80425fb") && insecure.contains("NoNewPrivs:\t0"),
+        !insecure.contains("a80425fb")
+            && insecure.contains("NoNewPrivs:\t0")
+            && insecure.contains("Seccomp:\t0"),
         "{insecure}"
+    );
+    assert_eq!(
+        std::fs::read_to_string(rootfs.join("insecure-unshare")).unwrap(),
+        "allowed\n"
     );
 
     // Without --allow, --security=insecure is refused at its line.
@@ -1310,4 +1326,57 @@ fn zstd_with_docker_media_types_or_bad_levels_is_refused() {
         let err = stderr(&out);
         assert!(err.contains(needle), "{args:?}: {err}");
     }
+}
+
+#[test]
+fn a_step_printing_megabytes_is_clipped_in_the_log_as_buildkit_does() {
+    // 40,000 lines of 100 bytes: about 4 MB of output, twice BuildKit's 2 MiB limit.
+    let dockerfile = format!(
+        "FROM {}\nRUN i=0; while [ $i -lt 40000 ]; do printf '%099d\\n' $i; i=$((i+1)); done; echo finished > /done\n",
+        env().busybox()
+    );
+    let ctx = context(&[("Dockerfile", &dockerfile)]);
+    let run = |limit: Option<&str>| {
+        let store = scratch_dir(Who::Root);
+        let mut cmd = std::process::Command::new(common::binary());
+        cmd.arg("--root")
+            .arg(store.path())
+            .args(["build", "--progress=plain"])
+            .arg(ctx.path())
+            .env_remove("SHMOCKER_ROOT")
+            .env_remove("BUILDKIT_STEP_LOG_MAX_SIZE")
+            .env_remove("SHMOCKER_STEP_LOG_MAX_SIZE");
+        if let Some(l) = limit {
+            cmd.env("SHMOCKER_STEP_LOG_MAX_SIZE", l);
+        }
+        let out = cmd.output().unwrap();
+        assert!(out.status.success(), "{}", stderr(&out));
+        stderr(&out)
+    };
+    let clipped = run(None);
+    let output_lines = |log: &str| {
+        log.lines()
+            .filter(|l| {
+                l.starts_with("#2 ") && l.ends_with(|c: char| c.is_ascii_digit()) && l.len() > 100
+            })
+            .count()
+    };
+    assert!(
+        clipped.contains("#2 ") && clipped.contains("[output clipped, log limit 2MiB reached]"),
+        "{}",
+        &clipped[clipped.len().saturating_sub(2000)..]
+    );
+    assert!(clipped.contains("#2 DONE"), "the result line still comes");
+    let shown = output_lines(&clipped);
+    assert!(shown > 15_000 && shown < 22_000, "{shown} lines shown");
+    assert!(
+        clipped.len() < 3 * 1024 * 1024,
+        "{} bytes of log",
+        clipped.len()
+    );
+
+    // -1 lifts the limit: every line is there.
+    let full = run(Some("-1"));
+    assert!(!full.contains("output clipped"));
+    assert_eq!(output_lines(&full), 40_000);
 }

@@ -166,6 +166,23 @@ fn copy_source_missing() {
 }
 
 #[test]
+fn copy_from_a_stage_without_the_source_names_the_stage() {
+    let dockerfile = format!(
+        "FROM {} AS tools\nRUN echo x > /made\nFROM scratch\nCOPY --from=tools /not-made /x\n",
+        env().busybox()
+    );
+    let (err, ctx) = fails(Who::User, &[("Dockerfile", &dockerfile)], &[]);
+    assert!(err.contains(&format!("{ctx}/Dockerfile:4:1")), "{err}");
+    assert!(
+        err.contains("/not-made: not found in --from=tools"),
+        "{err}"
+    );
+    // Not the build context, and no path inside shmocker's store.
+    assert!(!err.contains("build context"), "{err}");
+    assert!(!err.contains("/tmp/step-"), "{err}");
+}
+
+#[test]
 fn copy_source_outside_context() {
     let (err, _) = fails(
         Who::User,

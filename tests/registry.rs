@@ -181,6 +181,7 @@ impl TestRegistry {
             extra_auth_files: Some(vec![]),
             certs_dirs: Some(self.certs_root.iter().cloned().collect()),
             credentials: vec![],
+            ..Default::default()
         }
     }
 }

@@ -23,6 +23,14 @@ case "${SHMOCKER_NO_CACHE:-false}" in
     exit 1
     ;;
 esac
+case "${SHMOCKER_PR_COMMENT:-false}" in
+  true) args+=(--pr-comment) ;;
+  false | "") ;;
+  *)
+    echo "::error title=shmocker::pr-comment: expected true or false, got '$SHMOCKER_PR_COMMENT'"
+    exit 1
+    ;;
+esac
 # secret-files: ID=PATH per line, as build-push-action takes them.
 while IFS= read -r line; do
   [[ -z "${line// /}" ]] && continue

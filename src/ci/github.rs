@@ -180,6 +180,7 @@ impl Reporter for GithubReporter {
                 command(st, &format!("::group::{}", escape_data(&title)));
                 st.group_open = true;
             }
+            Event::StageDone { .. } => close_group(st),
             Event::StepFailed {
                 location, message, ..
             } => {

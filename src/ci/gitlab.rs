@@ -84,6 +84,7 @@ impl Reporter for GitlabReporter {
                     let _ = writeln!(st.out, "{line}");
                 }
             }
+            Event::StageDone { .. } => end_section(st),
             Event::StepFailed { .. } => {
                 if let Some(line) = plain_line(event) {
                     let _ = writeln!(st.out, "{line}");

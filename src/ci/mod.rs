@@ -13,6 +13,8 @@
 //! Nothing here reads the process environment directly: everything goes through [`Env`], so
 //! the tests replay each CI's documented variables.
 
+#[cfg(feature = "github-api")]
+pub mod comment;
 pub mod github;
 pub mod gitlab;
 pub mod metadata;

@@ -9,7 +9,8 @@ use std::sync::Arc;
 use super::reports::{self, BuildFacts};
 use super::{CiContext, Env, Provider, github, gitlab, metadata};
 use crate::engine::{BuildError, BuildOptions, BuildResult};
-use crate::progress::{Fanout, ProgressMode, Recorder, Reporter, Reporting};
+use crate::progress::{Fanout, ProgressMode, Recorder, Reporter, Reporting, StageOrder};
+use crate::registry::ExplicitCredentials;
 
 #[derive(Debug, thiserror::Error)]
 pub enum CiError {
@@ -21,6 +22,13 @@ pub enum CiError {
         "no tags could be derived from {0} (no branch, tag, pull request or commit in its environment); give full names with --tag REGISTRY/NAME:TAG"
     )]
     NoTags(&'static str),
+    #[error(
+        "SHMOCKER_REGISTRY is {registry} but {missing} is empty: set both SHMOCKER_REGISTRY_USERNAME and SHMOCKER_REGISTRY_PASSWORD (the CircleCI orb fills them from the variables named by its registry-username and registry-password parameters), or unset SHMOCKER_REGISTRY"
+    )]
+    IncompleteCredentials {
+        registry: String,
+        missing: &'static str,
+    },
     #[error("{what} {path}: {source}")]
     Write {
         what: &'static str,
@@ -40,6 +48,8 @@ pub struct Plan {
     pub labels: BTreeMap<String, String>,
     /// True when the tags came from the CI rather than from --tag.
     pub derived: bool,
+    /// See [`Request::pr_comment`].
+    pub pr_comment: bool,
 }
 
 /// The inputs of [`plan`] that come from the command line.
@@ -55,15 +65,20 @@ pub struct Request {
     pub labels: BTreeMap<String, String>,
     /// Whether the image is pushed (derived tags then need an image name).
     pub push: bool,
+    /// Post the summary as a sticky pull-request comment (GitHub, feature `github-api`).
+    pub pr_comment: bool,
 }
 
 pub fn plan(env: &Env, req: &Request) -> Result<Plan, CiError> {
-    let ctx = super::detect(
+    let mut ctx = super::detect(
         env,
         req.provider,
         req.default_branch.as_deref(),
         &req.context,
     );
+    if let Some(c) = env_credentials(env)? {
+        ctx.credentials.push(c);
+    }
     let created = metadata::created_time(env.get("SOURCE_DATE_EPOCH"));
     let images: Vec<String> = if req.images.is_empty() {
         ctx.default_image.iter().cloned().collect()
@@ -90,7 +105,35 @@ pub fn plan(env: &Env, req: &Request) -> Result<Plan, CiError> {
         tags,
         labels,
         derived,
+        pr_comment: req.pr_comment,
     })
+}
+
+/// Credentials for one more registry, in any CI: `SHMOCKER_REGISTRY` (a host, e.g.
+/// `registry.example.com` or `docker.io`), `SHMOCKER_REGISTRY_USERNAME` and
+/// `SHMOCKER_REGISTRY_PASSWORD` (a password or token). CircleCI has no registry of its own, so
+/// this is how its orb logs in; on GitHub and GitLab it adds a registry beside ghcr.io or
+/// `$CI_REGISTRY`. Half a set is an error rather than an anonymous push that fails later.
+fn env_credentials(env: &Env) -> Result<Option<ExplicitCredentials>, CiError> {
+    let Some(registry) = env.get("SHMOCKER_REGISTRY") else {
+        return Ok(None);
+    };
+    let missing = |name| CiError::IncompleteCredentials {
+        registry: registry.to_string(),
+        missing: name,
+    };
+    let username = env
+        .get("SHMOCKER_REGISTRY_USERNAME")
+        .ok_or_else(|| missing("SHMOCKER_REGISTRY_USERNAME"))?;
+    let secret = env
+        .get("SHMOCKER_REGISTRY_PASSWORD")
+        .ok_or_else(|| missing("SHMOCKER_REGISTRY_PASSWORD"))?;
+    Ok(Some(ExplicitCredentials {
+        registry: registry.to_string(),
+        username: username.to_string(),
+        secret: secret.to_string(),
+        origin: "SHMOCKER_REGISTRY_USERNAME/SHMOCKER_REGISTRY_PASSWORD".to_string(),
+    }))
 }
 
 /// The reporter for this CI and `--progress`, and the recorder that feeds the reports.
@@ -100,10 +143,14 @@ pub fn plan(env: &Env, req: &Request) -> Result<Plan, CiError> {
 pub fn reporter(ctx: &CiContext, mode: ProgressMode) -> (Reporting, Arc<Recorder>) {
     let recorder = Arc::new(Recorder::new());
     let shown: Arc<dyn Reporter> = match (ctx.provider, mode) {
-        (Provider::Github, ProgressMode::Auto) => {
-            Arc::new(github::GithubReporter::stdout(ctx.workspace.clone()))
+        // Log groups and sections hold one stage each, so parallel stages are shown in turn.
+        // Step output is capped as in every text log (progress::limited).
+        (Provider::Github, ProgressMode::Auto) => crate::progress::limited(StageOrder::new(
+            github::GithubReporter::stdout(ctx.workspace.clone()),
+        )),
+        (Provider::Gitlab, ProgressMode::Auto) => {
+            crate::progress::limited(StageOrder::new(gitlab::GitlabReporter::stdout()))
         }
-        (Provider::Gitlab, ProgressMode::Auto) => Arc::new(gitlab::GitlabReporter::stdout()),
         (Provider::None, m) => m.reporter(),
         // In a CI, auto never means bars: there is no terminal to draw them on.
         (_, ProgressMode::Auto) => ProgressMode::Plain.reporter(),
@@ -229,6 +276,10 @@ pub fn after_build(
             )
             .map_err(write_err("writing step outputs to $GITHUB_OUTPUT", path))?;
         }
+        #[cfg(feature = "github-api")]
+        if plan.pr_comment {
+            pr_comment(env, plan, &facts);
+        }
         if let Some(path) = env.get("GITHUB_STEP_SUMMARY") {
             let path = Path::new(path);
             let text = reports::summary_markdown(&facts);
@@ -248,6 +299,44 @@ pub fn after_build(
             .map_err(write_err("writing reports to", dir))?;
     }
     Ok(())
+}
+
+/// `--pr-comment`: the summary as the pull request's sticky comment; what happened is said on
+/// standard error, and a failure is a warning, never the build's result.
+#[cfg(feature = "github-api")]
+fn pr_comment(env: &Env, plan: &Plan, facts: &BuildFacts) {
+    use super::comment;
+    let Some(number) = plan.ctx.git.pull_request else {
+        eprintln!("--pr-comment: this run is not for a pull request; no comment");
+        return;
+    };
+    let (Some(repo), Some(token)) = (env.get("GITHUB_REPOSITORY"), env.get("GITHUB_TOKEN")) else {
+        eprintln!(
+            "warning: --pr-comment: no GITHUB_REPOSITORY or GITHUB_TOKEN (the action's github-token) in the environment; no comment"
+        );
+        return;
+    };
+    let target = comment::Target {
+        api: env
+            .get("GITHUB_API_URL")
+            .unwrap_or("https://api.github.com")
+            .to_string(),
+        repo: repo.to_string(),
+        pull_request: number,
+    };
+    let body = comment::body(
+        &reports::summary_markdown(facts),
+        plan.ctx.job_url.as_deref(),
+    );
+    match comment::upsert_blocking(&target, token, &body) {
+        Ok(comment::Outcome::Created { id }) => {
+            eprintln!("commented on pull request #{number} (comment {id})")
+        }
+        Ok(comment::Outcome::Updated { id }) => {
+            eprintln!("updated the comment on pull request #{number} (comment {id})")
+        }
+        Err(e) => eprintln!("warning: --pr-comment: {e}"),
+    }
 }
 
 #[cfg(test)]

@@ -245,6 +245,65 @@ fn circleci_branch_and_pull_request() {
 }
 
 #[test]
+fn registry_credentials_from_shmocker_variables_in_any_ci() {
+    let req = run::Request {
+        images: vec!["registry.example.com/team/app".into()],
+        ..Default::default()
+    };
+    let base = [
+        ("CIRCLECI", "true"),
+        ("CIRCLE_SHA1", SHA),
+        ("CIRCLE_BRANCH", "main"),
+        ("SHMOCKER_REGISTRY", "registry.example.com"),
+    ];
+    let mut v = base.to_vec();
+    v.push(("SHMOCKER_REGISTRY_USERNAME", "robot"));
+    v.push(("SHMOCKER_REGISTRY_PASSWORD", "s3cret"));
+    let plan = run::plan(&Env::from_pairs(v.iter().copied()), &req).unwrap();
+    assert_eq!(plan.ctx.credentials.len(), 1);
+    let c = &plan.ctx.credentials[0];
+    assert_eq!(
+        (c.registry.as_str(), c.username.as_str(), c.secret.as_str()),
+        ("registry.example.com", "robot", "s3cret")
+    );
+    // Beside GitLab's own registry, not instead of it.
+    let gl = [
+        ("GITLAB_CI", "true"),
+        ("CI_COMMIT_SHA", SHA),
+        ("CI_REGISTRY", "registry.gitlab.com"),
+        ("CI_REGISTRY_USER", "gitlab-ci-token"),
+        ("CI_REGISTRY_PASSWORD", "job-token"),
+        ("SHMOCKER_REGISTRY", "docker.io"),
+        ("SHMOCKER_REGISTRY_USERNAME", "me"),
+        ("SHMOCKER_REGISTRY_PASSWORD", "hub-token"),
+    ];
+    let plan = run::plan(&Env::from_pairs(gl), &req).unwrap();
+    let regs: Vec<_> = plan
+        .ctx
+        .credentials
+        .iter()
+        .map(|c| c.registry.as_str())
+        .collect();
+    assert_eq!(regs, ["registry.gitlab.com", "docker.io"]);
+
+    // Half a set is refused, naming what is missing, and the secret is never in the message.
+    let mut v = base.to_vec();
+    v.push(("SHMOCKER_REGISTRY_USERNAME", "robot"));
+    let e = run::plan(&Env::from_pairs(v.iter().copied()), &req)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("SHMOCKER_REGISTRY_PASSWORD is empty"), "{e}");
+    assert!(e.contains("registry.example.com"), "{e}");
+    let mut v = base.to_vec();
+    v.push(("SHMOCKER_REGISTRY_PASSWORD", "s3cret"));
+    let e = run::plan(&Env::from_pairs(v.iter().copied()), &req)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("SHMOCKER_REGISTRY_USERNAME is empty"), "{e}");
+    assert!(!e.contains("s3cret"), "{e}");
+}
+
+#[test]
 fn no_ci_and_provider_override() {
     let c = ctx(&[("CI", "true")]);
     assert_eq!(c.provider, Provider::None);

@@ -333,6 +333,7 @@ mod tests {
             schema_version: 1,
             host: crate::detect::tests::host(),
             environment: None,
+            network: Default::default(),
             probes: names
                 .iter()
                 .map(|n| Probe {

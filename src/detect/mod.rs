@@ -9,6 +9,7 @@
 
 pub mod ladder;
 pub mod matrix;
+pub mod netstack;
 pub mod probes;
 
 use std::collections::BTreeMap;
@@ -218,6 +219,8 @@ pub struct Report {
     pub environment: Option<Recognised>,
     pub probes: Vec<Probe>,
     pub elapsed_ms: u64,
+    /// `--network private`: slirp4netns and /dev/net/tun.
+    pub network: netstack::NetworkStack,
 }
 
 impl Report {
@@ -244,6 +247,27 @@ pub enum DetectError {
 
 /// Runs every probe with `store` (created if missing) as the place a build would write. Call
 /// while the process is single-threaded.
+/// Removes the probes' work directory. Overlayfs leaves its `work/work` directory with mode 0
+/// (and a whiteout inside), which an unprivileged user outside the namespace cannot list: such
+/// directories are opened up (u+rwx) first. Symlinks are never followed.
+fn remove_probe_dir(dir: &Path) {
+    use std::os::unix::fs::PermissionsExt;
+    fn open_up(dir: &Path) {
+        let _ = fs::set_permissions(dir, fs::Permissions::from_mode(0o700));
+        if let Ok(entries) = fs::read_dir(dir) {
+            for e in entries.flatten() {
+                if e.file_type().is_ok_and(|t| t.is_dir()) {
+                    open_up(&e.path());
+                }
+            }
+        }
+    }
+    if fs::remove_dir_all(dir).is_err() && dir.exists() {
+        open_up(dir);
+        let _ = fs::remove_dir_all(dir);
+    }
+}
+
 pub fn run(store: &Path, mapping: &IdMapping) -> Result<Report, DetectError> {
     let started = Instant::now();
     let store_err = |source| DetectError::Store {
@@ -253,13 +277,13 @@ pub fn run(store: &Path, mapping: &IdMapping) -> Result<Report, DetectError> {
     let work = store
         .join("tmp")
         .join(format!("detect-{}", std::process::id()));
-    let _ = fs::remove_dir_all(&work);
+    remove_probe_dir(&work);
     fs::create_dir_all(&work).map_err(store_err)?;
     let mut raws = probes::namespace_probes(&work);
     raws.insert(2, probes::mapping_probe(mapping));
     raws.push(probes::chroot_probe(&work));
     raws.push(probes::reflink_probe(&work));
-    let _ = fs::remove_dir_all(&work);
+    remove_probe_dir(&work);
 
     let status = proc_status();
     let host = host_facts(store, &status);
@@ -306,6 +330,7 @@ pub fn run(store: &Path, mapping: &IdMapping) -> Result<Report, DetectError> {
         environment: recognised,
         probes,
         elapsed_ms: started.elapsed().as_millis() as u64,
+        network: netstack::probe(),
     })
 }
 
@@ -557,6 +582,8 @@ pub fn render_table(report: &Report, choice: Option<&ladder::Choice>) -> String 
         let _ = writeln!(out);
         out.push_str(&choice.describe());
     }
+    let _ = writeln!(out);
+    out.push_str(&netstack::describe(&report.network));
     if let Some(e) = &report.environment
         && !e.fixes.is_empty()
     {

@@ -63,7 +63,13 @@ impl Cache {
     }
 
     pub fn put(&self, key: &str, record: &Record) -> io::Result<()> {
-        let tmp = self.tmp.join(format!("cache-{key}-{}", std::process::id()));
+        // `cache-KEY.N-PID`: unique within the process too (parallel stages may make the same
+        // step), and the pid last, where the store's cleaner looks for it.
+        static N: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let tmp = self
+            .tmp
+            .join(format!("cache-{key}.{n}-{}", std::process::id()));
         fs::write(&tmp, serde_json::to_vec(record)?)?;
         fs::rename(&tmp, self.path(key))
     }
@@ -114,7 +120,14 @@ impl FileHashes {
         if let Some(dir) = path.parent() {
             fs::create_dir_all(dir)?;
         }
-        let tmp = path.with_extension(format!("{}.partial", std::process::id()));
+        // In the store's tmp/ (`cache-file-hashes-PID`), where a killed build's partial file is
+        // cleaned up by the next build.
+        let tmp = match path.parent().and_then(Path::parent) {
+            Some(root) => root
+                .join("tmp")
+                .join(format!("cache-file-hashes-{}", std::process::id())),
+            None => path.with_extension(format!("{}.partial", std::process::id())),
+        };
         fs::write(&tmp, data)?;
         fs::rename(&tmp, path)
     }

@@ -59,6 +59,8 @@ pub struct BuildOptions {
     pub no_cache: bool,
     /// The network of RUN steps that do not choose one (`--network`).
     pub network: crate::sandbox::Network,
+    /// `--allow-host`: the only destinations of `private` RUN steps (empty: no filter).
+    pub allow_hosts: Vec<crate::sandbox::egress::AllowHost>,
     /// `--allow security.insecure`: RUN steps may ask for `--security=insecure`.
     pub allow_insecure: bool,
     /// SSH agent sockets for `RUN --mount=type=ssh` (`--ssh ID[=SOCKET]`), by id.
@@ -119,6 +121,71 @@ pub struct BuildResult {
     pub pushed: Vec<String>,
 }
 
+/// First progress line of a blob transfer after this long (quick ones print none)...
+const TRANSFER_FIRST: std::time::Duration = std::time::Duration::from_secs(2);
+/// ... then at most one line per this long, and one when it completes.
+const TRANSFER_EVERY: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Decides which transfer updates become lines: none for the first [`TRANSFER_FIRST`], then
+/// one per [`TRANSFER_EVERY`], and one at completion if any was shown.
+#[derive(Debug, Default)]
+struct TransferThrottle {
+    /// (pull?, digest) -> (started, last line shown)
+    seen:
+        std::collections::HashMap<(bool, String), (std::time::Instant, Option<std::time::Instant>)>,
+}
+
+impl TransferThrottle {
+    /// `Some(seconds since the transfer started)` when this update is to be shown.
+    fn due(
+        &mut self,
+        pull: bool,
+        digest: &str,
+        done: u64,
+        total: u64,
+        now: std::time::Instant,
+    ) -> Option<f64> {
+        let key = (pull, digest.to_string());
+        let (started, last) = *self.seen.entry(key.clone()).or_insert((now, None));
+        let finished = done >= total;
+        let due = if finished {
+            last.is_some()
+        } else {
+            now.duration_since(started) >= TRANSFER_FIRST
+                && last.is_none_or(|l| now.duration_since(l) >= TRANSFER_EVERY)
+        };
+        if finished {
+            self.seen.remove(&key);
+        } else if due {
+            self.seen.insert(key, (started, Some(now)));
+        }
+        due.then(|| now.duration_since(started).as_secs_f64())
+    }
+}
+
+/// Turns the registry's per-chunk transfer updates into throttled [`Event::Transfer`]s, so that
+/// a long pull or push shows it is moving in a CI log without a line per chunk.
+fn transfer_progress(reporter: Reporting) -> crate::registry::TransferNotice {
+    let throttle = Mutex::new(TransferThrottle::default());
+    crate::registry::TransferNotice::new(move |t| {
+        let pull = t.direction == crate::registry::Direction::Pull;
+        let due = match throttle.lock() {
+            Ok(mut th) => th.due(pull, t.digest, t.done, t.total, std::time::Instant::now()),
+            Err(_) => None,
+        };
+        if let Some(elapsed_secs) = due {
+            reporter.report(Event::Transfer {
+                direction: if pull { "pulling" } else { "pushing" }.to_string(),
+                image: t.image.to_string(),
+                digest: t.digest.to_string(),
+                done: t.done,
+                total: t.total,
+                elapsed_secs,
+            });
+        }
+    })
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum BuildError {
     /// Bad input the user can fix; the message says what, where and what to do.
@@ -133,11 +200,12 @@ pub enum BuildError {
         message: String,
         tail: Vec<String>,
     },
-    #[error("{location}: {source}")]
+    /// The registry error's text already holds its causes, so it is not also the `source`
+    /// (an error chain would print them twice).
+    #[error("{location}: {error}")]
     Registry {
         location: String,
-        #[source]
-        source: Box<RegistryError>,
+        error: Box<RegistryError>,
     },
     #[error("{0}")]
     Internal(String),
@@ -258,9 +326,19 @@ pub async fn build(opts: &BuildOptions) -> Result<BuildResult, BuildError> {
         cache::Cache::new(&store).map_err(|e| internal("opening the cache")(e.to_string()))?;
     let scratch = store.temp_path("build");
     fs::create_dir_all(&scratch).map_err(|e| internal("build dir")(e.to_string()))?;
+    let retry = crate::registry::RetryPolicy::from_env().map_err(BuildError::Input)?;
+    let retry_reporter = opts.reporter.clone();
     let registry = Registry::new(RegistryOptions {
         insecure_hosts: opts.insecure_registries.clone(),
         credentials: opts.registry_credentials.clone(),
+        retry: Some(retry),
+        on_retry: Some(crate::registry::RetryNotice::new(move |message| {
+            retry_reporter.report(Event::Warning {
+                location: None,
+                message: message.to_string(),
+            })
+        })),
+        on_transfer: Some(transfer_progress(opts.reporter.clone())),
         ..Default::default()
     });
     let store_for_hashes = store.clone();
@@ -444,6 +522,7 @@ impl<'a> Builder<'a> {
                         done.iter().map(|(k, v)| (*k, v.clone())).collect()
                     };
                     let state = this.run_stage(stages, i, &deps_built).await?;
+                    this.opts.reporter.report(Event::StageDone { stage: i });
                     built.lock().expect("stage map").insert(i, Arc::new(state));
                     Ok::<(), BuildError>(())
                 }
@@ -780,7 +859,7 @@ impl<'a> Builder<'a> {
                     .await
                     .map_err(|source| BuildError::Registry {
                         location: format!("pushing {tag}"),
-                        source: Box::new(source),
+                        error: Box::new(source),
                     })?;
                 self.opts.reporter.report(Event::Pushed {
                     tag: tag.clone(),
@@ -922,6 +1001,33 @@ fn needed_stages(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn transfer_lines_are_throttled() {
+        let t0 = std::time::Instant::now();
+        let at = |ms: u64| t0 + std::time::Duration::from_millis(ms);
+        let mut th = TransferThrottle::default();
+        const MB: u64 = 1_000_000;
+        // A quick transfer shows nothing, not even its end.
+        assert_eq!(th.due(true, "sha256:a", MB, 10 * MB, at(0)), None);
+        assert_eq!(th.due(true, "sha256:a", 10 * MB, 10 * MB, at(900)), None);
+        // A long one: first after 2 s, then every 5 s, and its end.
+        let shown: Vec<u64> = (0..=130)
+            .map(|i| i * 100)
+            .filter(|&ms| {
+                th.due(false, "sha256:b", ms * 1000, 20 * MB, at(ms))
+                    .is_some()
+            })
+            .collect();
+        assert_eq!(shown, [2000, 7000, 12000]);
+        assert_eq!(
+            th.due(false, "sha256:b", 20 * MB, 20 * MB, at(13050)),
+            Some(13.05)
+        );
+        // Pull and push of one digest are told apart; finished ones are forgotten.
+        assert_eq!(th.due(true, "sha256:b", 0, MB, at(13100)), None);
+        assert!(th.seen.len() == 1);
+    }
 
     #[test]
     fn needed_stages_skip_the_unused_and_find_cycles() {

@@ -319,7 +319,7 @@ impl Builder<'_> {
         })?;
         let reg_err = |source| BuildError::Registry {
             location: self.loc(node),
-            source: Box::new(source),
+            error: Box::new(source),
         };
         let pulled = self
             .registry
@@ -424,6 +424,7 @@ impl Builder<'_> {
         let snapshot = snapshot.to_path_buf();
         let opts = ApplyOptions {
             chown: self.opts.mapping.has_many_ids(),
+            record_owner: !self.opts.mapping.has_many_ids(),
             ..Default::default()
         };
         let digest = blob.digest.clone();
@@ -824,11 +825,15 @@ impl Builder<'_> {
                 network = match v {
                     "none" => Network::None,
                     "host" => Network::Host,
+                    // Not BuildKit's: a step of its own in an otherwise host build.
+                    "private" => Network::Private,
                     "default" => self.opts.network,
                     other => {
                         return Err(self.err(
                             node,
-                            format!("RUN --network={other}: expected none, host or default"),
+                            format!(
+                                "RUN --network={other}: expected none, host, private or default"
+                            ),
                         ));
                     }
                 };
@@ -891,11 +896,26 @@ impl Builder<'_> {
             mounts,
             network,
             insecure,
+            allow_hosts: match network {
+                Network::Private => self.opts.allow_hosts.clone(),
+                _ => Vec::new(),
+            },
         };
+        if network == Network::Host && !self.opts.allow_hosts.is_empty() {
+            return Err(self.err(
+                node,
+                "RUN --network=host would bypass --allow-host: remove the flag from the step, or build without --allow-host",
+            ));
+        }
         let key = serde_json::json!({"run": {
             "args": spec.args, "env": spec.env, "cwd": spec.cwd, "user": spec.user,
             "network": format!("{:?}", spec.network), "mounts": key_mounts, "insecure": spec.insecure,
         }});
+        // A result made with more egress than this build allows must not be reused.
+        let mut key = key;
+        if !spec.allow_hosts.is_empty() {
+            key["run"]["allow_hosts"] = spec.allow_hosts.iter().map(|a| a.to_string()).collect();
+        }
         let mut spec = spec;
         spec.env.extend(proxy_env);
         if let Some((_, sock)) = helper_env
@@ -1532,6 +1552,7 @@ impl Builder<'_> {
                     from: Some(CopyFrom {
                         lower,
                         sources: sources.to_vec(),
+                        name: from.clone(),
                     }),
                     link,
                     archives: vec![],
@@ -1810,6 +1831,7 @@ impl Builder<'_> {
             source_date_epoch: self.opts.source_date_epoch,
             compression: self.opts.compression,
             threads: None,
+            recorded_owners: !self.opts.mapping.has_many_ids(),
         };
         let made = tokio::task::spawn_blocking(move || -> Result<Option<Layer>, String> {
             if layer::is_empty_upper(&upper).map_err(|e| e.to_string())? {
@@ -1820,8 +1842,13 @@ impl Builder<'_> {
             let snapshot = snapshots
                 .layer_dir(&blob.diff_id)
                 .map_err(|e| e.to_string())?;
-            if !snapshot.exists() {
-                fs::rename(&upper, &snapshot).map_err(|e| e.to_string())?;
+            if !snapshot.exists()
+                && let Err(e) = fs::rename(&upper, &snapshot)
+                && !snapshot.exists()
+            {
+                // Otherwise another build sharing the store committed the same layer (same
+                // diff ID, same files) first, and that one is used.
+                return Err(e.to_string());
             }
             Ok(Some(Layer {
                 blob: BlobRef {

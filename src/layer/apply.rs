@@ -54,6 +54,7 @@ pub fn apply_layer(
         report: ApplyReport::default(),
         dirs: Vec::new(),
         buf: vec![0u8; 64 * 1024],
+        no_xattrs: false,
     };
 
     let mut archive = tar::Archive::new(hashing);
@@ -235,6 +236,8 @@ struct Applier<'a> {
     /// Directories whose mode and mtime are set at the end, after their contents.
     dirs: Vec<(Vec<Vec<u8>>, u32, TimeSpec)>,
     buf: Vec<u8>,
+    /// The filesystem refused a user xattr: owners are no longer recorded.
+    no_xattrs: bool,
 }
 
 enum Lookup {
@@ -331,6 +334,38 @@ impl Applier<'_> {
                 )
             })
             .map_err(|e| self.chown_err(shown, meta, e))
+    }
+
+    /// [`ApplyOptions::record_owner`]: the tar's owner kept in an xattr of `file`. A store
+    /// whose filesystem keeps no user xattrs (tmpfs before Linux 6.6) loses the owners, with one
+    /// warning, rather than the build.
+    fn record_owner(&mut self, file: &File, shown: &str, meta: &Meta) -> Result<(), LayerError> {
+        if self.opts.chown
+            || !self.opts.record_owner
+            || self.no_xattrs
+            || (meta.uid, meta.gid) == (0, 0)
+        {
+            return Ok(());
+        }
+        let value = format!("{}:{}", meta.uid, meta.gid);
+        match file.set_xattr(super::OWNER_XATTR, value.as_bytes()) {
+            Ok(()) => Ok(()),
+            Err(e) if e.raw_os_error() == Some(nix::libc::EOPNOTSUPP) => {
+                self.no_xattrs = true;
+                self.report.warnings.push(format!(
+                    "{}: the store's filesystem keeps no user xattrs, so the owners of this image's files ({shown} belongs to {}:{}) cannot be recorded in a single-ID build: files a step changes will belong to 0 in its layer (put the store on ext4, xfs or btrfs, or give the user subordinate IDs)",
+                    self.dest.display(),
+                    meta.uid,
+                    meta.gid
+                ));
+                Ok(())
+            }
+            Err(source) => Err(LayerError::Io {
+                op: "recording the owner (xattr) of",
+                path: self.host_path(shown),
+                source,
+            }),
+        }
     }
 
     fn chown_err(&self, shown: &str, meta: &Meta, e: Errno) -> LayerError {
@@ -491,6 +526,16 @@ impl Applier<'_> {
                         .map_err(|e| io_err("creating directory", &path, e))?;
                 }
                 self.chown_at(parent.as_fd(), name, &shown, &meta)?;
+                if self.opts.record_owner && !self.opts.chown {
+                    let fd = openat(
+                        parent.as_fd(),
+                        name,
+                        OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
+                        Mode::empty(),
+                    )
+                    .map_err(|e| io_err("opening directory", &path, e))?;
+                    self.record_owner(&File::from(fd), &shown, &meta)?;
+                }
                 self.dirs.push((comps.clone(), meta.mode, meta.mtime));
             }
             EntryType::Regular | EntryType::Continuous | EntryType::GNUSparse => {
@@ -521,6 +566,7 @@ impl Applier<'_> {
                         .and_then(|(uid, gid)| fchown(file.as_fd(), Some(uid), Some(gid)))
                         .map_err(|e| self.chown_err(&shown, &meta, e))?;
                 }
+                self.record_owner(&file, &shown, &meta)?;
                 // After chown, which clears setuid/setgid.
                 fchmod(file.as_fd(), perm).map_err(|e| io_err("chmod", &path, e))?;
                 futimens(file.as_fd(), &meta.mtime, &meta.mtime)

@@ -246,12 +246,30 @@ impl Walker<'_> {
             name,
             typeflag,
             mode: md.mode() & 0o7777,
-            uid: md.uid() as u64,
-            gid: md.gid() as u64,
+            uid: u64::from(md.uid()),
+            gid: u64::from(md.gid()),
             size: 0,
             mtime: self.clamp(md.mtime()),
             ..Default::default()
         }
+    }
+
+    /// [`DiffOptions::recorded_owners`]: the owner from [`super::OWNER_XATTR`], if any.
+    fn recorded_owner(&self, path: &Path, h: &mut EntryHeader) -> Result<(), LayerError> {
+        if !self.opts.recorded_owners {
+            return Ok(());
+        }
+        let value = match xattr::get(path, super::OWNER_XATTR) {
+            Ok(v) => v,
+            // A filesystem without user xattrs has recorded nothing.
+            Err(e) if e.raw_os_error() == Some(nix::libc::EOPNOTSUPP) => None,
+            Err(e) => return Err(io_err("reading the recorded owner (xattr) of", path)(e)),
+        };
+        if let Some((uid, gid)) = value.as_deref().and_then(super::parse_owner) {
+            h.uid = uid;
+            h.gid = gid;
+        }
+        Ok(())
     }
 
     /// An empty regular file with fixed metadata: whiteouts and opaque markers.
@@ -318,7 +336,8 @@ impl Walker<'_> {
             if ft.is_dir() {
                 let mut dname = rel_child.clone();
                 dname.push(b'/');
-                let h = self.header(dname, tarfmt::TYPE_DIR, &md);
+                let mut h = self.header(dname, tarfmt::TYPE_DIR, &md);
+                self.recorded_owner(&path, &mut h)?;
                 self.append(&path, &h, None)?;
                 if opaque {
                     let h = self.marker(join(&rel_child, b".wh..wh..opq"));
@@ -348,6 +367,7 @@ impl Walker<'_> {
 
             if ft.is_file() {
                 let mut h = self.header(rel_child, tarfmt::TYPE_REG, &md);
+                self.recorded_owner(&path, &mut h)?;
                 h.size = md.len();
                 let mut file = File::options()
                     .read(true)

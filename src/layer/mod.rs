@@ -199,6 +199,23 @@ pub fn sniff_compression(path: &Path) -> Result<Compression, LayerError> {
     }
 }
 
+/// Where a single-ID build keeps the owner a file had in its image (`"UID:GID"`, decimal).
+///
+/// With one mapped ID every unpacked file belongs to the namespace's root, so its real owner
+/// would be lost as soon as a step copies it up (overlayfs, fuse-overlayfs) or the copy
+/// snapshotter copies it. The xattr travels with the file (copy-up copies `user.*` xattrs; the
+/// copy snapshotter copies this one) and the layer writer puts the owner back; the xattr
+/// itself never reaches a layer. A step cannot change it: `chown` to another ID fails in a
+/// single-ID namespace, and a file the step makes anew has no such xattr.
+pub const OWNER_XATTR: &str = "user.shmocker.owner";
+
+/// Parses an [`OWNER_XATTR`] value.
+pub fn parse_owner(value: &[u8]) -> Option<(u64, u64)> {
+    let s = std::str::from_utf8(value).ok()?;
+    let (u, g) = s.split_once(':')?;
+    Some((u.parse().ok()?, g.parse().ok()?))
+}
+
 /// Which xattr namespace overlayfs uses for its metadata on the mounts these layers serve.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum OverlayXattrs {
@@ -224,6 +241,10 @@ pub struct ApplyOptions {
     /// Set each entry's owner from the tar. False when the user namespace maps a single ID
     /// (everything then stays owned by the namespace's root).
     pub chown: bool,
+    /// Without `chown`: keep each regular file's and directory's owner (when it is not 0:0)
+    /// in the xattr [`OWNER_XATTR`], so that a step which changes the file in place gives a
+    /// layer with the owner the image had, not the single mapped ID.
+    pub record_owner: bool,
     /// Where to write opaque-directory markers.
     pub overlay_xattrs: OverlayXattrs,
 }
@@ -232,6 +253,7 @@ impl Default for ApplyOptions {
     fn default() -> Self {
         ApplyOptions {
             chown: true,
+            record_owner: false,
             overlay_xattrs: OverlayXattrs::User,
         }
     }
@@ -276,6 +298,8 @@ pub struct DiffOptions {
     /// Compression threads; None: [`default_compression_threads`]. The blob's bytes are the
     /// same whatever this is.
     pub threads: Option<usize>,
+    /// Take an entry's owner from its [`OWNER_XATTR`] where it has one (single-ID builds).
+    pub recorded_owners: bool,
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -938,6 +938,68 @@ fn userns_unmapped_owner_fails_clearly_and_devices_are_skipped() {
         fs::metadata(t.path().join("home/user/file")).unwrap().uid(),
         0
     );
+    assert_eq!(
+        xattr::get(t.path().join("home/user/file"), OWNER_XATTR).unwrap(),
+        None,
+        "nothing is recorded unless asked"
+    );
+
+    // ... and with the owners recorded, a layer written from those files has them back.
+    let t = tempfile::tempdir().unwrap();
+    let upper = t.path().join("upper");
+    fs::create_dir(&upper).unwrap();
+    let opts = ApplyOptions {
+        chown: false,
+        record_owner: true,
+        ..Default::default()
+    };
+    apply_layer(&tar[..], Compression::None, &upper, &opts).unwrap();
+    let f = upper.join("home/user/file");
+    assert_eq!(fs::metadata(&f).unwrap().uid(), 0);
+    assert_eq!(
+        xattr::get(&f, OWNER_XATTR).unwrap().as_deref(),
+        Some(&b"1000:1000"[..])
+    );
+    // Directories the tar does not list (made as the namespace's root) carry nothing.
+    assert_eq!(xattr::get(upper.join("home"), OWNER_XATTR).unwrap(), None);
+    let store = Store::open(t.path().join("store")).unwrap();
+    let owners = |recorded: bool| -> Vec<(String, u64, u64)> {
+        let opts = DiffOptions {
+            recorded_owners: recorded,
+            ..Default::default()
+        };
+        let blob = diff_upper_to_blob(&upper, &store, &opts).unwrap();
+        read_members(&read_blob(&store, &blob))
+            .into_iter()
+            .map(|m| (m.name, m.uid, m.gid))
+            .collect()
+    };
+    let with = owners(true);
+    assert!(
+        with.contains(&("home/user/file".into(), 1000, 1000)),
+        "{with:?}"
+    );
+    assert!(with.contains(&("home/".into(), 0, 0)), "{with:?}");
+    // The xattr itself is never in a layer.
+    let blob = diff_upper_to_blob(
+        &upper,
+        &store,
+        &DiffOptions {
+            recorded_owners: true,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    assert!(
+        read_members(&read_blob(&store, &blob))
+            .iter()
+            .all(|m| m.pax.iter().all(|(k, _)| !k.contains("shmocker"))),
+    );
+    let without = owners(false);
+    assert!(
+        without.contains(&("home/user/file".into(), 0, 0)),
+        "{without:?}"
+    );
 
     // Devices can't be made here: skipped with a warning; whiteouts still work.
     let t = tempfile::tempdir().unwrap();

@@ -141,11 +141,21 @@ fn times(md: &Metadata) -> (TimeSpec, TimeSpec) {
     )
 }
 
-/// Gives `dst` the owner, mode and times of `md` (mode after owner: chown clears setuid).
-fn set_meta(dst: &Path, md: &Metadata) -> Result<(), LayerError> {
+/// Gives `dst` (a copy of `src`) the owner, mode and times of `md` (mode after owner: chown
+/// clears setuid), and the owner a single-ID build recorded for `src` (see
+/// [`super::OWNER_XATTR`]), as overlayfs' copy-up keeps it.
+fn set_meta(src: &Path, dst: &Path, md: &Metadata) -> Result<(), LayerError> {
     std::os::unix::fs::lchown(dst, Some(md.uid()), Some(md.gid()))
         .map_err(io_err("changing the owner of", dst))?;
     if !md.file_type().is_symlink() {
+        // Only files owned by the namespace's root can carry one.
+        if md.uid() == 0
+            && md.gid() == 0
+            && let Ok(Some(owner)) = xattr::get(src, super::OWNER_XATTR)
+        {
+            xattr::set(dst, super::OWNER_XATTR, &owner)
+                .map_err(io_err("copying the recorded owner (xattr) to", dst))?;
+        }
         fs::set_permissions(dst, fs::Permissions::from_mode(md.mode() & 0o7777))
             .map_err(io_err("changing the mode of", dst))?;
     }
@@ -194,7 +204,7 @@ fn copy_tree(
                 warnings,
             )?;
         }
-        return set_meta(dst, md);
+        return set_meta(src, dst, md);
     }
     let key = (md.dev(), md.ino());
     if md.nlink() > 1
@@ -230,7 +240,7 @@ fn copy_tree(
     if md.nlink() > 1 {
         links.insert(key, dst.to_path_buf());
     }
-    set_meta(dst, md)
+    set_meta(src, dst, md)
 }
 
 /// Stacks `lowers` (unpacked layers in overlay form, topmost first) into the empty directory
@@ -250,8 +260,8 @@ pub fn materialize(
     let m = fs::symlink_metadata(dest).map_err(io_err("lstat", dest))?;
     marks.dirs.insert((m.dev(), m.ino()));
     copy_merged(lowers, dest, &mut links, &mut marks)?;
-    if let Some(md) = root_md {
-        set_meta(dest, &md)?;
+    if let (Some(md), Some(src)) = (root_md, lowers.first()) {
+        set_meta(src, dest, &md)?;
     }
     marks.since = clock_after_now(clock_dir)?;
     Ok(marks)
@@ -277,7 +287,10 @@ fn copy_merged(
                 let m = fs::symlink_metadata(&dst).map_err(io_err("lstat", &dst))?;
                 marks.dirs.insert((m.dev(), m.ino()));
                 copy_merged(&ds, &dst, links, marks)?;
-                set_meta(&dst, &md)?;
+                // The topmost directory's metadata (and recorded owner) is what shows.
+                if let Some(top) = ds.first() {
+                    set_meta(top, &dst, &md)?;
+                }
             }
         }
     }
@@ -381,7 +394,7 @@ impl TreeDiff<'_> {
                             || md.gid() != lmd.gid()
                             || (md.mtime(), md.mtime_nsec()) != (lmd.mtime(), lmd.mtime_nsec());
                         if below || meta_changed {
-                            set_meta(&up, &md)?;
+                            set_meta(&mp, &up, &md)?;
                             changed = true;
                         } else {
                             fs::remove_dir(&up).map_err(io_err("removing", &up))?;

@@ -7,6 +7,8 @@
 //! `ci/` wraps them with the CI system's own language (GitHub groups and annotations, GitLab
 //! sections) and records the steps for job summaries and test reports.
 
+mod limit;
+mod order;
 mod tty;
 
 use std::fmt;
@@ -16,6 +18,8 @@ use std::time::Duration;
 
 use serde::Serialize;
 
+pub use limit::{LogLimit, max_bytes_from_env};
+pub use order::StageOrder;
 pub use tty::TtyReporter;
 
 /// A place in a Dockerfile.
@@ -71,6 +75,11 @@ pub enum Event {
         /// The image or stage it starts from, after ARG expansion.
         base: String,
     },
+    /// Every step of the stage is done (cached or run); a failed stage reports `StepFailed`
+    /// instead.
+    StageDone {
+        stage: usize,
+    },
     StepStarted {
         step: usize,
         /// The stage's name, or `stage-N`.
@@ -118,6 +127,17 @@ pub enum Event {
     },
     Pushing {
         tag: String,
+    },
+    /// A long blob transfer is under way (throttled: none for quick ones, then one every few
+    /// seconds and one at the end).
+    Transfer {
+        /// `pulling` or `pushing`.
+        direction: String,
+        image: String,
+        digest: String,
+        done: u64,
+        total: u64,
+        elapsed_secs: f64,
     },
     Pushed {
         tag: String,
@@ -212,14 +232,24 @@ impl ProgressMode {
         }
     }
 
-    /// The reporter for this mode, on standard error.
+    /// The reporter for this mode, on standard error, with each step's output capped as
+    /// [`limited`] says.
     pub fn reporter(self) -> Arc<dyn Reporter> {
         match self.resolve() {
-            ProgressMode::Tty => Arc::new(TtyReporter::new()),
-            ProgressMode::Json => Arc::new(JsonReporter),
+            ProgressMode::Tty => limited(TtyReporter::new()),
+            ProgressMode::Json => limited(JsonReporter),
             ProgressMode::Quiet => Arc::new(QuietReporter),
-            _ => Arc::new(PlainReporter::stderr()),
+            _ => limited(PlainReporter::stderr()),
         }
+    }
+}
+
+/// `reporter` with each step's shown output capped at the limit from the environment (BuildKit's
+/// 2 MiB by default; see [`LogLimit`]).
+pub fn limited(reporter: impl Reporter + 'static) -> Arc<dyn Reporter> {
+    match max_bytes_from_env() {
+        Some(max) => Arc::new(LogLimit::new(reporter, max)),
+        None => Arc::new(reporter),
     }
 }
 
@@ -260,7 +290,9 @@ pub fn plain_line(event: &Event) -> Option<String> {
             location: None,
             message,
         } => format!("warning: {message}"),
-        Event::StageStarted { .. } | Event::CheckFinding { .. } => return None,
+        Event::StageStarted { .. } | Event::StageDone { .. } | Event::CheckFinding { .. } => {
+            return None;
+        }
         Event::StepStarted {
             step,
             stage,
@@ -285,6 +317,28 @@ pub fn plain_line(event: &Event) -> Option<String> {
         Event::Exported { what, dest } => format!("exported {what} to {dest}"),
         Event::Info { message } => message.clone(),
         Event::Pushing { tag } => format!("pushing {tag}"),
+        Event::Transfer {
+            direction,
+            image,
+            digest,
+            done,
+            total,
+            elapsed_secs,
+        } => {
+            let short = digest.get(..19).unwrap_or(digest);
+            let mb = |b: u64| b as f64 / 1_000_000.0;
+            let rate = mb(*done) / elapsed_secs.max(0.001);
+            format!(
+                "{direction} {short} of {image}: {:.1} MB / {:.1} MB ({:.0}%) {rate:.1} MB/s {elapsed_secs:.1}s",
+                mb(*done),
+                mb(*total),
+                if *total == 0 {
+                    100.0
+                } else {
+                    *done as f64 * 100.0 / *total as f64
+                },
+            )
+        }
         Event::Pushed { tag, digest } => format!("pushed {tag}@{digest}"),
         Event::Finished {
             digest,
@@ -499,8 +553,10 @@ impl Reporter for Recorder {
                 }
             }
             Event::StageStarted { .. }
+            | Event::StageDone { .. }
             | Event::Exported { .. }
             | Event::Info { .. }
+            | Event::Transfer { .. }
             | Event::Pushing { .. } => {}
         }
     }

@@ -147,6 +147,17 @@ pub enum RegistryError {
         detail: String,
     },
 
+    /// A request kept failing in ways worth retrying until its retry budget was spent.
+    #[error(
+        "{last} (gave up after {attempts} attempts over {seconds:.1}s: the registry kept failing; try again later, or allow more attempts with SHMOCKER_REGISTRY_ATTEMPTS)"
+    )]
+    GaveUp {
+        attempts: u32,
+        seconds: f64,
+        /// The last attempt's error: it names the registry, the image, the blob and the status.
+        last: Box<RegistryError>,
+    },
+
     /// The local blob store failed.
     #[error("local store failed while {action} {reference}: {source}")]
     Store {
@@ -256,7 +267,7 @@ impl Ctx<'_> {
         }
     }
 
-    fn other(&self, detail: String) -> RegistryError {
+    pub(crate) fn other(&self, detail: String) -> RegistryError {
         RegistryError::Registry {
             host: self.host.to_string(),
             reference: self.reference.to_string(),

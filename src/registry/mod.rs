@@ -12,16 +12,23 @@
 //! - **The manifest goes last.** A push uploads every blob the registry lacks, checks that all of
 //!   them are present, and only then puts the manifest. A failed blob means no manifest, so a tag
 //!   never points at an incomplete image.
+//! - **Transient failures are retried, per request.** A 5xx, 429, reset, timeout or truncated
+//!   body makes that one request (a manifest GET, a blob HEAD, a blob GET with its whole body, a
+//!   whole blob upload, a manifest PUT) start again after a backoff with jitter, within a bounded
+//!   budget; a pulled blob starts again in a fresh temp file, an upload in a fresh session. See
+//!   `retry`.
 //! - **Secrets are never printed.** Passwords and tokens live only inside
 //!   [`oci_client::secrets::RegistryAuth`], whose `Debug` redacts them; errors and `Debug` output
 //!   name the user and the file the credentials came from, never the secret.
 //!
 //! Transport rules (plain HTTP for loopback and `--insecure-registry` hosts, certs.d CAs) are in
 //! `transport`, credential lookup (docker config.json, credential helpers, podman auth.json) in
-//! `auth`, and the wording of every error in `error`.
+//! `auth`, which failures are retried and how long to wait in `retry`, and the wording of every
+//! error in `error`.
 
 mod auth;
 mod error;
+mod retry;
 mod transport;
 
 use std::collections::{HashMap, HashSet};
@@ -46,6 +53,8 @@ use crate::store::{Store, StoreError, sha256_digest};
 
 pub use error::RegistryError;
 use error::{Ctx, Op, classify, classify_io};
+use retry::Failure;
+pub use retry::{ATTEMPTS_ENV, RetryNotice, RetryPolicy};
 
 /// Manifest media types we ask for and accept.
 const ACCEPTED_MANIFEST_TYPES: &[&str] = &[
@@ -80,6 +89,51 @@ pub struct RegistryOptions {
     /// Credentials handed over by the caller (a CI job's token), used for their registry
     /// before any file is read.
     pub credentials: Vec<ExplicitCredentials>,
+    /// How failed requests are retried; `None`: [`RetryPolicy::default`].
+    pub retry: Option<RetryPolicy>,
+    /// Told about each retry (e.g. to print a warning).
+    pub on_retry: Option<RetryNotice>,
+    /// Told how far each blob transfer has got, after every chunk (the receiver throttles).
+    pub on_transfer: Option<TransferNotice>,
+}
+
+/// Which way a blob goes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Direction {
+    Pull,
+    Push,
+}
+
+/// How far one blob transfer has got.
+#[derive(Debug, Clone)]
+pub struct Transfer<'a> {
+    pub direction: Direction,
+    /// The image, as shown to the user.
+    pub image: &'a str,
+    pub digest: &'a str,
+    /// Bytes moved so far in this attempt, and the blob's size.
+    pub done: u64,
+    pub total: u64,
+}
+
+/// A callback for [`Transfer`] updates.
+#[derive(Clone)]
+pub struct TransferNotice(Arc<dyn Fn(&Transfer<'_>) + Send + Sync>);
+
+impl TransferNotice {
+    pub fn new(f: impl Fn(&Transfer<'_>) + Send + Sync + 'static) -> TransferNotice {
+        TransferNotice(Arc::new(f))
+    }
+
+    fn tell(&self, t: &Transfer<'_>) {
+        (self.0)(t)
+    }
+}
+
+impl fmt::Debug for TransferNotice {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("TransferNotice")
+    }
 }
 
 /// A user name and secret for one registry, given explicitly rather than found in a file.
@@ -228,6 +282,9 @@ pub struct Registry {
     auth_files: Vec<PathBuf>,
     insecure_hosts: Vec<String>,
     explicit: Vec<ExplicitCredentials>,
+    retry: RetryPolicy,
+    on_retry: Option<RetryNotice>,
+    on_transfer: Option<TransferNotice>,
     /// One client per registry host: the scheme, CAs and credentials differ by host.
     hosts: tokio::sync::Mutex<HashMap<String, Arc<Host>>>,
 }
@@ -251,6 +308,8 @@ struct Host {
     auth: RegistryAuth,
     /// Where the credentials came from, for error messages (never the secret).
     credentials: String,
+    retry: RetryPolicy,
+    on_retry: Option<RetryNotice>,
 }
 
 impl Host {
@@ -264,18 +323,70 @@ impl Host {
         }
     }
 
+    /// Runs one request with this host's retry policy; `what` names it in retry notices.
+    async fn retrying<T, F, Fut>(&self, what: &str, attempt: F) -> Result<T, RegistryError>
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = Result<T, Failure>>,
+    {
+        retry::run(&self.retry, self.on_retry.as_ref(), what, attempt).await
+    }
+
     /// Fetches a manifest or index, checked against the reference's digest if it has one.
     async fn manifest_raw(
         &self,
         image: &Reference,
         shown: &str,
     ) -> Result<(Vec<u8>, String), RegistryError> {
-        let (body, digest) = self
-            .client
-            .pull_manifest_raw(image, &self.auth, ACCEPTED_MANIFEST_TYPES)
-            .await
-            .map_err(|e| classify(e, &self.ctx(shown, Op::PullManifest)))?;
-        Ok((body.to_vec(), digest))
+        let what = format!("pulling the manifest of {}", image.whole());
+        self.retrying(&what, || async {
+            let (body, digest) = self
+                .client
+                .pull_manifest_raw(image, &self.auth, ACCEPTED_MANIFEST_TYPES)
+                .await
+                .map_err(|e| {
+                    Failure::from_oci(e, |e| classify(e, &self.ctx(shown, Op::PullManifest)))
+                })?;
+            Ok((body.to_vec(), digest))
+        })
+        .await
+    }
+
+    /// Whether the registry has `digest` in `image`'s repository (a `HEAD`).
+    async fn blob_exists(
+        &self,
+        image: &Reference,
+        shown: &str,
+        digest: &str,
+    ) -> Result<bool, RegistryError> {
+        let what = format!("checking for blob {digest} in {shown}");
+        self.retrying(&what, || async {
+            self.client.blob_exists(image, digest).await.map_err(|e| {
+                Failure::from_oci(e, |e| classify(e, &self.ctx(shown, Op::CheckBlob(digest))))
+            })
+        })
+        .await
+    }
+
+    /// Puts a manifest or index (after everything it names is in place).
+    async fn put_manifest(
+        &self,
+        target: &Reference,
+        shown: &str,
+        raw: &[u8],
+        content_type: &reqwest::header::HeaderValue,
+    ) -> Result<(), RegistryError> {
+        let what = format!("pushing the manifest of {shown}");
+        self.retrying(&what, || async {
+            self.client
+                .push_manifest_raw(target, raw.to_vec(), content_type.clone())
+                .await
+                .map(drop)
+                .map_err(|e| {
+                    Failure::from_oci(e, |e| classify(e, &self.ctx(shown, Op::PushManifest)))
+                })
+        })
+        .await
     }
 }
 
@@ -314,6 +425,9 @@ impl Registry {
             ),
             insecure_hosts: opts.insecure_hosts,
             explicit: opts.credentials,
+            retry: opts.retry.unwrap_or_default(),
+            on_retry: opts.on_retry,
+            on_transfer: opts.on_transfer,
             hosts: Default::default(),
         }
     }
@@ -384,6 +498,8 @@ impl Registry {
             client,
             auth: creds.auth,
             credentials: creds.description,
+            retry: self.retry.clone(),
+            on_retry: self.on_retry.clone(),
         });
         hosts.insert(registry, host.clone());
         Ok(host)
@@ -402,38 +518,26 @@ impl Registry {
         let host = self.host(image).await?;
         let (raw, digest) = host.manifest_raw(image, &shown).await?;
 
-        let (manifest_raw, manifest_digest, index_digest) = match kind(&raw, &shown)? {
-            Kind::Manifest => (raw, digest, None),
-            Kind::Index => {
-                let chosen = choose_platform(&raw, platform, &shown)?;
+        let (manifest, manifest_raw, manifest_digest, index_digest) = match read_document(
+            &raw, &digest, platform, &shown,
+        )? {
+            Document::Manifest(m) => (*m, raw, digest, None),
+            Document::Index { chosen } => {
                 let child = image.clone_with_digest(chosen);
                 let (child_raw, child_digest) = host.manifest_raw(&child, &shown).await?;
-                if kind(&child_raw, &shown)? == Kind::Index {
-                    return Err(RegistryError::InvalidManifest {
-                        reference: shown,
-                        detail: format!(
-                            "the index entry for {platform} ({child_digest}) is itself an index; nested indexes are not supported"
-                        ),
-                    });
+                match read_document(&child_raw, &child_digest, platform, &shown)? {
+                    Document::Manifest(m) => (*m, child_raw, child_digest, Some(digest)),
+                    Document::Index { .. } => {
+                        return Err(RegistryError::InvalidManifest {
+                            reference: shown,
+                            detail: format!(
+                                "the index entry for {platform} ({child_digest}) is itself an index; nested indexes are not supported"
+                            ),
+                        });
+                    }
                 }
-                (child_raw, child_digest, Some(digest))
             }
         };
-
-        let manifest: OciImageManifest =
-            serde_json::from_slice(&manifest_raw).map_err(|e| RegistryError::InvalidManifest {
-                reference: shown.clone(),
-                detail: format!("cannot parse the image manifest {manifest_digest}: {e}"),
-            })?;
-        if manifest.schema_version != 2 {
-            return Err(RegistryError::InvalidManifest {
-                reference: shown,
-                detail: format!(
-                    "schema version {} is not supported (only 2)",
-                    manifest.schema_version
-                ),
-            });
-        }
 
         let config_digest = manifest.config.digest.clone();
         let config_size = u64::try_from(manifest.config.size).unwrap_or(u64::MAX);
@@ -443,11 +547,21 @@ impl Registry {
                 detail: format!("its config {config_digest} claims {config_size} bytes"),
             });
         }
-        let mut config_raw = Vec::with_capacity(config_size as usize);
-        host.client
-            .pull_blob(image, &manifest.config, &mut config_raw)
-            .await
-            .map_err(|e| classify(e, &host.ctx(&shown, Op::PullBlob(&config_digest))))?;
+        let what = format!("pulling config {config_digest} of {shown}");
+        let config_raw = host
+            .retrying(&what, || async {
+                let mut raw = Vec::with_capacity(config_size as usize);
+                host.client
+                    .pull_blob(image, &manifest.config, &mut raw)
+                    .await
+                    .map_err(|e| {
+                        Failure::from_oci(e, |e| {
+                            classify(e, &host.ctx(&shown, Op::PullBlob(&config_digest)))
+                        })
+                    })?;
+                Ok(raw)
+            })
+            .await?;
         if config_raw.len() as u64 != config_size {
             return Err(RegistryError::SizeMismatch {
                 reference: shown,
@@ -498,9 +612,28 @@ impl Registry {
             return Ok(path);
         }
         let host = self.host(image).await?;
-        let ctx = host.ctx(&shown, Op::PullBlob(&blob.digest));
+        let what = format!("pulling blob {} of {shown}", blob.digest);
+        // Each attempt streams into a fresh temp file; a failed one's file is dropped (deleted),
+        // so only a whole blob whose digest matched is ever renamed under its name.
+        host.retrying(&what, || {
+            self.fetch_blob_once(&host, image, &shown, blob, store)
+        })
+        .await?;
+        Ok(path)
+    }
+
+    /// One attempt of [`fetch_blob`](Self::fetch_blob): GET, stream into a store writer, commit.
+    async fn fetch_blob_once(
+        &self,
+        host: &Host,
+        image: &Reference,
+        shown: &str,
+        blob: &BlobRef,
+        store: &Store,
+    ) -> Result<(), Failure> {
+        let ctx = host.ctx(shown, Op::PullBlob(&blob.digest));
         let size_mismatch = |actual: u64| RegistryError::SizeMismatch {
-            reference: shown.clone(),
+            reference: shown.to_string(),
             digest: blob.digest.clone(),
             expected: blob.size,
             actual,
@@ -510,35 +643,57 @@ impl Registry {
             .client
             .pull_blob_stream(image, blob.digest.as_str())
             .await
-            .map_err(|e| classify(e, &ctx))?;
+            .map_err(|e| Failure::from_oci(e, |e| classify(e, &ctx)))?;
         if let Some(len) = stream.content_length
             && len != blob.size
         {
-            return Err(size_mismatch(len));
+            return Err(size_mismatch(len).into());
         }
         let mut writer = store
             .blob_writer()
-            .map_err(store_err(format!("fetching blob {}", blob.digest), &shown))?;
+            .map_err(store_err(format!("fetching blob {}", blob.digest), shown))?;
         while let Some(chunk) = stream.next().await {
-            let chunk = chunk.map_err(|e| classify_io(&e, &ctx))?;
+            let chunk = chunk.map_err(|e| {
+                let error = classify_io(&e, &ctx);
+                match retry::io_transient(&e) {
+                    Some(_) => Failure::transient(error),
+                    None => Failure::Final(error),
+                }
+            })?;
             // Never write more than the descriptor promised, whatever the server sends.
             if writer.size() + chunk.len() as u64 > blob.size {
-                return Err(size_mismatch(writer.size() + chunk.len() as u64));
+                return Err(size_mismatch(writer.size() + chunk.len() as u64).into());
             }
             writer.write_all(&chunk).map_err(|e| {
-                store_err(format!("writing blob {}", blob.digest), &shown)(StoreError::Io {
+                store_err(format!("writing blob {}", blob.digest), shown)(StoreError::Io {
                     path: store.root().join("tmp"),
                     source: e,
                 })
             })?;
+            if let Some(n) = &self.on_transfer {
+                n.tell(&Transfer {
+                    direction: Direction::Pull,
+                    image: shown,
+                    digest: &blob.digest,
+                    done: writer.size(),
+                    total: blob.size,
+                });
+            }
         }
         if writer.size() != blob.size {
-            return Err(size_mismatch(writer.size()));
+            // The body ended early (a connection closed mid-blob): a new attempt starts over.
+            return Err(Failure::transient(ctx.other(format!(
+                "the body ended after {} of {} bytes",
+                writer.size(),
+                blob.size
+            ))));
         }
+        // A digest mismatch is final: the registry holds (or a man in the middle sends) other
+        // content, which another attempt would get again. The temp file is gone either way.
         writer
             .commit(Some(&blob.digest))
-            .map_err(store_err(format!("storing blob {}", blob.digest), &shown))?;
-        Ok(path)
+            .map_err(store_err(format!("storing blob {}", blob.digest), shown))?;
+        Ok(())
     }
 
     /// Pushes an image: its blobs from `store`, then the manifest. Returns the manifest digest.
@@ -617,11 +772,7 @@ impl Registry {
             .map(|blob| {
                 let (host, shown) = (&host, &shown);
                 async move {
-                    let present = host
-                        .client
-                        .blob_exists(target, &blob.digest)
-                        .await
-                        .map_err(|e| classify(e, &host.ctx(shown, Op::CheckBlob(&blob.digest))))?;
+                    let present = host.blob_exists(target, shown, &blob.digest).await?;
                     if present {
                         Ok(())
                     } else {
@@ -637,10 +788,8 @@ impl Registry {
             .try_collect::<Vec<()>>()
             .await?;
 
-        host.client
-            .push_manifest_raw(target, manifest_raw.to_vec(), content_type)
-            .await
-            .map_err(|e| classify(e, &host.ctx(&shown, Op::PushManifest)))?;
+        host.put_manifest(target, &shown, manifest_raw, &content_type)
+            .await?;
 
         let mut report = PushReport {
             manifest_digest,
@@ -692,15 +841,22 @@ impl Registry {
         let host = self.host(target).await?;
         for entry in &index.manifests {
             let child = target.clone_with_digest(entry.digest.clone());
-            host.client
-                .fetch_manifest_digest(&child, &host.auth)
-                .await
-                .map_err(|e| classify(e, &host.ctx(&child.whole(), Op::PullManifest)))?;
+            let child_shown = child.whole();
+            let what = format!("checking for manifest {child_shown}");
+            host.retrying(&what, || async {
+                host.client
+                    .fetch_manifest_digest(&child, &host.auth)
+                    .await
+                    .map_err(|e| {
+                        Failure::from_oci(e, |e| {
+                            classify(e, &host.ctx(&child_shown, Op::PullManifest))
+                        })
+                    })
+            })
+            .await?;
         }
-        host.client
-            .push_manifest_raw(target, index_raw.to_vec(), content_type)
-            .await
-            .map_err(|e| classify(e, &host.ctx(&shown, Op::PushManifest)))?;
+        host.put_manifest(target, &shown, index_raw, &content_type)
+            .await?;
         Ok(index_digest)
     }
 
@@ -713,15 +869,29 @@ impl Registry {
         blob: &BlobRef,
         store: &Store,
     ) -> Result<(String, bool), RegistryError> {
-        let exists = host
-            .client
-            .blob_exists(target, &blob.digest)
-            .await
-            .map_err(|e| classify(e, &host.ctx(shown, Op::CheckBlob(&blob.digest))))?;
-        if exists {
+        if host.blob_exists(target, shown, &blob.digest).await? {
             return Ok((blob.digest.clone(), false));
         }
+        let what = format!("pushing blob {} to {shown}", blob.digest);
+        // Each attempt is a whole upload: a fresh session (POST), then the PUT whose body
+        // streams from the file, reopened from its start. A session that failed part way is
+        // never resumed; the registry discards it.
+        host.retrying(&what, || {
+            self.push_blob_once(host, target, shown, blob, store)
+        })
+        .await?;
+        Ok((blob.digest.clone(), true))
+    }
 
+    /// One attempt of [`push_blob`](Self::push_blob)'s upload.
+    async fn push_blob_once(
+        &self,
+        host: &Host,
+        target: &Reference,
+        shown: &str,
+        blob: &BlobRef,
+        store: &Store,
+    ) -> Result<(), Failure> {
         let action = format!("pushing blob {}", blob.digest);
         let path = store
             .blob_path(&blob.digest)
@@ -733,15 +903,18 @@ impl Registry {
                     reference: shown.to_string(),
                     digest: blob.digest.clone(),
                     path: path.display().to_string(),
-                });
+                }
+                .into());
             }
             Err(source) => {
-                return Err(store_err(&action, shown)(StoreError::Io { path, source }));
+                return Err(store_err(&action, shown)(StoreError::Io { path, source }).into());
             }
         };
         let len = match file.metadata().await {
             Ok(m) => m.len(),
-            Err(source) => return Err(store_err(&action, shown)(StoreError::Io { path, source })),
+            Err(source) => {
+                return Err(store_err(&action, shown)(StoreError::Io { path, source }).into());
+            }
         };
         if len != blob.size {
             return Err(RegistryError::SizeMismatch {
@@ -749,17 +922,77 @@ impl Registry {
                 digest: blob.digest.clone(),
                 expected: blob.size,
                 actual: len,
-            });
+            }
+            .into());
         }
         // The body streams from the file; the registry checks the digest when the upload closes.
+        let mut sent = 0u64;
+        let notice = self.on_transfer.clone();
+        let (image, digest) = (shown.to_string(), blob.digest.clone());
         let body = tokio_util::io::ReaderStream::with_capacity(file, UPLOAD_READ_CHUNK)
+            .inspect_ok(move |chunk| {
+                sent += chunk.len() as u64;
+                if let Some(n) = &notice {
+                    n.tell(&Transfer {
+                        direction: Direction::Push,
+                        image: &image,
+                        digest: &digest,
+                        done: sent,
+                        total: len,
+                    });
+                }
+            })
             .map_err(OciDistributionError::from);
         host.client
             .push_blob_stream(target, body, &blob.digest, Some(len))
             .await
-            .map_err(|e| classify(e, &host.ctx(shown, Op::PushBlob(&blob.digest))))?;
-        Ok((blob.digest.clone(), true))
+            .map_err(|e| {
+                Failure::from_oci(e, |e| {
+                    classify(e, &host.ctx(shown, Op::PushBlob(&blob.digest)))
+                })
+            })?;
+        Ok(())
     }
+}
+
+/// A manifest document as fetched: an image manifest, or an index and the digest of its entry
+/// for the wanted platform.
+#[derive(Debug)]
+pub enum Document {
+    Manifest(Box<OciImageManifest>),
+    Index { chosen: String },
+}
+
+/// Reads a fetched manifest document (`digest` names it in messages; `shown` is the image):
+/// what it is, the platform's entry of an index, or the parsed schema-2 image manifest. No
+/// network: this is all of the parsing a pull does on what a registry sent (the fuzz target
+/// `manifest` runs it on any bytes).
+pub fn read_document(
+    raw: &[u8],
+    digest: &str,
+    platform: &Platform,
+    shown: &str,
+) -> Result<Document, RegistryError> {
+    if kind(raw, shown)? == Kind::Index {
+        return Ok(Document::Index {
+            chosen: choose_platform(raw, platform, shown)?,
+        });
+    }
+    let manifest: OciImageManifest =
+        serde_json::from_slice(raw).map_err(|e| RegistryError::InvalidManifest {
+            reference: shown.to_string(),
+            detail: format!("cannot parse the image manifest {digest}: {e}"),
+        })?;
+    if manifest.schema_version != 2 {
+        return Err(RegistryError::InvalidManifest {
+            reference: shown.to_string(),
+            detail: format!(
+                "schema version {} is not supported (only 2)",
+                manifest.schema_version
+            ),
+        });
+    }
+    Ok(Document::Manifest(Box::new(manifest)))
 }
 
 #[derive(Debug, PartialEq, Eq)]

@@ -5,9 +5,11 @@
 //!
 //! ```text
 //! helper (own mount ns; mounts the overlay; removes mount-point stubs afterwards)
-//! └── init: pid 1 of a new pid + UTS + mount namespace; mounts /proc, /dev, /sys, hosts files,
-//!     │     pivots into the overlay, reaps orphans
-//!     └── the step's command, as the step's user
+//! ├── init: pid 1 of a new pid + UTS + mount namespace; mounts /proc, /dev, /sys, hosts files,
+//! │   │     pivots into the overlay, reaps orphans
+//! │   └── the step's command, as the step's user
+//! └── --network=private only, forked before the pid namespace: slirp4netns, or with
+//!     --allow-host the filtering proxy and resolver (see `net` and `egress`)
 //! ```
 //!
 //! Errors before the command starts travel back over a `report` pipe that closes on exec, so the
@@ -37,6 +39,10 @@ pub const SUBCOMMAND: &str = "__sandbox";
 
 /// Entry point of the helper process. Always writes a status file; exits 0 unless even that fails.
 pub fn main(spec_path: &Path, status_path: &Path) -> ExitCode {
+    // A step dies with the build that started it (see run_process for its pid 1): a killed
+    // build leaves no step running on. The signal follows the *thread* that spawned the helper;
+    // `run_step` spawns and waits on the same thread, which therefore outlives the helper.
+    let _ = nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL);
     let status = match read_spec(spec_path).and_then(|spec| run(&spec)) {
         Ok(status) => status,
         Err(e) => StepStatus::Failed(e.to_string()),
@@ -95,10 +101,16 @@ fn run(spec: &StepSpec) -> Result<StepStatus, SandboxError> {
                 let ctx = crate::engine::context::Context::new(view.clone(), None);
                 let mut matched = 0;
                 for source in &from.sources {
-                    for rel in ctx
-                        .matches(source)
-                        .map_err(|e| SandboxError::Setup(e.to_string()))?
-                    {
+                    let matches = ctx.matches(source).map_err(|e| match e {
+                        crate::engine::context::ContextError::NotFound(src, _) => {
+                            SandboxError::Setup(format!(
+                                "{src}: not found in --from={} (the files of that stage or image; check the path)",
+                                from.name
+                            ))
+                        }
+                        e => SandboxError::Setup(e.to_string()),
+                    })?;
+                    for rel in matches {
                         matched += 1;
                         ctx.items(&rel, &mut copy.items)
                             .map_err(|e| SandboxError::Setup(e.to_string()))?;
@@ -141,7 +153,9 @@ fn run(spec: &StepSpec) -> Result<StepStatus, SandboxError> {
             let mut stubs = make_mount_points(root)?;
             let binds = prepare_run_mounts(spec, process, &mut stubs)?;
             let etc_with_stubs = dir_times(&root.join("etc"));
-            let status = run_process(root, process, &binds, spec.ignore_chown_errors);
+            let private = super::net::private_process(process, &spec.scratch)?;
+            let process = private.as_ref().unwrap_or(process);
+            let status = run_process(root, process, &binds, spec.ignore_chown_errors, spec);
             let etc_after = dir_times(&root.join("etc"));
             // The rootfs must be unmounted before its upper dir is edited directly.
             unmount_rootfs(root)?;
@@ -248,8 +262,10 @@ fn run_chroot(spec: &StepSpec) -> Result<StepStatus, SandboxError> {
             if !process.mounts.is_empty() {
                 return Err(unavailable("RUN --mount"));
             }
-            if process.network == Network::None {
-                return Err(unavailable("RUN --network=none"));
+            match process.network {
+                Network::None => return Err(unavailable("RUN --network=none")),
+                Network::Private => return Err(unavailable("RUN --network=private")),
+                Network::Host => {}
             }
             let dev = root.join("dev");
             let dev_before = dir_times(&dev);
@@ -325,6 +341,11 @@ fn run_chrooted(root: &Path, process: &ProcessSpec) -> Result<StepStatus, Sandbo
                 nix::unistd::chroot(root).map_err(|e| SandboxError::sys("chroot", e))?;
                 chdir("/").map_err(|e| SandboxError::sys("chdir /", e))?;
                 let exec = prepare_exec(process, &user)?;
+                // The same limits as in a namespace: the step shares the host's namespaces
+                // here, so they matter all the more.
+                if !process.insecure {
+                    super::harden::restrict_process()?;
+                }
                 Err(switch_user_and_exec(&user, &exec))
             })()
             .unwrap_err();
@@ -836,7 +857,16 @@ fn run_process(
     process: &ProcessSpec,
     mounts: &[PreparedMount],
     ignore_chown_errors: bool,
+    spec: &StepSpec,
 ) -> Result<StepStatus, SandboxError> {
+    let link = match process.network {
+        Network::Private => Some(super::net::Link::new(process, &spec.scratch)?),
+        _ => None,
+    };
+    let (init_link, helper_link) = match link {
+        Some(l) => (Some(l.init), Some(l.helper)),
+        None => (None, None),
+    };
     unshare(CloneFlags::CLONE_NEWPID | CloneFlags::CLONE_NEWUTS)
         .map_err(|e| SandboxError::sys("unshare(CLONE_NEWPID|CLONE_NEWUTS)", e))?;
     let (report_r, report_w) = pipe2(OFlag::O_CLOEXEC).map_err(|e| SandboxError::sys("pipe", e))?;
@@ -844,9 +874,21 @@ fn run_process(
     // forked child may allocate and use the standard library freely.
     match unsafe { fork() }.map_err(|e| SandboxError::sys("fork", e))? {
         ForkResult::Child => {
+            // pid 1 dies with the helper, and with it every process of the step.
+            let _ = nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL);
             drop(report_r);
+            if let Some(h) = helper_link {
+                h.close_in_child();
+            }
             let mut report = File::from(report_w);
-            let code = match init(root, process, mounts, &mut report, ignore_chown_errors) {
+            let code = match init(
+                root,
+                process,
+                mounts,
+                &mut report,
+                ignore_chown_errors,
+                init_link,
+            ) {
                 Ok(code) => code,
                 Err(e) => {
                     let _ = writeln!(report, "E{e}");
@@ -857,10 +899,22 @@ fn run_process(
         }
         ForkResult::Parent { child } => {
             drop(report_w);
+            drop(init_link);
+            // Kept until pid 1 is gone: dropping it stops slirp4netns.
+            let net = helper_link.map(|h| h.start(child));
             let mut text = String::new();
             let _ = File::from(report_r).read_to_string(&mut text);
             let status = wait_for(child)?;
-            if let Some(err) = text.lines().find_map(|l| l.strip_prefix('E')) {
+            let pid1_err = text.lines().find_map(|l| l.strip_prefix('E'));
+            if let Some(Err(e)) = net {
+                // Pid 1's own error says more, unless it only saw the helper give up.
+                return Ok(StepStatus::Failed(match pid1_err {
+                    Some(err) if !err.starts_with(super::net::NOT_SET_UP) => err.to_string(),
+                    _ => e.to_string(),
+                }));
+            }
+            drop(net);
+            if let Some(err) = pid1_err {
                 return Ok(StepStatus::Failed(err.to_string()));
             }
             if let Some(sig) = text.lines().find_map(|l| l.strip_prefix('S')) {
@@ -892,13 +946,18 @@ fn init(
     mounts: &[PreparedMount],
     report: &mut File,
     ignore_chown_errors: bool,
+    link: Option<std::os::unix::net::UnixStream>,
 ) -> Result<i32, SandboxError> {
     unshare(CloneFlags::CLONE_NEWNS)
         .map_err(|e| SandboxError::sys("unshare(CLONE_NEWNS) for pid 1", e))?;
-    if process.network == Network::None {
+    let mut _keep = None;
+    if process.network != Network::Host {
         unshare(CloneFlags::CLONE_NEWNET)
-            .map_err(|e| SandboxError::sys("unshare(CLONE_NEWNET) for --network=none", e))?;
-        super::net::loopback_up()?;
+            .map_err(|e| SandboxError::sys("unshare(CLONE_NEWNET) for the step's network", e))?;
+        match link {
+            Some(link) => _keep = Some(super::net::init_side(process, link)?),
+            None => super::net::loopback_up()?,
+        }
     }
     mount_proc(root)?;
     if !process.insecure {

@@ -22,9 +22,10 @@
 //!    holds exactly the step's changes in overlay form, which `layer::diff_upper_to_blob` turns
 //!    into a layer.
 
+pub mod egress;
 pub mod harden;
 pub mod helper;
-mod net;
+pub mod net;
 pub mod rootfs;
 pub mod userns;
 
@@ -166,6 +167,10 @@ pub struct ProcessSpec {
     /// paths, the full capability set, no `no_new_privs`.
     #[serde(default)]
     pub insecure: bool,
+    /// `--allow-host`: with [`Network::Private`], the only destinations the step may reach
+    /// (through the helper's filtering proxy instead of slirp4netns; see [`egress`]).
+    #[serde(default)]
+    pub allow_hosts: Vec<egress::AllowHost>,
 }
 
 /// The network a RUN step sees.
@@ -176,6 +181,9 @@ pub enum Network {
     Host,
     /// A network namespace of its own with only loopback.
     None,
+    /// A network namespace of its own with outbound access through slirp4netns, or, with an
+    /// `--allow-host` list, only to the listed hosts through the helper's filtering proxy.
+    Private,
 }
 
 /// A `RUN --mount`: something mounted at `target` for the duration of the step only.
@@ -248,6 +256,9 @@ pub struct CopySpec {
 pub struct CopyFrom {
     pub lower: Vec<PathBuf>,
     pub sources: Vec<String>,
+    /// The `--from` value as written, for messages.
+    #[serde(default)]
+    pub name: String,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

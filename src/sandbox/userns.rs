@@ -157,6 +157,7 @@ pub fn enter(mapping: IdMapping) -> Result<Entered, SandboxError> {
     }
     let (ready_r, ready_w) = pipe().map_err(|e| SandboxError::sys("pipe", e))?;
     let (go_r, go_w) = pipe().map_err(|e| SandboxError::sys("pipe", e))?;
+    let parent = nix::unistd::getpid();
     // SAFETY: the process is single-threaded (checked above), so the child is a complete copy and
     // may do anything, allocation included; no locks can be held by other threads.
     match unsafe { fork() }.map_err(|e| SandboxError::sys("fork", e))? {
@@ -193,6 +194,14 @@ pub fn enter(mapping: IdMapping) -> Result<Entered, SandboxError> {
                 .map_err(|e| SandboxError::sys("setresgid(0) in the user namespace", e))?;
             setresuid(Uid::from_raw(0), Uid::from_raw(0), Uid::from_raw(0))
                 .map_err(|e| SandboxError::sys("setresuid(0) in the user namespace", e))?;
+            // Die with the parent: after a `kill -9` of shmocker, the build must not go on
+            // writing to the store behind the next build's back. Set after the credential
+            // change, which clears it; a parent already gone shows in getppid().
+            nix::sys::prctl::set_pdeathsig(Signal::SIGKILL)
+                .map_err(|e| SandboxError::sys("prctl(PR_SET_PDEATHSIG)", e))?;
+            if nix::unistd::getppid() != parent {
+                std::process::exit(137);
+            }
             Ok(Entered::Inside(mapping))
         }
         ForkResult::Parent { child } => {

@@ -98,17 +98,23 @@ impl Store {
         self.blob_path(digest).map(|p| p.is_file()).unwrap_or(false)
     }
 
-    /// A fresh path under `<root>/tmp` for partial work of any kind (unique within this host).
+    /// A fresh path under `<root>/tmp` for partial work of any kind:
+    /// `PREFIX-PID-NS_TOKEN_N`, with this process's pid, its pid namespace (so that builds in
+    /// different containers sharing one store never take each other's pids for their own) and a
+    /// random token (so that two processes with the same pid in different namespaces never
+    /// share a path).
     pub fn temp_path(&self, prefix: &str) -> PathBuf {
         let n = TMP_COUNTER.fetch_add(1, Ordering::Relaxed);
+        let (ns, token) = process_tag();
         self.root
             .join("tmp")
-            .join(format!("{prefix}-{}-{n}", std::process::id()))
+            .join(format!("{prefix}-{}-{ns}_{token}_{n}", std::process::id()))
     }
 
     /// Removes what crashed or killed builds left in `<root>/tmp`: every entry whose owning
-    /// process (the pid in its name) is gone. Entries of running builds are kept. Returns how
-    /// many were removed.
+    /// process (the pid in its name, in this pid namespace) is gone. Entries of running builds,
+    /// and of builds in other pid namespaces (whose pids cannot be checked from here), are kept.
+    /// Returns how many were removed.
     pub fn clean_stale_tmp(&self) -> usize {
         let tmp = self.root.join("tmp");
         let Ok(entries) = fs::read_dir(&tmp) else {
@@ -120,7 +126,10 @@ impl Store {
             let Some(pid) = owner_pid(&name) else {
                 continue;
             };
-            if Path::new(&format!("/proc/{pid}")).exists() {
+            if owner_ns(&name).is_some_and(|ns| ns != process_tag().0) {
+                continue;
+            }
+            if process_alive(pid) {
                 continue;
             }
             let p = e.path();
@@ -136,7 +145,12 @@ impl Store {
     /// Starts writing a blob; call [`BlobWriter::commit`] to put it in place.
     pub fn blob_writer(&self) -> Result<BlobWriter, StoreError> {
         let tmp_path = self.temp_path("blob");
-        let file = File::create(&tmp_path).map_err(io_err(&tmp_path))?;
+        // Never an existing file: no two writers ever share one.
+        let file = File::options()
+            .write(true)
+            .create_new(true)
+            .open(&tmp_path)
+            .map_err(io_err(&tmp_path))?;
         Ok(BlobWriter {
             store: self.clone(),
             file: Some(file),
@@ -160,14 +174,56 @@ impl Store {
     }
 }
 
-/// The pid in a temp name made by [`Store::temp_path`] (`prefix-PID-N`), or in a cache
-/// record's temp name (`cache-KEY-PID`).
+/// Whether a process runs: it exists and is not a zombie. A killed build's process stays a
+/// zombie where pid 1 does not reap orphans (a container without an init), and must count as
+/// gone.
+fn process_alive(pid: u32) -> bool {
+    match fs::read_to_string(format!("/proc/{pid}/stat")) {
+        // `pid (comm) STATE ...`; comm may hold spaces and parentheses, so after the last ')'.
+        Ok(stat) => stat
+            .rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().next())
+            .is_none_or(|state| state != "Z" && state != "X"),
+        Err(_) => false,
+    }
+}
+
+/// This process's pid namespace (the inode number of `/proc/self/ns/pid`, 0 if unknown) and a
+/// random token, both fixed for the life of the process.
+fn process_tag() -> (u64, u32) {
+    static TAG: std::sync::OnceLock<(u64, u32)> = std::sync::OnceLock::new();
+    *TAG.get_or_init(|| {
+        use std::hash::{BuildHasher as _, Hasher as _};
+        let ns = fs::read_link("/proc/self/ns/pid")
+            .ok()
+            .and_then(|l| {
+                let s = l.to_string_lossy().into_owned();
+                s.strip_prefix("pid:[")?.strip_suffix(']')?.parse().ok()
+            })
+            .unwrap_or(0);
+        let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+        h.write_u32(std::process::id());
+        (ns, h.finish() as u32)
+    })
+}
+
+/// The pid namespace in a temp name made by [`Store::temp_path`] (`prefix-PID-NS_TOKEN_N`);
+/// `None` for names without one (older builds, cache records).
+fn owner_ns(name: &str) -> Option<u64> {
+    let last = name.rsplit('-').next()?;
+    let (ns, _) = last.split_once('_')?;
+    ns.parse().ok()
+}
+
+/// The pid in a temp name made by [`Store::temp_path`] (`prefix-PID-NS_TOKEN_N`, or
+/// `prefix-PID-N` from older builds), in a cache record's temp name (`cache-KEY-PID`), or in
+/// the probes' work directory (`detect-PID`).
 fn owner_pid(name: &str) -> Option<u32> {
     let mut parts = name.rsplit('-');
     let last = parts.next()?;
     let before = parts.next()?;
-    // prefix-PID-N: the pid is the second to last part; cache-KEY-PID: the last.
-    if name.starts_with("cache-") {
+    // prefix-PID-N: the pid is the second to last part; cache-KEY-PID, detect-PID: the last.
+    if name.starts_with("cache-") || name.starts_with("detect-") {
         last.parse().ok()
     } else {
         before.parse().ok()
@@ -282,10 +338,34 @@ mod tests {
         // pid 0x7ffffffe is never a live process here.
         let dead = dir.path().join("tmp").join("step-2147483646-0");
         fs::create_dir_all(dead.join("upper/x")).unwrap();
-        let dead_blob = dir.path().join("tmp").join("blob-2147483646-3");
+        let dead_blob = dir
+            .path()
+            .join("tmp")
+            .join(format!("blob-2147483646-{}_1234_3", process_tag().0));
         fs::write(&dead_blob, b"partial").unwrap();
-        assert_eq!(store.clean_stale_tmp(), 2);
-        assert!(mine.exists() && !dead.exists() && !dead_blob.exists());
+        // The same pid in another pid namespace (another container sharing the store) cannot
+        // be checked from here: kept.
+        let foreign = dir.path().join("tmp").join("blob-2147483646-7_1234_3");
+        fs::write(&foreign, b"partial").unwrap();
+        let probes = dir.path().join("tmp").join("detect-2147483646");
+        fs::create_dir_all(probes.join("work")).unwrap();
+        assert_eq!(store.clean_stale_tmp(), 3);
+        assert!(!probes.exists());
+        assert!(mine.exists() && !dead.exists() && !dead_blob.exists() && foreign.exists());
+    }
+
+    #[test]
+    fn zombies_count_as_gone() {
+        assert!(process_alive(std::process::id()));
+        let child = std::process::Command::new("true").spawn().unwrap();
+        // Exited and not reaped: a zombie until `child` is waited for.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        while process_alive(child.id()) {
+            assert!(std::time::Instant::now() < deadline, "`true` still runs");
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        assert!(Path::new(&format!("/proc/{}", child.id())).exists());
+        drop(child);
     }
 
     #[test]

@@ -9,7 +9,8 @@
 #
 # What it does (all state under ${SHMOCKER_TESTENV_DIR:-/var/tmp/shmocker-testenv}):
 #   1. installs the Debian packages the tests need (only the missing ones);
-#   2. makes /dev/fuse usable by unprivileged users (chmod 0666);
+#   2. makes /dev/fuse and /dev/net/tun (slirp4netns, --network private) usable by
+#      unprivileged users (chmod 0666, their usual mode);
 #   3. creates the unprivileged user shmocker-test with subuid/subgid ranges;
 #   4. starts two Debian docker-registry (distribution 2.8) instances:
 #        127.0.0.1:5055  plain HTTP, no auth, delete enabled
@@ -74,7 +75,7 @@ PACKAGES=(
     docker-registry:docker-registry uidmap:newuidmap fuse-overlayfs:fuse-overlayfs
     busybox-static:busybox buildah:buildah skopeo:skopeo umoci:umoci runc:runc
     apache2-utils:htpasswd openssl:openssl jq:jq curl:curl util-linux:runuser openssh-client:ssh-agent tar:tar git:git
-    python3-seccomp:python3
+    python3-seccomp:python3 slirp4netns:slirp4netns
     gzip:gzip zstd:zstd bzip2:bzip2 xz-utils:xz pigz:pigz
 )
 
@@ -250,6 +251,14 @@ fix_fuse() {
         fi
     else
         log "/dev/fuse: absent (fuse-overlayfs will not be usable)"
+    fi
+    if [[ -c /dev/net/tun ]]; then
+        if [[ $(stat -c %a /dev/net/tun) != 666 ]]; then
+            chmod 0666 /dev/net/tun
+            log "/dev/net/tun: made world read-writable"
+        fi
+    else
+        log "/dev/net/tun: absent (--network private will not be usable)"
     fi
 }
 

@@ -1,0 +1,432 @@
+//! Retrying registry requests: which failures are worth another attempt, and how long to wait.
+//!
+//! Every request to a registry (a manifest GET, a blob HEAD, a blob GET with its whole body, a
+//! blob upload from its POST to its final PUT, a manifest PUT) is one *attempt*, made again when
+//! it fails in a way that a later attempt may not: a 5xx answer, 408, 429 (or the registry's
+//! `TOOMANYREQUESTS` code), a connection reset or timeout, a body that ends early, an upload
+//! session the registry forgot. Refused connections, DNS and TLS failures, 401/403/404, content
+//! that does not match its digest and every other answer are final at once: another attempt
+//! would get the same.
+//!
+//! Waits grow exponentially from [`RetryPolicy::base_delay`], each a random point in the upper
+//! half of its step (jitter, so that parallel uploads failing together do not retry together),
+//! each at most [`RetryPolicy::max_delay`], and all of a request's waits together at most
+//! [`RetryPolicy::max_total_delay`]. A rate-limited request (429) waits at least
+//! [`RATE_LIMIT_MIN_DELAY`]: `oci-client` does not hand its callers the response headers, so a
+//! `Retry-After` value cannot be read, and that floor is the common value registries send.
+
+use std::hash::{BuildHasher as _, Hasher as _};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use oci_client::errors::{DigestError, OciDistributionError, OciErrorCode};
+
+use super::RegistryError;
+
+/// The environment variable that sets how many attempts each request gets (1 turns retries off).
+pub const ATTEMPTS_ENV: &str = "SHMOCKER_REGISTRY_ATTEMPTS";
+/// The least a request answered with 429 waits before its next attempt.
+pub const RATE_LIMIT_MIN_DELAY: Duration = Duration::from_secs(1);
+
+/// How often and how patiently a request is retried.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RetryPolicy {
+    /// Attempts per request, the first included (at least 1).
+    pub attempts: u32,
+    /// The first wait; each next one doubles.
+    pub base_delay: Duration,
+    /// No single wait is longer.
+    pub max_delay: Duration,
+    /// A request gives up once its waits would add up to more than this.
+    pub max_total_delay: Duration,
+}
+
+impl Default for RetryPolicy {
+    /// 6 attempts, waiting about 0.5, 1, 2, 4 and 8 s (at most 10 s each, 40 s in all).
+    fn default() -> Self {
+        RetryPolicy {
+            attempts: 6,
+            base_delay: Duration::from_millis(500),
+            max_delay: Duration::from_secs(10),
+            max_total_delay: Duration::from_secs(40),
+        }
+    }
+}
+
+impl RetryPolicy {
+    /// The default policy with the attempts from `SHMOCKER_REGISTRY_ATTEMPTS`, if set.
+    pub fn from_env() -> Result<RetryPolicy, String> {
+        let mut p = RetryPolicy::default();
+        if let Ok(v) = std::env::var(ATTEMPTS_ENV) {
+            p.attempts = v
+                .trim()
+                .parse::<u32>()
+                .ok()
+                .filter(|n| (1..=100).contains(n))
+                .ok_or_else(|| {
+                    format!("{ATTEMPTS_ENV}={v:?} is not a number of attempts from 1 to 100")
+                })?;
+        }
+        Ok(p)
+    }
+
+    /// The wait before attempt `attempt + 1` (`attempt` counts from 1), with jitter.
+    fn delay(&self, attempt: u32, rate_limited: bool) -> Duration {
+        let step = self
+            .base_delay
+            .saturating_mul(1u32 << (attempt - 1).min(20))
+            .min(self.max_delay);
+        // Uniform in [step/2, step].
+        let half = step / 2;
+        let jitter = half.mul_f64(random_unit());
+        let d = half + jitter;
+        if rate_limited {
+            d.max(RATE_LIMIT_MIN_DELAY)
+        } else {
+            d
+        }
+    }
+}
+
+/// A number in [0, 1), different on every call and in every process: std's randomly keyed
+/// SipHash over a counter and the clock. Jitter needs spread, not cryptographic quality.
+fn random_unit() -> f64 {
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u64(COUNTER.fetch_add(1, Ordering::Relaxed));
+    h.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0),
+    );
+    (h.finish() >> 11) as f64 / (1u64 << 53) as f64
+}
+
+/// Told about each retry, e.g. to print a warning. Never given credentials: the text is built
+/// from the request's description and the error's message, which carry none.
+#[derive(Clone)]
+pub struct RetryNotice(Arc<dyn Fn(&str) + Send + Sync>);
+
+impl RetryNotice {
+    pub fn new(f: impl Fn(&str) + Send + Sync + 'static) -> RetryNotice {
+        RetryNotice(Arc::new(f))
+    }
+}
+
+impl std::fmt::Debug for RetryNotice {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("RetryNotice")
+    }
+}
+
+/// How one attempt ended, when it did not succeed.
+pub(crate) enum Failure {
+    /// Worth another attempt; `rate_limited` for 429.
+    Transient {
+        error: RegistryError,
+        rate_limited: bool,
+    },
+    /// Refused credentials (401). Retried once: oci-client sends a request without credentials
+    /// when its token handshake failed (a reset or 503 on the `/v2/` ping), and the next
+    /// attempt repeats the handshake. Wrong credentials fail the same way twice.
+    Unauthorized(RegistryError),
+    /// Final: report it as is.
+    Final(RegistryError),
+}
+
+impl Failure {
+    /// Sorts an `oci-client` error, translated by `classify`.
+    pub(crate) fn from_oci(
+        e: OciDistributionError,
+        classify: impl FnOnce(OciDistributionError) -> RegistryError,
+    ) -> Failure {
+        if unauthorized(&e) {
+            return Failure::Unauthorized(classify(e));
+        }
+        match transient(&e) {
+            Some(rate_limited) => Failure::Transient {
+                error: classify(e),
+                rate_limited,
+            },
+            None => Failure::Final(classify(e)),
+        }
+    }
+
+    pub(crate) fn transient(error: RegistryError) -> Failure {
+        Failure::Transient {
+            error,
+            rate_limited: false,
+        }
+    }
+}
+
+impl From<RegistryError> for Failure {
+    fn from(e: RegistryError) -> Failure {
+        Failure::Final(e)
+    }
+}
+
+/// Runs `attempt` until it succeeds, fails finally, or the policy's budget is spent. `what`
+/// describes the request for retry notices ("push blob sha256:… to 127.0.0.1:5000/app:1").
+pub(crate) async fn run<T, F, Fut>(
+    policy: &RetryPolicy,
+    notice: Option<&RetryNotice>,
+    what: &str,
+    mut attempt: F,
+) -> Result<T, RegistryError>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, Failure>>,
+{
+    let started = Instant::now();
+    let mut waited = Duration::ZERO;
+    let mut n = 1;
+    loop {
+        let (error, rate_limited) = match attempt().await {
+            Ok(v) => return Ok(v),
+            Err(Failure::Final(e)) => return Err(e),
+            Err(Failure::Unauthorized(e)) if n > 1 || policy.attempts == 1 => return Err(e),
+            Err(Failure::Unauthorized(error)) => (error, false),
+            Err(Failure::Transient {
+                error,
+                rate_limited,
+            }) => (error, rate_limited),
+        };
+        let delay = policy.delay(n, rate_limited);
+        if n >= policy.attempts || waited + delay > policy.max_total_delay {
+            if n == 1 {
+                return Err(error);
+            }
+            return Err(RegistryError::GaveUp {
+                attempts: n,
+                seconds: started.elapsed().as_secs_f64(),
+                last: Box::new(error),
+            });
+        }
+        if let Some(notice) = notice {
+            notice.0(&format!(
+                "{what}: attempt {n} of {} failed ({error}); retrying in {:.1}s",
+                policy.attempts,
+                delay.as_secs_f64()
+            ));
+        }
+        tokio::time::sleep(delay).await;
+        waited += delay;
+        n += 1;
+    }
+}
+
+fn unauthorized(e: &OciDistributionError) -> bool {
+    use OciDistributionError as E;
+    match e {
+        E::UnauthorizedError { .. } | E::ServerError { code: 401, .. } => true,
+        E::RequestError(e) => e.status().is_some_and(|s| s.as_u16() == 401),
+        _ => false,
+    }
+}
+
+/// `Some(rate_limited)` when an `oci-client` error is worth another attempt.
+fn transient(e: &OciDistributionError) -> Option<bool> {
+    use OciDistributionError as E;
+    match e {
+        E::ServerError { code, .. } => status_transient(*code),
+        E::RegistryError { envelope, .. } => {
+            let codes = || envelope.errors.iter().map(|e| &e.code);
+            if codes().any(|c| matches!(c, OciErrorCode::Toomanyrequests)) {
+                Some(true)
+            } else if codes().any(|c| {
+                // The upload session is gone (the registry restarted, or a proxy lost it): a
+                // fresh session from a new POST will do.
+                matches!(
+                    c,
+                    OciErrorCode::BlobUploadUnknown | OciErrorCode::BlobUploadInvalid
+                )
+            }) {
+                Some(false)
+            } else {
+                None
+            }
+        }
+        E::RequestError(e) => reqwest_transient(e),
+        E::IoError(e) => io_transient(e),
+        _ => None,
+    }
+}
+
+fn status_transient(code: u16) -> Option<bool> {
+    match code {
+        429 => Some(true),
+        408 | 500..=599 => Some(false),
+        _ => None,
+    }
+}
+
+fn reqwest_transient(e: &reqwest::Error) -> Option<bool> {
+    if let Some(status) = e.status() {
+        return status_transient(status.as_u16());
+    }
+    if e.is_timeout() {
+        return Some(false);
+    }
+    if e.is_connect() || e.is_builder() || e.is_redirect() {
+        // Refused, no such host, a TLS handshake that failed: the next attempt meets the same.
+        return None;
+    }
+    // Reset, closed mid-answer, a body that ended early.
+    Some(false)
+}
+
+/// For the `io::Error`s a blob stream yields: a reqwest error inside is judged as such, a
+/// digest that did not match what arrived is final.
+pub(crate) fn io_transient(e: &std::io::Error) -> Option<bool> {
+    if let Some(inner) = e.get_ref() {
+        if let Some(re) = inner.downcast_ref::<reqwest::Error>() {
+            return reqwest_transient(re);
+        }
+        if inner.downcast_ref::<DigestError>().is_some() {
+            return None;
+        }
+    }
+    use std::io::ErrorKind as K;
+    matches!(
+        e.kind(),
+        K::ConnectionReset
+            | K::ConnectionAborted
+            | K::BrokenPipe
+            | K::UnexpectedEof
+            | K::TimedOut
+            | K::Interrupted
+    )
+    .then_some(false)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn policy(attempts: u32) -> RetryPolicy {
+        RetryPolicy {
+            attempts,
+            base_delay: Duration::from_millis(1),
+            max_delay: Duration::from_millis(4),
+            max_total_delay: Duration::from_secs(1),
+        }
+    }
+
+    fn err(n: u32) -> RegistryError {
+        RegistryError::Registry {
+            host: "reg:5000".into(),
+            reference: "reg:5000/app:1".into(),
+            action: "push blob sha256:ab to".into(),
+            detail: format!("HTTP 503 (attempt {n})"),
+        }
+    }
+
+    #[test]
+    fn delays_grow_with_jitter_and_stay_bounded() {
+        let p = RetryPolicy::default();
+        for attempt in 1..=10 {
+            let step = (p.base_delay * (1 << (attempt - 1))).min(p.max_delay);
+            let d = p.delay(attempt, false);
+            assert!(d >= step / 2 && d <= step, "attempt {attempt}: {d:?}");
+        }
+        assert!(p.delay(1, true) >= RATE_LIMIT_MIN_DELAY);
+        // Jitter spreads the waits.
+        let ds: std::collections::HashSet<_> = (0..20).map(|_| p.delay(3, false)).collect();
+        assert!(ds.len() > 1);
+    }
+
+    #[tokio::test]
+    async fn transient_failures_are_retried_until_success() {
+        let calls = std::sync::atomic::AtomicU32::new(0);
+        let notices = Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+        let seen = notices.clone();
+        let notice = RetryNotice::new(move |m| seen.lock().unwrap().push(m.to_string()));
+        let out = run(&policy(6), Some(&notice), "push blob", || async {
+            let n = calls.fetch_add(1, Ordering::SeqCst) + 1;
+            if n < 3 {
+                Err(Failure::transient(err(n)))
+            } else {
+                Ok(n)
+            }
+        })
+        .await
+        .unwrap();
+        assert_eq!(out, 3);
+        let notices = notices.lock().unwrap();
+        assert_eq!(notices.len(), 2);
+        assert!(notices[0].contains("attempt 1 of 6") && notices[0].contains("HTTP 503"));
+    }
+
+    #[tokio::test]
+    async fn the_budget_ends_in_an_error_naming_the_last_failure() {
+        let calls = std::sync::atomic::AtomicU32::new(0);
+        let e = run(&policy(4), None, "x", || async {
+            let n = calls.fetch_add(1, Ordering::SeqCst) + 1;
+            Err::<(), _>(Failure::transient(err(n)))
+        })
+        .await
+        .unwrap_err();
+        assert_eq!(calls.load(Ordering::SeqCst), 4);
+        let msg = e.to_string();
+        assert!(
+            matches!(e, RegistryError::GaveUp { attempts: 4, .. }),
+            "{msg}"
+        );
+        assert!(
+            msg.contains("reg:5000/app:1")
+                && msg.contains("sha256:ab")
+                && msg.contains("attempt 4"),
+            "{msg}"
+        );
+    }
+
+    #[tokio::test]
+    async fn final_failures_are_not_retried() {
+        let calls = std::sync::atomic::AtomicU32::new(0);
+        let e = run(&policy(6), None, "x", || async {
+            calls.fetch_add(1, Ordering::SeqCst);
+            Err::<(), _>(Failure::Final(err(1)))
+        })
+        .await
+        .unwrap_err();
+        assert_eq!(calls.load(Ordering::SeqCst), 1);
+        assert!(matches!(e, RegistryError::Registry { .. }));
+    }
+
+    #[tokio::test]
+    async fn refused_credentials_get_one_more_attempt() {
+        let calls = std::sync::atomic::AtomicU32::new(0);
+        let e = run(&policy(6), None, "x", || async {
+            calls.fetch_add(1, Ordering::SeqCst);
+            Err::<(), _>(Failure::Unauthorized(err(1)))
+        })
+        .await
+        .unwrap_err();
+        assert_eq!(calls.load(Ordering::SeqCst), 2);
+        // The error itself, not a give-up: it says what to do about the credentials.
+        assert!(matches!(e, RegistryError::Registry { .. }));
+        let e = OciDistributionError::UnauthorizedError { url: "u".into() };
+        assert!(unauthorized(&e) && transient(&e).is_none());
+    }
+
+    #[test]
+    fn statuses_are_sorted() {
+        let server = |code| OciDistributionError::ServerError {
+            code,
+            url: "u".into(),
+            message: String::new(),
+        };
+        assert_eq!(transient(&server(503)), Some(false));
+        assert_eq!(transient(&server(500)), Some(false));
+        assert_eq!(transient(&server(429)), Some(true));
+        assert_eq!(transient(&server(404)), None);
+        assert_eq!(transient(&server(400)), None);
+        let reset = std::io::Error::from(std::io::ErrorKind::ConnectionReset);
+        assert_eq!(io_transient(&reset), Some(false));
+        let other = std::io::Error::other("disk full");
+        assert_eq!(io_transient(&other), None);
+    }
+}

@@ -1,0 +1,577 @@
+//! Reliability: pushes and pulls through a registry that fails (tests/common/faultproxy.rs),
+//! builds sharing one store at once, and builds killed with SIGKILL at random moments.
+//!
+//! Every build runs as the unprivileged test user against the real test registry; skopeo reads
+//! the registry back. After every scenario the store is verified: each file under
+//! `blobs/sha256/` must hash to its name (a half-written blob addressed by its digest would be
+//! the corruption these tests exist to catch).
+
+mod common;
+#[path = "common/faultproxy.rs"]
+mod faultproxy;
+
+use std::fs;
+use std::io::Read;
+use std::path::Path;
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{Who, env, scratch_dir};
+use faultproxy::{Fault, FaultProxy, Plan};
+use sha2::{Digest, Sha256};
+
+const EPOCH: &str = "SOURCE_DATE_EPOCH=1700000000";
+
+/// `runuser -u TEST_USER -- env HOME=... VARS... shmocker --root STORE ARGS...`, not yet run.
+fn user_command(store: &Path, args: &[&str], vars: &[(&str, &str)]) -> Command {
+    let user = env().user();
+    let mut c = Command::new("runuser");
+    c.args(["-u", user, "--", "env", &format!("HOME=/home/{user}")]);
+    for (k, v) in vars {
+        c.arg(format!("{k}={v}"));
+    }
+    c.arg(common::binary())
+        .arg("--root")
+        .arg(store)
+        .args(args)
+        .current_dir("/")
+        .env_remove("SHMOCKER_ROOT");
+    c
+}
+
+fn run_user(store: &Path, args: &[&str], vars: &[(&str, &str)]) -> Output {
+    let out = user_command(store, args, vars).output().expect("runuser");
+    eprintln!(
+        "--- shmocker {args:?}: {}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+fn stdout(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+/// The digest a build printed (its last line of standard output).
+fn printed_digest(out: &Output) -> String {
+    let text = stdout(out);
+    let d = text.lines().last().unwrap_or_default().trim().to_string();
+    assert!(d.starts_with("sha256:"), "no digest on stdout: {text:?}");
+    d
+}
+
+/// Checks the store's invariants: every blob hashes to its name, and no temp file is left
+/// behind by a process that is gone (after `clean` ran, i.e. after a build). Returns the number
+/// of blobs.
+fn verify_store(store: &Path) -> usize {
+    let dir = store.join("blobs/sha256");
+    let mut n = 0;
+    for e in fs::read_dir(&dir).unwrap() {
+        let e = e.unwrap();
+        let name = e.file_name().to_string_lossy().into_owned();
+        let mut f = fs::File::open(e.path()).unwrap();
+        let mut h = Sha256::new();
+        let mut buf = vec![0u8; 1 << 16];
+        loop {
+            let k = f.read(&mut buf).unwrap();
+            if k == 0 {
+                break;
+            }
+            h.update(&buf[..k]);
+        }
+        assert_eq!(
+            hex::encode(h.finalize()),
+            name,
+            "blob {} does not hash to its name: a partial or damaged blob is addressed by digest",
+            e.path().display()
+        );
+        n += 1;
+    }
+    n
+}
+
+/// A Dockerfile of three RUN steps, each a layer of `mb` MB that does not compress.
+fn noisy_dockerfile(from: &str, mb: usize) -> String {
+    let bytes = mb * 1024 * 1024;
+    format!(
+        "FROM {from}\n\
+         RUN head -c {bytes} /dev/urandom > /a\n\
+         RUN head -c {bytes} /dev/urandom > /b\n\
+         RUN head -c {bytes} /dev/urandom > /c\n"
+    )
+}
+
+fn busybox_via(host: &str) -> String {
+    let busybox = env().busybox();
+    let (_, rest) = busybox.split_once('/').unwrap();
+    format!("{host}/{rest}")
+}
+
+fn layer_digests(manifest: &serde_json::Value) -> Vec<String> {
+    manifest["layers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| l["digest"].as_str().unwrap().to_string())
+        .collect()
+}
+
+#[test]
+fn push_and_pull_through_a_flaky_registry_succeed() {
+    let proxy = FaultProxy::start(env().registry(), Plan::flaky(0x5eed_0001));
+    let tag = format!("flaky:{}", common::unique());
+    let via_proxy = format!("{}/tests/{tag}", proxy.host());
+    let direct = format!("{}/tests/{tag}", env().registry());
+
+    // Build from the base image pulled through the proxy, push through it: about 6 MB of layers.
+    let ctx = common::context(&[(
+        "Dockerfile",
+        &noisy_dockerfile(&busybox_via(&proxy.host()), 2),
+    )]);
+    let store = scratch_dir(Who::User);
+    let out = run_user(
+        store.path(),
+        &[
+            "build",
+            "--progress",
+            "plain",
+            "-t",
+            &via_proxy,
+            "--push",
+            &ctx.path().display().to_string(),
+        ],
+        &[],
+    );
+    eprintln!("proxy log:\n{}", proxy.log());
+    assert!(
+        out.status.success(),
+        "the push through the flaky proxy failed"
+    );
+    let counts = proxy.counts();
+    eprintln!("injected: {counts:?} in {} requests", proxy.requests());
+    for kind in [
+        Fault::Unavailable503,
+        Fault::TooMany429,
+        Fault::ResetBeforeResponse,
+        Fault::TruncatedBlob,
+        Fault::UploadPut500,
+    ] {
+        assert!(
+            counts.get(&kind).copied().unwrap_or(0) > 0,
+            "no {kind:?} was injected"
+        );
+    }
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("retrying in"),
+        "no retry was reported: {stderr}"
+    );
+
+    // The real registry has the image the build printed, whole.
+    let digest = printed_digest(&out);
+    let raw = run_ok_raw(&direct);
+    assert_eq!(
+        format!("sha256:{}", hex::encode(Sha256::digest(&raw))),
+        digest
+    );
+    let manifest: serde_json::Value = serde_json::from_slice(&raw).unwrap();
+    let pushed_layers = layer_digests(&manifest);
+    assert!(pushed_layers.len() >= 4, "{manifest}");
+    run_ok_skopeo_copy(&direct);
+    verify_store(store.path());
+
+    // Pull it back as a base image, into a fresh store, through a second flaky proxy (its own
+    // count, every kind again: the first blob GET is cut short).
+    let proxy2 = FaultProxy::start(env().registry(), Plan::flaky(0x5eed_0003));
+    let from_proxy = format!("{}/tests/{tag}@{digest}", proxy2.host());
+    let ctx2 = common::context(&[(
+        "Dockerfile",
+        &format!(
+            "FROM {from_proxy}\nRUN test \"$(cat /a /b /c | wc -c)\" -eq {}\n",
+            3 * 2 * 1024 * 1024
+        ),
+    )]);
+    let store2 = scratch_dir(Who::User);
+    let out2_ref = format!(
+        "{}/tests/flaky-child:{}",
+        env().registry(),
+        common::unique()
+    );
+    let out2 = run_user(
+        store2.path(),
+        &[
+            "build",
+            "--progress",
+            "plain",
+            "-t",
+            &out2_ref,
+            "--push",
+            &ctx2.path().display().to_string(),
+        ],
+        &[],
+    );
+    eprintln!("proxy log:\n{}", proxy2.log());
+    assert!(
+        out2.status.success(),
+        "the pull through the flaky proxy failed"
+    );
+    let counts = proxy2.counts();
+    eprintln!("injected: {counts:?} in {} requests", proxy2.requests());
+    assert!(
+        counts.get(&Fault::TruncatedBlob).copied().unwrap_or(0) > 0 && proxy2.total_faults() >= 3,
+        "too few faults were injected during the pull: {counts:?}"
+    );
+    let child = common::remote_manifest(&out2_ref);
+    let child_layers = layer_digests(&child);
+    assert_eq!(
+        &child_layers[..pushed_layers.len()],
+        &pushed_layers[..],
+        "the pulled base layers differ from the pushed ones"
+    );
+    let blobs = verify_store(store2.path());
+    assert!(blobs >= pushed_layers.len(), "{blobs} blobs in the store");
+}
+
+/// The raw manifest of `reference` as the registry serves it.
+fn run_ok_raw(reference: &str) -> Vec<u8> {
+    common::run_ok(Command::new("skopeo").args([
+        "inspect",
+        "--tls-verify=false",
+        "--raw",
+        &format!("docker://{reference}"),
+    ]))
+    .stdout
+}
+
+/// skopeo copies the image out of the registry: every blob is there and matches its digest.
+fn run_ok_skopeo_copy(reference: &str) {
+    let dir = tempfile::tempdir().unwrap();
+    common::run_ok(Command::new("skopeo").args([
+        "copy",
+        "--src-tls-verify=false",
+        &format!("docker://{reference}"),
+        &format!("oci:{}:img", dir.path().join("layout").display()),
+    ]));
+}
+
+#[test]
+fn a_push_that_gives_up_leaves_no_manifest() {
+    let proxy = FaultProxy::start(
+        env().registry(),
+        Plan {
+            seed: 0x5eed_0002,
+            rate: 0.0,
+            each_kind_once: false,
+            fail_all_upload_puts: true,
+        },
+    );
+    let tag = format!("giveup:{}", common::unique());
+    let via_proxy = format!("{}/tests/{tag}", proxy.host());
+    let direct = format!("{}/tests/{tag}", env().registry());
+    let ctx = common::context(&[("Dockerfile", &noisy_dockerfile(env().busybox(), 1))]);
+    let store = scratch_dir(Who::User);
+    let out = run_user(
+        store.path(),
+        &[
+            "build",
+            "--progress",
+            "plain",
+            "-t",
+            &via_proxy,
+            "--push",
+            &ctx.path().display().to_string(),
+        ],
+        &[("SHMOCKER_REGISTRY_ATTEMPTS", "3")],
+    );
+    assert!(
+        !out.status.success(),
+        "the push succeeded although every upload failed"
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    for needle in [
+        "gave up after 3 attempts",
+        "HTTP 500",
+        proxy.host().as_str(),
+        via_proxy.as_str(),
+        "push blob sha256:",
+    ] {
+        assert!(
+            stderr.contains(needle),
+            "the error does not say {needle:?}: {stderr}"
+        );
+    }
+    assert!(
+        proxy.counts()[&Fault::UploadPut500] >= 3,
+        "{:?}",
+        proxy.counts()
+    );
+    assert!(
+        !common::remote_exists(&direct),
+        "the registry has a manifest for {direct} although its blobs never arrived"
+    );
+    verify_store(store.path());
+}
+
+/// A context whose build takes a few seconds and whose result is reproducible: fixed contents,
+/// SOURCE_DATE_EPOCH for every time.
+fn steady_context() -> tempfile::TempDir {
+    common::context(&[
+        (
+            "Dockerfile",
+            &format!(
+                "FROM {}\n\
+                 COPY data.txt /data.txt\n\
+                 RUN sleep 2 && seq 1 200000 > /seq\n\
+                 RUN head -c 3000000 /dev/zero | tr '\\0' x > /xs && sleep 2\n\
+                 RUN cat /data.txt /seq | md5sum > /sum\n",
+                env().busybox()
+            ),
+        ),
+        ("data.txt", "the same input every time\n"),
+    ])
+}
+
+#[test]
+fn four_builds_sharing_a_store_agree() {
+    let ctx = steady_context();
+    let store = scratch_dir(Who::User);
+    let ctx_arg = ctx.path().display().to_string();
+    let children: Vec<_> = (0..4)
+        .map(|_| {
+            user_command(
+                store.path(),
+                &[
+                    "build",
+                    "--progress",
+                    "plain",
+                    "--build-arg",
+                    EPOCH,
+                    &ctx_arg,
+                ],
+                &[],
+            )
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap()
+        })
+        .collect();
+    let outs: Vec<Output> = children
+        .into_iter()
+        .map(|c| c.wait_with_output().unwrap())
+        .collect();
+    let mut digests = Vec::new();
+    for (i, out) in outs.iter().enumerate() {
+        eprintln!(
+            "--- build {i}: {}\n{}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(out.status.success(), "build {i} failed");
+        digests.push(printed_digest(out));
+    }
+    assert!(
+        digests.iter().all(|d| d == &digests[0]),
+        "the builds disagree: {digests:?}"
+    );
+    verify_store(store.path());
+    // And a fifth, alone, from the cache they left, agrees too.
+    let again = run_user(
+        store.path(),
+        &[
+            "build",
+            "--progress",
+            "plain",
+            "--build-arg",
+            EPOCH,
+            &ctx_arg,
+        ],
+        &[],
+    );
+    assert!(again.status.success());
+    assert_eq!(printed_digest(&again), digests[0]);
+}
+
+/// Every process whose parent chain leads to `root` (root included).
+fn descendants(root: u32) -> Vec<u32> {
+    let mut parent_of: Vec<(u32, u32)> = Vec::new();
+    for e in fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let Ok(stat) = fs::read_to_string(format!("/proc/{pid}/stat")) else {
+            continue;
+        };
+        // pid (comm) state ppid ...: comm may hold spaces, so split after the last ')'.
+        let Some(after) = stat.rsplit_once(')').map(|(_, a)| a) else {
+            continue;
+        };
+        if let Some(ppid) = after.split_whitespace().nth(1).and_then(|p| p.parse().ok()) {
+            parent_of.push((pid, ppid));
+        }
+    }
+    let mut out = vec![root];
+    let mut i = 0;
+    while i < out.len() {
+        let p = out[i];
+        out.extend(parent_of.iter().filter(|(_, pp)| *pp == p).map(|(c, _)| *c));
+        i += 1;
+    }
+    out
+}
+
+fn alive(pid: u32) -> bool {
+    fs::read_to_string(format!("/proc/{pid}/stat"))
+        .map(|s| {
+            // A zombie is dead; only its parent has not reaped it yet.
+            s.rsplit_once(')')
+                .and_then(|(_, a)| a.split_whitespace().next().map(|st| st != "Z"))
+                .unwrap_or(false)
+        })
+        .unwrap_or(false)
+}
+
+/// splitmix64, for reproducible "random" kill moments.
+fn mix(seed: u64, n: u64) -> u64 {
+    let mut z = seed.wrapping_add(n.wrapping_mul(0x9e37_79b9_7f4a_7c15));
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
+}
+
+#[test]
+fn builds_killed_at_random_moments_leave_a_usable_store() {
+    let ctx = steady_context();
+    let ctx_arg = ctx.path().display().to_string();
+    let target = common::unique_ref("crash");
+
+    // The expected result, from a store no crash has touched.
+    let clean = scratch_dir(Who::User);
+    let out = run_user(
+        clean.path(),
+        &[
+            "build",
+            "--progress",
+            "plain",
+            "--build-arg",
+            EPOCH,
+            &ctx_arg,
+        ],
+        &[],
+    );
+    assert!(out.status.success());
+    let expected = printed_digest(&out);
+
+    // Kill moments: a few fixed ones across the build and push, and seeded random ones.
+    let mut moments_ms: Vec<u64> = vec![300, 1000, 2500, 4500];
+    moments_ms.extend((0..3).map(|i| 200 + mix(0x5eed_0004, i) % 6000));
+    eprintln!("kill moments (ms): {moments_ms:?}");
+
+    let mut killed_while_running = 0;
+    for (round, ms) in moments_ms.iter().enumerate() {
+        // A fresh store each round, so that every kill lands in real work, not in cache hits.
+        let store = scratch_dir(Who::User);
+        // Each round pushes to its own tag, so that a push finished before the kill is visible.
+        let tag = format!("{target}-{round}");
+        let mut runuser = user_command(
+            store.path(),
+            &[
+                "build",
+                "--progress",
+                "plain",
+                "--build-arg",
+                EPOCH,
+                "-t",
+                &tag,
+                "--push",
+                &ctx_arg,
+            ],
+            &[],
+        )
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+        let started = Instant::now();
+        // runuser forks; the shmocker process is its child (env execs it).
+        let shmocker = loop {
+            let kids: Vec<u32> = descendants(runuser.id()).into_iter().skip(1).collect();
+            if let Some(&k) = kids.first() {
+                break k;
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(10),
+                "shmocker did not start"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        };
+        std::thread::sleep(Duration::from_millis(*ms).saturating_sub(started.elapsed()));
+        let tree = descendants(shmocker);
+        let running = runuser.try_wait().unwrap().is_none();
+        let _ = Command::new("kill")
+            .args(["-9", &shmocker.to_string()])
+            .status();
+        let _ = runuser.wait();
+        if running {
+            killed_while_running += 1;
+        }
+        // Nothing of the build runs on: the build process and every step die with it, at once
+        // (a build left running would finish its steps, which sleep for seconds).
+        let deadline = Instant::now() + Duration::from_secs(1);
+        loop {
+            let left: Vec<u32> = tree.iter().copied().filter(|p| alive(*p)).collect();
+            if left.is_empty() {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "round {round}: processes of the killed build still run: {left:?}"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        verify_store(store.path());
+        if common::remote_exists(&tag) {
+            // A manifest was pushed before the kill: then it names a whole image.
+            run_ok_skopeo_copy(&tag);
+        }
+
+        // The next build with the same store succeeds, with the same result as a clean one.
+        let out = run_user(
+            store.path(),
+            &[
+                "build",
+                "--progress",
+                "plain",
+                "--build-arg",
+                EPOCH,
+                &ctx_arg,
+            ],
+            &[],
+        );
+        assert!(
+            out.status.success(),
+            "round {round}: the build after the kill at {ms} ms failed"
+        );
+        assert_eq!(printed_digest(&out), expected, "round {round}");
+        verify_store(store.path());
+        // What the killed build left in tmp/ (named after its pids) is gone.
+        let left: Vec<String> = fs::read_dir(store.path().join("tmp"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|name| {
+                name.split(['-', '_'])
+                    .any(|part| tree.iter().any(|pid| part == pid.to_string()))
+            })
+            .collect();
+        assert!(
+            left.is_empty(),
+            "round {round}: the killed build's files remain in tmp/: {left:?}"
+        );
+        eprintln!("round {round}: killed at {ms} ms, store verified, rebuild agrees");
+    }
+    assert!(
+        killed_while_running >= 3,
+        "only {killed_while_running} kills hit a running build"
+    );
+}
