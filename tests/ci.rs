@@ -118,6 +118,25 @@ fn injecting_dockerfile() -> String {
     )
 }
 
+/// `shmocker --root STORE` in a clean environment as GitHub's runner describes a job of the
+/// repository octo/app (outputs and summary in `work`); callers add the ref, the rest of the
+/// environment and the arguments.
+fn github_ci(work: &Path, store: &Path, workspace: &Path) -> Command {
+    let mut c = Command::new(binary());
+    c.env_clear()
+        .env("PATH", "/usr/local/bin:/usr/bin:/bin")
+        .env("HOME", "/root")
+        .env("GITHUB_ACTIONS", "true")
+        .env("GITHUB_REPOSITORY", "octo/app")
+        .env("GITHUB_SHA", SHA)
+        .env("GITHUB_WORKSPACE", workspace)
+        .env("GITHUB_OUTPUT", work.join("output"))
+        .env("GITHUB_STEP_SUMMARY", work.join("summary"))
+        .arg("--root")
+        .arg(store);
+    c
+}
+
 fn github_event(dir: &Path) -> PathBuf {
     let p = dir.join("event.json");
     fs::write(&p, r#"{"repository":{"default_branch":"main"}}"#).unwrap();
@@ -232,21 +251,9 @@ fn stages_that_run_in_parallel_each_get_a_group_of_their_own() {
     .replace("done > /a", "done | tee /a")
     .replace("done > /b", "done | tee /b");
     let ctx = context(&[("Dockerfile", &dockerfile)]);
-    let work = scratch_dir(Who::Root);
-    let store = scratch_dir(Who::Root);
-    let out = Command::new(binary())
-        .env_clear()
-        .env("PATH", "/usr/local/bin:/usr/bin:/bin")
-        .env("HOME", "/root")
-        .env("GITHUB_ACTIONS", "true")
-        .env("GITHUB_REPOSITORY", "octo/app")
+    let (work, store) = (scratch_dir(Who::Root), scratch_dir(Who::Root));
+    let out = github_ci(work.path(), store.path(), ctx.path())
         .env("GITHUB_REF", "refs/heads/main")
-        .env("GITHUB_SHA", SHA)
-        .env("GITHUB_WORKSPACE", ctx.path())
-        .env("GITHUB_OUTPUT", work.path().join("output"))
-        .env("GITHUB_STEP_SUMMARY", work.path().join("summary"))
-        .arg("--root")
-        .arg(store.path())
         .args(["ci", "--tag", "local/parallel:1"])
         .arg(ctx.path())
         .output()
@@ -1445,23 +1452,12 @@ fn on_a_pull_request_the_summary_is_one_comment_updated_by_later_runs() {
     )]);
     let token = "ghs_FakeTokenForTheCommentTest0123";
     let run = || {
-        let work = scratch_dir(Who::Root);
-        let store = scratch_dir(Who::Root);
-        let out = Command::new(binary())
-            .env_clear()
-            .env("PATH", "/usr/local/bin:/usr/bin:/bin")
-            .env("HOME", "/root")
-            .env("GITHUB_ACTIONS", "true")
-            .env("GITHUB_REPOSITORY", "octo/app")
+        let (work, store) = (scratch_dir(Who::Root), scratch_dir(Who::Root));
+        let out = github_ci(work.path(), store.path(), ctx.path())
             .env("GITHUB_REF", "refs/pull/7/merge")
             .env("GITHUB_EVENT_NAME", "pull_request")
-            .env("GITHUB_SHA", SHA)
             .env("GITHUB_TOKEN", token)
             .env("GITHUB_API_URL", format!("http://127.0.0.1:{port}"))
-            .env("GITHUB_OUTPUT", work.path().join("output"))
-            .env("GITHUB_STEP_SUMMARY", work.path().join("summary"))
-            .arg("--root")
-            .arg(store.path())
             .args(["ci", "--pr-comment", "--tag", "local/pr:7"])
             .arg(ctx.path())
             .output()

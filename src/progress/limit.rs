@@ -111,19 +111,7 @@ mod tests {
     use std::sync::Arc;
 
     use super::*;
-    use crate::progress::plain_line;
-
-    #[derive(Default)]
-    struct Lines(Mutex<Vec<String>>);
-
-    impl Reporter for Arc<Lines> {
-        fn report(&self, event: &Event) {
-            self.0
-                .lock()
-                .unwrap()
-                .push(plain_line(event).unwrap_or_default());
-        }
-    }
+    use crate::progress::TestLines;
 
     fn out(step: usize, line: &str) -> Event {
         Event::StepOutput {
@@ -135,7 +123,7 @@ mod tests {
 
     #[test]
     fn a_step_is_clipped_once_past_the_limit_others_go_on() {
-        let sink = Arc::new(Lines::default());
+        let sink = Arc::new(TestLines::default());
         // 20 bytes: two lines of 9 bytes (+ newline) fit, the third does not.
         let r = LogLimit::new(sink.clone(), 20);
         for i in 0..5 {
@@ -146,7 +134,7 @@ mod tests {
             step: 2,
             elapsed_secs: 1.0,
         });
-        let got = sink.0.lock().unwrap().clone();
+        let got = sink.lines();
         assert_eq!(
             got,
             [

@@ -562,6 +562,35 @@ impl Reporter for Recorder {
     }
 }
 
+/// A reporter for tests: remembers each event as a line (its plain line; stage starts and ends
+/// as `start N` / `done N`), and `finish` as `finish`.
+#[cfg(test)]
+#[derive(Default)]
+pub(crate) struct TestLines(pub Mutex<Vec<String>>);
+
+#[cfg(test)]
+impl TestLines {
+    pub(crate) fn lines(&self) -> Vec<String> {
+        self.0.lock().unwrap().clone()
+    }
+}
+
+#[cfg(test)]
+impl Reporter for Arc<TestLines> {
+    fn report(&self, event: &Event) {
+        let line = match event {
+            Event::StageStarted { stage, .. } => format!("start {stage}"),
+            Event::StageDone { stage } => format!("done {stage}"),
+            e => plain_line(e).unwrap_or_default(),
+        };
+        self.0.lock().unwrap().push(line);
+    }
+
+    fn finish(&self) {
+        self.0.lock().unwrap().push("finish".into());
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

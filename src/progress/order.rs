@@ -131,24 +131,7 @@ mod tests {
     use std::sync::Arc;
 
     use super::*;
-    use crate::progress::{Location, plain_line};
-
-    #[derive(Default)]
-    struct Lines(Mutex<Vec<String>>);
-
-    impl Reporter for Arc<Lines> {
-        fn report(&self, event: &Event) {
-            let line = match event {
-                Event::StageStarted { stage, .. } => format!("start {stage}"),
-                Event::StageDone { stage } => format!("done {stage}"),
-                e => plain_line(e).unwrap_or_default(),
-            };
-            self.0.lock().unwrap().push(line);
-        }
-        fn finish(&self) {
-            self.0.lock().unwrap().push("finish".into());
-        }
-    }
+    use crate::progress::{Location, TestLines};
 
     fn started(stage: usize, name: &str) -> Event {
         Event::StageStarted {
@@ -178,13 +161,13 @@ mod tests {
     }
 
     fn lines(events: &[Event]) -> Vec<String> {
-        let sink = Arc::new(Lines::default());
+        let sink = Arc::new(TestLines::default());
         let r = StageOrder::new(sink.clone());
         for e in events {
             r.report(e);
         }
         r.finish();
-        sink.0.lock().unwrap().clone()
+        sink.lines()
     }
 
     #[test]
