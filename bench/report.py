@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
 """Turn bench/run.sh's raw figures into Markdown tables (medians, ratios, the issue 7 targets).
 
-usage: report.py RESULTS.tsv
-Each line of RESULTS.tsv: pair tool entry mode run seconds peak-rss-kb.
+usage: report.py RESULTS.tsv...
+Each line of each file: pair tool entry mode run seconds peak-rss-kb.
 """
 import statistics
 import sys
@@ -35,8 +35,10 @@ def fmt_s(x):
 
 def main():
     runs = defaultdict(list)  # (pair, tool, entry, mode) -> [(secs, kb)]
-    with open(sys.argv[1]) as f:
-        for line in f:
+    for path in sys.argv[1:]:
+        for line in open(path):
+            if line.startswith("#"):
+                continue
             pair, tool, entry, mode, _run, secs, kb = line.rstrip("\n").split("\t")
             runs[(pair, tool, entry, mode)].append((float(secs), int(kb)))
 

@@ -13,7 +13,7 @@
 #   --entries LIST    tiny files20k bigfile multistage debian steps40        [BENCH_ENTRIES]
 #   --pairs LIST      storage pairs (below)                                  [BENCH_PAIRS]
 #   --modes LIST      cold warm incremental push                             [BENCH_MODES]
-#   --out FILE        the Markdown report (default WORK/results.md)          [BENCH_OUT]
+#   --out FILE        the Markdown report (default WORK/results-STAMP.md)    [BENCH_OUT]
 #   --work DIR        contexts, stores, logs (default /var/tmp/shmocker-bench) [BENCH_WORK]
 #   --bin PATH        shmocker (default target/release/shmocker)             [SHMOCKER_BIN]
 #
@@ -68,7 +68,6 @@ while (($#)); do
         *) die "unknown argument: $1 (see --help)" ;;
     esac
 done
-OUT=${OUT:-$WORK/results.md}
 [[ $RUNS =~ ^[1-9][0-9]*$ ]] || die "--runs must be a positive number, not '$RUNS'"
 for e in $ENTRIES; do
     [[ -f $CORPUS/$e/Dockerfile ]] || die "no corpus entry '$e' (bench/corpus/$e/Dockerfile)"
@@ -155,7 +154,6 @@ prepare_debian_base() {
 }
 
 # ------------------------------------------------------------- the builds
-RESULTS=$WORK/results.tsv
 
 shmocker_snapshotter() {
     case $1 in overlay) echo overlayfs ;; copy) echo copy ;; fuse) echo fuse-overlayfs ;; esac
@@ -180,7 +178,7 @@ reset_store() { # TOOL PAIR
 timed() {
     local tool=$1 pair=$2 entry=$3 mode=$4 run=$5; shift 5
     local name=$pair-$tool-$entry-$mode-r$run
-    local logf=$WORK/logs/$name.log tf=$WORK/tmp/$name.time
+    local logf=$WORK/logs/$STAMP/$name.log tf=$WORK/tmp/$name.time
     rm -f "$tf"
     install -m 0644 -o "$TEST_USER" -g "$TGRP" /dev/null "$logf"
     if ! as_test_user /usr/bin/time -f '%e %M' -o "$tf" "$@" >"$logf" 2>&1; then
@@ -267,6 +265,9 @@ machine() {
 
 # ------------------------------------------------------------------- main
 STAMP=$(date -u +%Y%m%d%H%M%S)
+RESULTS=$WORK/results-$STAMP.tsv
+OUT=${OUT:-$WORK/results-$STAMP.md}
+install -d -m 0755 -o "$TEST_USER" -g "$TGRP" "$WORK/logs/$STAMP"
 LOAD_BEFORE=$(cut -d' ' -f1-3 /proc/loadavg)
 prepare_contexts
 [[ " $ENTRIES " == *" debian "* ]] && prepare_debian_base
