@@ -2,7 +2,7 @@
 """Turn bench/run.sh's raw figures into Markdown tables (medians, ratios, the issue 7 targets).
 
 usage: report.py RESULTS.tsv...
-Each line of each file: pair tool entry mode run seconds peak-rss-kb.
+Each line of each file: pair tool entry mode run seconds peak-rss-kb [cpu-seconds].
 """
 import statistics
 import sys
@@ -33,27 +33,49 @@ def fmt_s(x):
     return f"{x:.2f}" if x < 10 else f"{x:.1f}"
 
 
+def add(a, b):
+    return None if a is None or b is None else a + b
+
+
+def cpu_cells(s, b):
+    """shmocker's and buildah's CPU seconds and their ratio (blank for figures without CPU)."""
+    if s[3] is None or b[3] is None:
+        return " | | "
+    ratio = f"{s[3] / b[3]:.2f}" if b[3] > 0 else ""
+    return f"{fmt_s(s[3])} | {fmt_s(b[3])} | {ratio}"
+
+
 def main():
     runs = defaultdict(list)  # (pair, tool, entry, mode) -> [(secs, kb)]
     for path in sys.argv[1:]:
         for line in open(path):
             if line.startswith("#"):
                 continue
-            pair, tool, entry, mode, _run, secs, kb = line.rstrip("\n").split("\t")
-            runs[(pair, tool, entry, mode)].append((float(secs), int(kb)))
+            pair, tool, entry, mode, _run, secs, kb, *cpu = line.rstrip("\n").split("\t")
+            cpu = float(cpu[0]) if cpu else None
+            runs[(pair, tool, entry, mode)].append((float(secs), int(kb), cpu))
 
     def med(pair, tool, entry, mode):
         xs = runs.get((pair, tool, entry, mode))
         if not xs:
             return None
-        return statistics.median(s for s, _ in xs), statistics.median(k for _, k in xs), len(xs)
+        cpus = [c for _, _, c in xs if c is not None]
+        return (
+            statistics.median(s for s, _, _ in xs),
+            statistics.median(k for _, k, _ in xs),
+            len(xs),
+            statistics.median(cpus) if cpus else None,
+        )
 
     pairs = [p for p in PAIR_TITLE if any(k[0] == p for k in runs)]
     entries = [e for e in ENTRY_ORDER if any(k[2] == e for k in runs)]
     for pair in pairs:
         print(f"### {PAIR_TITLE[pair]}\n")
-        print("| entry | mode | shmocker s | buildah s | ratio | target | met | shmocker RSS MB | buildah RSS MB | runs |")
-        print("| --- | --- | ---: | ---: | ---: | ---: | --- | ---: | ---: | ---: |")
+        print(
+            "| entry | mode | shmocker s | buildah s | ratio | target | met "
+            "| shmocker CPU s | buildah CPU s | CPU ratio | shmocker RSS MB | buildah RSS MB | runs |"
+        )
+        print("| --- | --- | ---: | ---: | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: |")
         for entry in entries:
             for mode in MODE_ORDER:
                 s = med(pair, "shmocker", entry, mode)
@@ -64,7 +86,18 @@ def main():
                 t = target(mode, b[0])
                 print(
                     f"| {entry} | {mode} | {fmt_s(s[0])} | {fmt_s(b[0])} | {ratio:.2f} | ≤ {t} | "
-                    f"{'yes' if ratio <= t else '**no**'} | {s[1] / 1024:.0f} | {b[1] / 1024:.0f} | {min(s[2], b[2])} |"
+                    f"{'yes' if ratio <= t else '**no**'} | {cpu_cells(s, b)} | "
+                    f"{s[1] / 1024:.0f} | {b[1] / 1024:.0f} | {min(s[2], b[2])} |"
+                )
+            # buildah compresses layers when it pushes, shmocker when it builds: the sum of the
+            # cold build and the push is what a CI job that builds and pushes pays.
+            sc, sp = med(pair, "shmocker", entry, "cold"), med(pair, "shmocker", entry, "push")
+            bc, bp = med(pair, "buildah", entry, "cold"), med(pair, "buildah", entry, "push")
+            if sc and sp and bc and bp:
+                st, bt = sc[0] + sp[0], bc[0] + bp[0]
+                print(
+                    f"| {entry} | cold + push | {fmt_s(st)} | {fmt_s(bt)} | {st / bt:.2f} | — | | "
+                    f"{cpu_cells((0, 0, 0, add(sc[3], sp[3])), (0, 0, 0, add(bc[3], bp[3])))} | | | |"
                 )
         print()
 

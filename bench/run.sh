@@ -30,8 +30,10 @@
 #   push         the warm build and a push to a fresh repository of 127.0.0.1:5055
 #                (shmocker build --push; buildah bud --layers, then buildah push)
 # shmocker and buildah alternate step by step (who goes first alternates per run), so the load
-# of a shared machine hits both alike. Wall time and peak RSS come from GNU time (`%e %M`; the
-# RSS is the largest single process of the build, RUN steps included).
+# of a shared machine hits both alike. Wall time, peak RSS and CPU time come from GNU time
+# (`%e %M %U %S`: the RSS is the largest single process of the build, RUN steps included; the
+# CPU time is user + system of the tool and every process it waited for, which a busy machine
+# distorts less than the wall time).
 #
 # Any failed build stops the script with its log's tail and a non-zero exit.
 set -euo pipefail
@@ -174,23 +176,26 @@ reset_store() { # TOOL PAIR
 }
 
 # timed TOOL PAIR ENTRY MODE RUN CMD...: one measured command as the test user; appends
-# "pair tool entry mode run seconds kilobytes" to $RESULTS; dies with the log on failure.
+# "pair tool entry mode run seconds kilobytes cpu-seconds" to $RESULTS; dies with the log on
+# failure.
 timed() {
     local tool=$1 pair=$2 entry=$3 mode=$4 run=$5; shift 5
     local name=$pair-$tool-$entry-$mode-r$run
     local logf=$WORK/logs/$STAMP/$name.log tf=$WORK/tmp/$name.time
     rm -f "$tf"
     install -m 0644 -o "$TEST_USER" -g "$TGRP" /dev/null "$logf"
-    if ! as_test_user /usr/bin/time -f '%e %M' -o "$tf" "$@" >"$logf" 2>&1; then
+    if ! as_test_user /usr/bin/time -f '%e %M %U %S' -o "$tf" "$@" >"$logf" 2>&1; then
         printf '\n---- %s (%s) ----\n' "$logf" "$*" >&2
         tail -n 40 "$logf" >&2
         die "build failed: $tool $mode $entry ($pair, run $run); full log: $logf"
     fi
-    local secs kb
-    read -r secs kb < <(tail -n 1 "$tf")
-    [[ $secs =~ ^[0-9.]+$ && $kb =~ ^[0-9]+$ ]] || die "cannot read GNU time's output in $tf"
-    printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$pair" "$tool" "$entry" "$mode" "$run" "$secs" "$kb" >>"$RESULTS"
-    log "$(printf '%-8s %-8s %-10s %-11s run %s: %6ss %7s KB' "$pair" "$tool" "$entry" "$mode" "$run" "$secs" "$kb")"
+    local secs kb user sys cpu
+    read -r secs kb user sys < <(tail -n 1 "$tf")
+    [[ $secs =~ ^[0-9.]+$ && $kb =~ ^[0-9]+$ && $user =~ ^[0-9.]+$ && $sys =~ ^[0-9.]+$ ]] \
+        || die "cannot read GNU time's output in $tf"
+    cpu=$(awk -v u="$user" -v s="$sys" 'BEGIN { printf "%.2f", u + s }')
+    printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$pair" "$tool" "$entry" "$mode" "$run" "$secs" "$kb" "$cpu" >>"$RESULTS"
+    log "$(printf '%-8s %-8s %-10s %-11s run %s: %6ss %7s KB %6ss CPU' "$pair" "$tool" "$entry" "$mode" "$run" "$secs" "$kb" "$cpu")"
 }
 
 # build TOOL PAIR ENTRY MODE RUN
