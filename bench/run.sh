@@ -106,6 +106,9 @@ RUNTIME_DIR=/run/user/$TUID
 install -d -m 0755 -o "$TEST_USER" -g "$TGRP" "$WORK" "$WORK/bin" "$WORK/ctx" "$WORK/store" \
     "$WORK/logs" "$WORK/tmp"
 [[ -d $RUNTIME_DIR ]] || install -d -m 0700 -o "$TEST_USER" -g "$TGRP" "$RUNTIME_DIR"
+# One run per work dir: they would share the stores and the binary.
+exec 9>"$WORK/.lock"
+flock -n 9 || die "another bench/run.sh is using $WORK (pass --work DIR to run one beside it)"
 # The test user may not be able to read the worktree: run a copy.
 SHMOCKER=$WORK/bin/shmocker
 install -m 0755 "$SHMOCKER_SRC" "$SHMOCKER"
