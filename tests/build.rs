@@ -310,3 +310,44 @@ fn version_is_printed() {
         format!("shmocker {}", env!("CARGO_PKG_VERSION"))
     );
 }
+
+/// A stage of 45 RUN layers: with the store's absolute paths the overlayfs options pass the
+/// kernel's one-page limit around the 35th layer, so the later steps and the `COPY --from` view
+/// of the stage must mount through short links. Every step must see every earlier step's file.
+#[test]
+fn many_layers_mount_as_unprivileged_user() {
+    const STEPS: usize = 45;
+    let mut dockerfile = format!("FROM {} AS many\n", env().busybox());
+    for i in 0..STEPS {
+        dockerfile.push_str(&format!(
+            "RUN test \"$(ls /layers 2>/dev/null | wc -l)\" = {i} && mkdir -p /layers && echo {i} > /layers/{i}\n"
+        ));
+    }
+    dockerfile.push_str(&format!(
+        "FROM {}\nCOPY --from=many /layers /copied\n",
+        env().busybox()
+    ));
+    let ctx = common::context(&[("Dockerfile", &dockerfile)]);
+    let store = scratch_dir(Who::User);
+    let out = scratch_dir(Who::User);
+    let dest = out.path().join("fs");
+    shmocker_ok(
+        Who::User,
+        store.path(),
+        &[
+            "build",
+            "--snapshotter",
+            "overlayfs",
+            "--output",
+            &format!("type=local,dest={}", dest.display()),
+            ctx.path().to_str().unwrap(),
+        ],
+    );
+    for i in 0..STEPS {
+        assert_eq!(
+            std::fs::read_to_string(dest.join(format!("copied/{i}"))).unwrap(),
+            format!("{i}\n"),
+            "layer {i}'s file in the COPY --from result"
+        );
+    }
+}

@@ -494,24 +494,17 @@ fn mount_fuse_overlay(spec: &StepSpec) -> Result<(), SandboxError> {
 /// image that `COPY --from` and `RUN --mount=from=` read.
 fn mount_view(lower: &[PathBuf], empty: &Path, target: &Path) -> Result<(), SandboxError> {
     // Without an upper dir overlayfs needs at least two lower dirs.
-    let mut dirs: Vec<String> = lower.iter().map(|p| escape_overlay_path(p)).collect();
-    dirs.push(escape_overlay_path(empty));
+    let mut dirs: Vec<PathBuf> = lower.to_vec();
+    dirs.push(empty.to_path_buf());
     if dirs.len() < 2 {
-        dirs.push(escape_overlay_path(empty));
+        dirs.push(empty.to_path_buf());
     }
-    let opts = format!("lowerdir={},userxattr", dirs.join(":"));
-    mount(
-        Some("overlay"),
-        target,
-        Some("overlay"),
-        MsFlags::MS_RDONLY,
-        Some(opts.as_str()),
-    )
-    .map_err(|e| {
-        SandboxError::sys(
-            format!("mounting a read-only view on {}", target.display()),
-            e,
-        )
+    let links = target.with_extension("lowers");
+    mount_overlayfs(&dirs, ",userxattr", &links, target, MsFlags::MS_RDONLY).map_err(|(e, _)| {
+        SandboxError::Setup(format!(
+            "mounting a read-only view on {}: {e}",
+            target.display()
+        ))
     })
 }
 
@@ -553,25 +546,14 @@ fn export_rootfs(root: &Path, dest: &Path) -> Result<(), SandboxError> {
 }
 
 fn mount_overlay(spec: &StepSpec) -> Result<(), SandboxError> {
-    let lower: Vec<String> = if spec.lower.is_empty() {
-        vec![escape_overlay_path(&spec.empty_dir)]
-    } else {
-        spec.lower.iter().map(|p| escape_overlay_path(p)).collect()
-    };
-    let opts = format!(
-        "lowerdir={},upperdir={},workdir={},userxattr",
-        lower.join(":"),
+    let lower = lower_dirs(spec);
+    let rest = format!(
+        ",upperdir={},workdir={},userxattr",
         escape_overlay_path(&spec.upper),
         escape_overlay_path(&spec.work)
     );
-    mount(
-        Some("overlay"),
-        &spec.merged,
-        Some("overlay"),
-        MsFlags::empty(),
-        Some(opts.as_str()),
-    )
-    .map_err(|e| {
+    let links = spec.scratch.join("lowers");
+    mount_overlayfs(&lower, &rest, &links, &spec.merged, MsFlags::empty()).map_err(|(e, opts)| {
         SandboxError::Setup(format!(
             "mounting overlayfs on {} failed: {e} ({} lower layers, options {} bytes); the kernel may not allow overlayfs in a user namespace (needs Linux >= 5.11) or the store may be on a filesystem overlayfs cannot use as upper (overlay, some network filesystems): run `shmocker detect`",
             spec.merged.display(),
@@ -579,6 +561,55 @@ fn mount_overlay(spec: &StepSpec) -> Result<(), SandboxError> {
             opts.len()
         ))
     })
+}
+
+/// The kernel copies mount(2)'s options into one page, and the options must end before it.
+const MOUNT_OPTIONS_MAX: usize = 4095;
+
+/// Mounts overlayfs on `target` with `lower` (topmost first) and the other options in `rest`
+/// (starting with a comma). When the absolute lower paths make the options longer than a page
+/// (about 30 layers in a store under /var/tmp), each lower is named instead by a short symbolic
+/// link `links/<n>`, and the mount is made from inside `links` with the names relative to it,
+/// as containers-storage does with its `l/` links: overlayfs resolves the lower dirs once, when
+/// it mounts, so the links only need to live that long. On failure: the error and the options.
+fn mount_overlayfs(
+    lower: &[PathBuf],
+    rest: &str,
+    links: &Path,
+    target: &Path,
+    flags: MsFlags,
+) -> Result<(), (SandboxError, String)> {
+    let escaped: Vec<String> = lower.iter().map(|p| escape_overlay_path(p)).collect();
+    let opts = format!("lowerdir={}{rest}", escaped.join(":"));
+    if opts.len() <= MOUNT_OPTIONS_MAX {
+        return mount(
+            Some("overlay"),
+            target,
+            Some("overlay"),
+            flags,
+            Some(opts.as_str()),
+        )
+        .map_err(|e| (SandboxError::sys("mount overlayfs", e), opts));
+    }
+    let names: Vec<String> = (0..lower.len()).map(|i| i.to_string()).collect();
+    let short = format!("lowerdir={}{rest}", names.join(":"));
+    let fail = |e: SandboxError| (e, short.clone());
+    fs::create_dir_all(links).map_err(|e| fail(SandboxError::io(links, e)))?;
+    for (dir, name) in lower.iter().zip(&names) {
+        let link = links.join(name);
+        std::os::unix::fs::symlink(dir, &link).map_err(|e| fail(SandboxError::io(&link, e)))?;
+    }
+    let cwd = std::env::current_dir().map_err(|e| fail(SandboxError::io(".", e)))?;
+    chdir(links).map_err(|e| fail(SandboxError::sys(format!("chdir {}", links.display()), e)))?;
+    let mounted = mount(
+        Some("overlay"),
+        target,
+        Some("overlay"),
+        flags,
+        Some(short.as_str()),
+    );
+    chdir(&cwd).map_err(|e| fail(SandboxError::sys(format!("chdir {}", cwd.display()), e)))?;
+    mounted.map_err(|e| fail(SandboxError::sys("mount overlayfs", e)))
 }
 
 /// Overlayfs splits its options at `,` and lower dirs at `:`; both must be escaped in paths.
