@@ -15,8 +15,8 @@ fuzz_target!(|data: &[u8]| {
         }
     }
     if let Ok(mut config) = serde_json::from_slice::<ImageConfig>(data) {
-        let _ = config.env_get("PATH");
-        config.env_set("PATH", "/bin");
+        let _ = config.config.env_get("PATH");
+        config.config.env_set("PATH", "/bin");
         let _ = serde_json::to_vec(&config);
     }
 });
