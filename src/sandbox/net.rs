@@ -575,11 +575,19 @@ mod tests {
         mine.set_read_timeout(Some(std::time::Duration::from_secs(10)))
             .unwrap();
         let got = (&mine).read(&mut [0u8; 1]);
-        let fds: Vec<String> = fs::read_dir(format!("/proc/{}/fd", launcher.pid))
-            .unwrap()
-            .flatten()
-            .map(|e| e.file_name().to_string_lossy().into_owned())
-            .collect();
+        // The child closes in a few calls, so the set may still shrink for a moment.
+        let mut fds = Vec::new();
+        for _ in 0..1000 {
+            fds = fs::read_dir(format!("/proc/{}/fd", launcher.pid))
+                .unwrap()
+                .flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect::<Vec<_>>();
+            if fds.len() <= 7 {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
         // A launcher holding its target pipe's write end too would never exit by itself.
         let _ = nix::sys::signal::kill(launcher.pid, nix::sys::signal::Signal::SIGKILL);
         drop(launcher);
