@@ -7,7 +7,9 @@
 //! - an HTTP proxy on 127.0.0.1:3128 (`HTTP_PROXY`/`HTTPS_PROXY` point at it): `CONNECT
 //!   host:port` and absolute `http://` requests to an allowed host and port are relayed, from the
 //!   helper, to that host (resolved by the runner); anything else gets `403` and a line in the
-//!   step's output naming the host and the allow-list;
+//!   step's output naming the host and the allow-list. A plain-HTTP connection carries one
+//!   request, sent upstream with `Host` set to the URL's authority and no hop-by-hop fields;
+//!   CONNECT relays TLS as it is (SNI and the `Host` inside are not seen);
 //! - a resolver on 127.0.0.1:53 (the step's /etc/resolv.conf): allowed names get the runner's
 //!   answer, other names NXDOMAIN and the same kind of line.
 //!

@@ -386,6 +386,9 @@ pub fn init_side(process: &ProcessSpec, link: UnixStream) -> Result<UnixStream, 
     }
 }
 
+/// How long slirp4netns may take to configure the step's tap device before the step fails.
+const SLIRP_READY_TIMEOUT_MS: i32 = 60_000;
+
 /// slirp4netns, forked before the step's pid namespace exists so that it is no process of
 /// the step's (the step could otherwise see it, and it would hold the namespace's teardown).
 /// It waits for pid 1's pid, then execs slirp4netns on that pid's network namespace; dropped
@@ -481,16 +484,41 @@ impl Launcher {
                 .map_err(|e| SandboxError::io("starting slirp4netns", e))?;
         }
         let mut ready = String::new();
+        let mut late = false;
         if let Some(r) = self.ready.take() {
-            let _ = File::from(r).read_to_string(&mut ready);
+            // slirp4netns writes "1" when ready, or exits (closing the pipe) when it fails; one
+            // that does neither must not hold the step forever.
+            let mut pfd = libc::pollfd {
+                fd: r.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            };
+            let waited = loop {
+                // SAFETY: one valid pollfd, alive for the call.
+                let n = unsafe { libc::poll(&mut pfd, 1, SLIRP_READY_TIMEOUT_MS) };
+                if n >= 0 || nix::errno::Errno::last() != nix::errno::Errno::EINTR {
+                    break n;
+                }
+            };
+            if waited == 0 {
+                late = true;
+                let _ = nix::sys::signal::kill(self.pid, nix::sys::signal::Signal::SIGKILL);
+            } else {
+                let _ = File::from(r).read_to_string(&mut ready);
+            }
         }
         if ready.starts_with('1') {
             return Ok(());
         }
         self.stop();
         let said = fs::read_to_string(&self.log).unwrap_or_default();
+        let when = if late {
+            format!(" within {} s", SLIRP_READY_TIMEOUT_MS / 1000)
+        } else {
+            String::new()
+        };
         Err(SandboxError::Setup(format!(
-            "slirp4netns did not set up the step's network: {}",
+            "slirp4netns did not set up the step's network{when}: {}",
             said.trim()
         )))
     }
