@@ -369,18 +369,18 @@ fn parse_request(head: &[String]) -> Result<Request, (&'static str, &'static str
         if name.is_empty() || !name.bytes().all(|b| b.is_ascii_graphic()) {
             return Err((BAD, "shmocker proxy: a malformed header field name"));
         }
-        fields.push((name.to_ascii_lowercase(), value.trim()));
+        fields.push((name.to_ascii_lowercase(), name, value.trim()));
     }
     let listed: Vec<String> = fields
         .iter()
-        .filter(|(n, _)| n == "connection")
-        .flat_map(|(_, v)| v.split(','))
+        .filter(|(n, _, _)| n == "connection")
+        .flat_map(|(_, _, v)| v.split(','))
         .map(|t| t.trim().to_ascii_lowercase())
         .collect();
     let mut length: Option<&str> = None;
     let mut codings = Vec::new();
     let mut out = format!("{method} {path} {version}\r\nHost: {authority}\r\n");
-    for (name, value) in &fields {
+    for (name, original, value) in &fields {
         match name.as_str() {
             "content-length" => {
                 if length.is_some_and(|l| l != *value) {
@@ -399,7 +399,7 @@ fn parse_request(head: &[String]) -> Result<Request, (&'static str, &'static str
         if DROPPED_FIELDS.contains(&name.as_str()) || listed.contains(name) {
             continue;
         }
-        out.push_str(&format!("{name}: {value}\r\n"));
+        out.push_str(&format!("{original}: {value}\r\n"));
     }
     out.push_str("Connection: close\r\n\r\n");
     let body = match (length, codings.last()) {
@@ -848,7 +848,7 @@ mod tests {
         assert_eq!(
             got,
             format!(
-                "GET /a?b HTTP/1.1\r\nHost: {allowed}\r\naccept: */*\r\nConnection: close\r\n\r\n"
+                "GET /a?b HTTP/1.1\r\nHost: {allowed}\r\nAccept: */*\r\nConnection: close\r\n\r\n"
             ),
             "what the server received"
         );
