@@ -253,6 +253,112 @@ fn allow_list_reaches_only_what_it_lists_as_user() {
     allow_list_reaches_only_what_it_lists(Who::User);
 }
 
+/// The `/proc/PID/status` of each allow-list proxy process (named `shmocker-egress`) of the
+/// build whose store is `store`.
+fn proxies_of(store: &Path) -> Vec<String> {
+    let needle = store.to_string_lossy().into_owned();
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let comm = std::fs::read_to_string(entry.path().join("comm")).unwrap_or_default();
+        let cmd = std::fs::read(entry.path().join("cmdline")).unwrap_or_default();
+        if comm.trim_end() == "shmocker-egress" && String::from_utf8_lossy(&cmd).contains(&needle) {
+            found.extend(std::fs::read_to_string(entry.path().join("status")));
+        }
+    }
+    found
+}
+
+fn the_proxy_runs_without_privileges(who: Who) {
+    let store = scratch_dir(who);
+    // The server looks at the proxy while it relays the step's request, so the proxy is alive.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let store_path = store.path().to_path_buf();
+    let seen = std::thread::spawn(move || {
+        use std::io::{Read, Write};
+        let (mut s, _) = listener.accept().unwrap();
+        let _ = s.read(&mut [0u8; 4096]);
+        let seen = proxies_of(&store_path);
+        let _ =
+            s.write_all(b"HTTP/1.0 200 OK\r\nContent-Length: 3\r\nConnection: close\r\n\r\nok\n");
+        seen
+    });
+    let dockerfile =
+        format!("ARG BASE\nFROM ${{BASE}}\nRUN wget -q -O /got http://10.0.2.2:{port}/\n");
+    let allow = format!("10.0.2.2:{port}");
+    let (_w, rootfs, _) = build(
+        who,
+        store.path(),
+        &dockerfile,
+        &["--network", "private", "--allow-host", &allow],
+    );
+    assert_eq!(read(&rootfs, "got"), "ok\n");
+    let seen = seen.join().unwrap();
+    assert_eq!(
+        seen.len(),
+        1,
+        "one proxy process while the step ran: {seen:?}"
+    );
+    let status = &seen[0];
+    let field = |name: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(':'))
+            .map(str::trim)
+            .unwrap_or_else(|| panic!("no {name} in:\n{status}"))
+            .to_string()
+    };
+    for set in ["CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb"] {
+        assert_eq!(
+            field(set),
+            "0000000000000000",
+            "{set} of the proxy:\n{status}"
+        );
+    }
+    assert_eq!(field("NoNewPrivs"), "1", "{status}");
+    assert_eq!(field("Seccomp"), "2", "{status}");
+}
+
+#[test]
+fn the_proxy_runs_without_privileges_as_root() {
+    the_proxy_runs_without_privileges(Who::Root);
+}
+
+#[test]
+fn the_proxy_runs_without_privileges_as_user() {
+    the_proxy_runs_without_privileges(Who::User);
+}
+
+#[test]
+fn insecure_steps_are_refused_with_an_allow_list() {
+    let store = scratch_dir(Who::Root);
+    let ctx = context(&[(
+        "Dockerfile",
+        "FROM scratch\nCOPY Dockerfile /\nRUN --security=insecure true\n",
+    )]);
+    let out = shmocker(
+        Who::Root,
+        store.path(),
+        &[
+            "build",
+            "--network",
+            "private",
+            "--allow-host",
+            "deb.debian.org:443",
+            "--allow",
+            "security.insecure",
+            ctx.path().to_str().unwrap(),
+        ],
+    );
+    assert!(!out.status.success());
+    let err = stderr(&out);
+    assert!(
+        err.contains("Dockerfile:3")
+            && err.contains("RUN --security=insecure cannot run in a build with --allow-host"),
+        "{err}"
+    );
+}
+
 #[test]
 fn private_without_allow_list_reaches_any_port_of_the_runner() {
     let (a, _) = serve_http("a\n");

@@ -901,6 +901,12 @@ impl Builder<'_> {
                 _ => Vec::new(),
             },
         };
+        if insecure && !self.opts.allow_hosts.is_empty() {
+            return Err(self.err(
+                node,
+                "RUN --security=insecure cannot run in a build with --allow-host: an insecure step can trace and take over the allow-list proxy; remove --security=insecure from the step, or build without --allow-host",
+            ));
+        }
         if network == Network::Host && !self.opts.allow_hosts.is_empty() {
             return Err(self.err(
                 node,

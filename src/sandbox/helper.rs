@@ -930,6 +930,8 @@ fn run_process(
         }
         ForkResult::Parent { child } => {
             drop(report_w);
+            // From here pid 1 holds the only copy of its end (the network's children close what
+            // they do not use), so the helper's wait for it ends when pid 1 exits.
             drop(init_link);
             // Kept until pid 1 is gone: dropping it stops slirp4netns.
             let net = helper_link.map(|h| h.start(child));

@@ -127,10 +127,12 @@ impl Link {
     /// would hold up its teardown), and the proxy may start threads, which the kernel refuses
     /// to a process whose children go to another pid namespace.
     pub fn new(process: &ProcessSpec, scratch: &Path) -> Result<Link, SandboxError> {
-        let (init, helper) =
-            UnixStream::pair().map_err(|e| SandboxError::io("socketpair for the network", e))?;
         if process.allow_hosts.is_empty() {
+            // The launcher first: the socketpair made after it is never in its hands (it closes
+            // what it does not need anyway), so pid 1's end has one holder and its exit is seen.
             let slirp = Launcher::fork(scratch)?;
+            let (init, helper) = UnixStream::pair()
+                .map_err(|e| SandboxError::io("socketpair for the network", e))?;
             return Ok(Link {
                 init,
                 helper: HelperEnd {
@@ -140,12 +142,18 @@ impl Link {
                 },
             });
         }
+        let (init, helper) =
+            UnixStream::pair().map_err(|e| SandboxError::io("socketpair for the network", e))?;
         let list = process.allow_hosts.clone();
         // SAFETY: the helper is single-threaded (a fresh exec that never starts threads), so
         // the child may allocate and use the standard library freely.
         match unsafe { nix::unistd::fork() }.map_err(|e| SandboxError::sys("fork", e))? {
             nix::unistd::ForkResult::Child => {
-                drop(init);
+                // Only stderr (the step's output, for refusals) and its end of the link: no
+                // store or rootfs descriptor of the helper's, and not pid 1's end.
+                close_other_fds(&[helper.as_raw_fd()]);
+                std::mem::forget(init); // closed just above
+                let _ = nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL);
                 let code = match egress_process(helper, list) {
                     Ok(()) => 0,
                     Err(e) => {
@@ -167,8 +175,88 @@ impl Link {
     }
 }
 
-/// The filtering proxy's process: takes pid 1's sockets, serves them on threads, lets pid 1 go
-/// on, and exits when pid 1 closes its end (or the helper kills it).
+/// Closes every descriptor of this process from 3 up except those in `keep`: for a child just
+/// forked from the helper, which must hold nothing it does not use. A socket end held by a
+/// child that waits (the slirp4netns launcher waits for a pid) would keep its peer from ever
+/// seeing EOF: the helper would wait forever for a pid 1 that had already failed.
+fn close_other_fds(keep: &[RawFd]) {
+    let mut keep: Vec<u32> = keep
+        .iter()
+        .filter_map(|fd| u32::try_from(*fd).ok())
+        .filter(|fd| *fd > 2)
+        .collect();
+    keep.sort_unstable();
+    keep.dedup();
+    let mut from = 3u32;
+    let mut ranges = Vec::new();
+    for fd in keep {
+        if fd > from {
+            ranges.push((from, fd - 1));
+        }
+        from = fd + 1;
+    }
+    ranges.push((from, u32::MAX));
+    for (first, last) in ranges {
+        // SAFETY: close_range(2) only closes descriptors; none in this range is used again
+        // (the callers own nothing there but what `keep` names).
+        let done = unsafe { libc::syscall(libc::SYS_close_range, first, last, 0) } == 0;
+        if !done {
+            // Before Linux 5.9: close what /proc/self/fd lists in the range.
+            let open: Vec<u32> = fs::read_dir("/proc/self/fd")
+                .map(|d| {
+                    d.flatten()
+                        .filter_map(|e| e.file_name().to_str()?.parse().ok())
+                        .collect()
+                })
+                .unwrap_or_default();
+            for fd in open.into_iter().filter(|fd| (first..=last).contains(fd)) {
+                // SAFETY: as above; EBADF (the directory's own descriptor, already closed) is
+                // harmless.
+                unsafe { libc::close(fd as RawFd) };
+            }
+        }
+    }
+}
+
+/// Takes from the proxy's process everything it does not need once it holds its sockets: it
+/// parses what the step sends, so a flaw in it must not hand the step the build's user
+/// namespace. All capabilities go (bounding, ambient, inheritable, effective, permitted: it
+/// only accepts, connects and resolves, none of which needs one), `no_new_privs` is set, it
+/// becomes undumpable (no ptrace, no /proc/PID/mem by a process of the same user) and it gets
+/// the steps' seccomp filter ([`super::harden::install_seccomp`]: no namespaces, mounts,
+/// keyrings, BPF...). Named `shmocker-egress` for `ps`.
+fn lock_down_proxy() -> Result<(), SandboxError> {
+    use caps::CapSet;
+    let _ = nix::sys::prctl::set_name(c"shmocker-egress");
+    for cap in caps::all() {
+        // A capability the kernel does not know is in no set; nothing to drop.
+        if let Err(e) = caps::drop(None, CapSet::Bounding, cap)
+            && caps::has_cap(None, CapSet::Bounding, cap).unwrap_or(false)
+        {
+            return Err(SandboxError::Setup(format!(
+                "dropping {cap} from the proxy's bounding set: {e}"
+            )));
+        }
+    }
+    for set in [
+        CapSet::Ambient,
+        CapSet::Inheritable,
+        CapSet::Effective,
+        CapSet::Permitted,
+    ] {
+        caps::clear(None, set).map_err(|e| {
+            SandboxError::Setup(format!("clearing the proxy's {set:?} capabilities: {e}"))
+        })?;
+    }
+    nix::sys::prctl::set_no_new_privs()
+        .map_err(|e| SandboxError::sys("setting no_new_privs for the proxy", e))?;
+    nix::sys::prctl::set_dumpable(false)
+        .map_err(|e| SandboxError::sys("making the proxy undumpable", e))?;
+    super::harden::install_seccomp()
+}
+
+/// The filtering proxy's process: takes pid 1's sockets, locks itself down, serves them on
+/// threads, lets pid 1 go on, and exits when pid 1 closes its end (or the helper kills it).
 fn egress_process(
     link: UnixStream,
     list: Vec<super::egress::AllowHost>,
@@ -182,11 +270,14 @@ fn egress_process(
             "pid 1 sent no sockets for the proxy ({byte:?})"
         )));
     };
+    // Before the first thread: threads inherit the filter and the capability sets.
+    lock_down_proxy()?;
     super::egress::serve(
         std::net::TcpListener::from(proxy),
         std::net::UdpSocket::from(dns),
         list,
-    );
+    )
+    .map_err(|e| SandboxError::io("starting the proxy's threads", e))?;
     (&link)
         .write_all(b"G")
         .map_err(|e| SandboxError::io("letting pid 1 go on", e))?;
@@ -295,6 +386,9 @@ pub fn init_side(process: &ProcessSpec, link: UnixStream) -> Result<UnixStream, 
     }
 }
 
+/// How long slirp4netns may take to configure the step's tap device before the step fails.
+const SLIRP_READY_TIMEOUT_MS: i32 = 60_000;
+
 /// slirp4netns, forked before the step's pid namespace exists so that it is no process of
 /// the step's (the step could otherwise see it, and it would hold the namespace's teardown).
 /// It waits for pid 1's pid, then execs slirp4netns on that pid's network namespace; dropped
@@ -343,7 +437,14 @@ impl Launcher {
         // this point), so the child may allocate and use the standard library freely.
         match unsafe { nix::unistd::fork() }.map_err(|e| SandboxError::sys("fork", e))? {
             nix::unistd::ForkResult::Child => {
-                drop((ready_r, exit_w, target_w));
+                close_other_fds(&[
+                    target_r.as_raw_fd(),
+                    ready_w.as_raw_fd(),
+                    exit_r.as_raw_fd(),
+                    out.as_raw_fd(),
+                ]);
+                // Closed just above.
+                std::mem::forget((ready_r, exit_w, target_w));
                 let mut text = String::new();
                 let _ = File::from(target_r).read_to_string(&mut text);
                 if text.is_empty() {
@@ -383,16 +484,41 @@ impl Launcher {
                 .map_err(|e| SandboxError::io("starting slirp4netns", e))?;
         }
         let mut ready = String::new();
+        let mut late = false;
         if let Some(r) = self.ready.take() {
-            let _ = File::from(r).read_to_string(&mut ready);
+            // slirp4netns writes "1" when ready, or exits (closing the pipe) when it fails; one
+            // that does neither must not hold the step forever.
+            let mut pfd = libc::pollfd {
+                fd: r.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            };
+            let waited = loop {
+                // SAFETY: one valid pollfd, alive for the call.
+                let n = unsafe { libc::poll(&mut pfd, 1, SLIRP_READY_TIMEOUT_MS) };
+                if n >= 0 || nix::errno::Errno::last() != nix::errno::Errno::EINTR {
+                    break n;
+                }
+            };
+            if waited == 0 {
+                late = true;
+                let _ = nix::sys::signal::kill(self.pid, nix::sys::signal::Signal::SIGKILL);
+            } else {
+                let _ = File::from(r).read_to_string(&mut ready);
+            }
         }
         if ready.starts_with('1') {
             return Ok(());
         }
         self.stop();
         let said = fs::read_to_string(&self.log).unwrap_or_default();
+        let when = if late {
+            format!(" within {} s", SLIRP_READY_TIMEOUT_MS / 1000)
+        } else {
+            String::new()
+        };
         Err(SandboxError::Setup(format!(
-            "slirp4netns did not set up the step's network: {}",
+            "slirp4netns did not set up the step's network{when}: {}",
             said.trim()
         )))
     }
@@ -454,5 +580,49 @@ impl Drop for HelperEnd {
             let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
             let _ = nix::sys::wait::waitpid(pid, None);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The slirp4netns launcher waits (for pid 1's pid) while holding descriptors; if it held a
+    /// socket end it does not use, that socket's peer would never see EOF: the helper's wait for
+    /// a pid 1 that failed early hung forever that way.
+    #[test]
+    fn the_launcher_holds_nothing_but_its_pipes() {
+        let scratch = tempfile::tempdir().unwrap();
+        let (mine, theirs) = UnixStream::pair().unwrap();
+        let launcher = Launcher::fork(scratch.path()).unwrap_or_else(|e| {
+            panic!(
+                "this test needs slirp4netns and a usable /dev/net/tun (tests/env/setup.sh): {e}"
+            )
+        });
+        drop(theirs);
+        mine.set_read_timeout(Some(std::time::Duration::from_secs(10)))
+            .unwrap();
+        let got = (&mine).read(&mut [0u8; 1]);
+        // The child closes in a few calls, so the set may still shrink for a moment.
+        let mut fds = Vec::new();
+        for _ in 0..1000 {
+            fds = fs::read_dir(format!("/proc/{}/fd", launcher.pid))
+                .unwrap()
+                .flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect::<Vec<_>>();
+            if fds.len() <= 7 {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        // A launcher holding its target pipe's write end too would never exit by itself.
+        let _ = nix::sys::signal::kill(launcher.pid, nix::sys::signal::Signal::SIGKILL);
+        drop(launcher);
+        assert!(
+            matches!(got, Ok(0)),
+            "the launcher kept the other end of a socketpair open: {got:?}"
+        );
+        assert_eq!(fds.len(), 7, "stdio and its four descriptors: {fds:?}");
     }
 }
