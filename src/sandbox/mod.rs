@@ -348,11 +348,11 @@ pub fn run_step(
         .stderr(Stdio::from(write_clone));
     // The step dies with the build: this thread spawns the helper and waits for it below.
     die_with_spawner(&mut cmd);
-    let mut child = cmd
-        .spawn()
-        .map_err(|e| SandboxError::io("starting the sandbox helper", e))?;
-    // The Command holds the only other copies of the write end; they are closed now, so the
-    // reader sees EOF when the step's last process exits.
+    let spawned = cmd.spawn();
+    // The Command holds the only other copies of the write end; dropping it closes them, so
+    // the reader sees EOF when the step's last process exits.
+    drop(cmd);
+    let mut child = spawned.map_err(|e| SandboxError::io("starting the sandbox helper", e))?;
     let reader = BufReader::new(std::fs::File::from(read_end));
     let mut tail = VecDeque::with_capacity(TAIL_LINES);
     for line in reader.split(b'\n') {
