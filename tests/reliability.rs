@@ -264,6 +264,7 @@ fn a_push_that_gives_up_leaves_no_manifest() {
             rate: 0.0,
             each_kind_once: false,
             fail_all_upload_puts: true,
+            trickle_blob_gets: 0,
         },
     );
     let tag = format!("giveup:{}", common::unique());
@@ -311,6 +312,133 @@ fn a_push_that_gives_up_leaves_no_manifest() {
         "the registry has a manifest for {direct} although its blobs never arrived"
     );
     verify_store(store.path());
+}
+
+/// A client of the test registry through `proxy`, whose blob transfers get 2 s per attempt, and
+/// the retry notices it gives.
+fn impatient_client(
+    attempts: u32,
+) -> (
+    shmocker::registry::Registry,
+    std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+) {
+    use shmocker::registry::{Registry, RegistryOptions, RetryNotice, RetryPolicy};
+    let notices = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let seen = notices.clone();
+    let reg = Registry::new(RegistryOptions {
+        extra_auth_files: Some(vec![]),
+        docker_config_dir: Some(std::env::temp_dir().join("shmocker-no-docker-config")),
+        retry: Some(RetryPolicy {
+            attempts,
+            base_delay: Duration::from_millis(10),
+            max_delay: Duration::from_millis(100),
+            min_transfer_timeout: Duration::from_secs(2),
+            min_transfer_rate: u64::MAX,
+            ..RetryPolicy::default()
+        }),
+        on_retry: Some(RetryNotice::new(move |m| {
+            seen.lock().unwrap().push(m.to_string())
+        })),
+        ..Default::default()
+    });
+    (reg, notices)
+}
+
+/// A blob transfer that trickles (a byte every half second, so no read ever times out) is cut
+/// off at its per-attempt limit and retried, in pulls of configs and of layers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_trickling_transfer_is_cut_off_and_retried() {
+    use shmocker::registry::{BlobRef, Platform};
+    let proxy = FaultProxy::start(
+        env().registry(),
+        Plan {
+            seed: 0x5eed_0004,
+            rate: 0.0,
+            each_kind_once: false,
+            fail_all_upload_puts: false,
+            trickle_blob_gets: 2,
+        },
+    );
+    let image: oci_client::Reference = busybox_via(&proxy.host()).parse().unwrap();
+    let (reg, notices) = impatient_client(3);
+    let store_dir = scratch_dir(Who::Root);
+    let store = shmocker::store::Store::open(store_dir.path()).unwrap();
+    let started = Instant::now();
+    // The config's GET trickles: the pull retries it.
+    let pulled = reg.pull_manifest(&image, &Platform::host()).await.unwrap();
+    let layer = &pulled.manifest.layers[0];
+    let blob = BlobRef {
+        digest: layer.digest.clone(),
+        size: layer.size as u64,
+        media_type: layer.media_type.clone(),
+    };
+    // And so does the layer's first GET.
+    let path = reg.fetch_blob(&image, &blob, &store).await.unwrap();
+    let elapsed = started.elapsed();
+    assert_eq!(proxy.counts()[&Fault::TrickleBlob], 2, "{}", proxy.log());
+    let notices = notices.lock().unwrap().clone();
+    assert_eq!(notices.len(), 2, "{notices:#?}");
+    for n in &notices {
+        assert!(
+            n.contains("no complete answer within 2s") && n.contains(&proxy.host()),
+            "{n}"
+        );
+    }
+    assert!(elapsed < Duration::from_secs(60), "took {elapsed:?}");
+    let data = fs::read(&path).unwrap();
+    assert_eq!(shmocker::store::sha256_digest(&data), blob.digest);
+    assert_eq!(
+        fs::read_dir(store_dir.path().join("tmp")).unwrap().count(),
+        0
+    );
+}
+
+/// A registry that only ever trickles ends in a bounded give-up that says so, and leaves no
+/// partial blob.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_registry_that_only_trickles_gives_up_in_bounded_time() {
+    use shmocker::registry::{BlobRef, Platform};
+    // The manifest straight from the registry; the blob through the proxy, which trickles it.
+    let direct: oci_client::Reference = env().busybox().parse().unwrap();
+    let (reg, _) = impatient_client(2);
+    let pulled = reg.pull_manifest(&direct, &Platform::host()).await.unwrap();
+    let layer = &pulled.manifest.layers[0];
+    let blob = BlobRef {
+        digest: layer.digest.clone(),
+        size: layer.size as u64,
+        media_type: layer.media_type.clone(),
+    };
+    let proxy = FaultProxy::start(
+        env().registry(),
+        Plan {
+            seed: 0x5eed_0005,
+            rate: 0.0,
+            each_kind_once: false,
+            fail_all_upload_puts: false,
+            trickle_blob_gets: u64::MAX,
+        },
+    );
+    let image: oci_client::Reference = busybox_via(&proxy.host()).parse().unwrap();
+    let store_dir = scratch_dir(Who::Root);
+    let store = shmocker::store::Store::open(store_dir.path()).unwrap();
+    let started = Instant::now();
+    let e = reg.fetch_blob(&image, &blob, &store).await.unwrap_err();
+    let elapsed = started.elapsed();
+    let msg = e.to_string();
+    for needle in [
+        "gave up after 2 attempts",
+        "no complete answer within 2s",
+        blob.digest.as_str(),
+        proxy.host().as_str(),
+    ] {
+        assert!(msg.contains(needle), "{needle:?} not in {msg}");
+    }
+    assert!(elapsed < Duration::from_secs(30), "took {elapsed:?}");
+    assert!(!store.has_blob(&blob.digest));
+    assert_eq!(
+        fs::read_dir(store_dir.path().join("tmp")).unwrap().count(),
+        0
+    );
 }
 
 /// A context whose build takes a few seconds and whose result is reproducible: fixed contents,

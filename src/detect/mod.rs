@@ -245,45 +245,29 @@ pub enum DetectError {
     Matrix(#[from] matrix::MatrixError),
 }
 
-/// Runs every probe with `store` (created if missing) as the place a build would write. Call
-/// while the process is single-threaded.
-/// Removes the probes' work directory. Overlayfs leaves its `work/work` directory with mode 0
-/// (and a whiteout inside), which an unprivileged user outside the namespace cannot list: such
-/// directories are opened up (u+rwx) first. Symlinks are never followed.
-fn remove_probe_dir(dir: &Path) {
-    use std::os::unix::fs::PermissionsExt;
-    fn open_up(dir: &Path) {
-        let _ = fs::set_permissions(dir, fs::Permissions::from_mode(0o700));
-        if let Ok(entries) = fs::read_dir(dir) {
-            for e in entries.flatten() {
-                if e.file_type().is_ok_and(|t| t.is_dir()) {
-                    open_up(&e.path());
-                }
-            }
-        }
-    }
-    if fs::remove_dir_all(dir).is_err() && dir.exists() {
-        open_up(dir);
-        let _ = fs::remove_dir_all(dir);
-    }
+/// The probes' work directory in `store`: a fresh temp name (see `store::temp_name`), so that
+/// probes run at once in containers sharing a store never use (or remove) each other's, and a
+/// killed run's directory is removed by the next build.
+fn probe_dir(store: &Path) -> PathBuf {
+    store.join("tmp").join(crate::store::temp_name("detect"))
 }
 
+/// Runs every probe with `store` (created if missing) as the place a build would write. Call
+/// while the process is single-threaded.
 pub fn run(store: &Path, mapping: &IdMapping) -> Result<Report, DetectError> {
     let started = Instant::now();
     let store_err = |source| DetectError::Store {
         path: store.to_path_buf(),
         source,
     };
-    let work = store
-        .join("tmp")
-        .join(format!("detect-{}", std::process::id()));
-    remove_probe_dir(&work);
+    let work = probe_dir(store);
     fs::create_dir_all(&work).map_err(store_err)?;
     let mut raws = probes::namespace_probes(&work);
     raws.insert(2, probes::mapping_probe(mapping));
     raws.push(probes::chroot_probe(&work));
     raws.push(probes::reflink_probe(&work));
-    remove_probe_dir(&work);
+    // Overlayfs' mode-0 work dir included (see `store::remove_tree`).
+    crate::store::remove_tree(&work);
 
     let status = proc_status();
     let host = host_facts(store, &status);
@@ -624,6 +608,18 @@ pub(crate) mod tests {
                 flags: Vec::new(),
             },
         }
+    }
+
+    #[test]
+    fn probe_dirs_are_store_temps_the_cleaner_knows() {
+        let store = Path::new("/s");
+        let (a, b) = (probe_dir(store), probe_dir(store));
+        assert_ne!(a, b);
+        assert_eq!(a.parent(), Some(Path::new("/s/tmp")));
+        let name = a.file_name().unwrap().to_string_lossy().into_owned();
+        let (pid, ns) = crate::store::temp_owner(&name).expect("a store temp name");
+        assert_eq!(pid, std::process::id());
+        assert_ne!(ns, 0, "{name}: no pid namespace");
     }
 
     fn raw(name: &str, errno: &str, detail: &str) -> probes::Raw {

@@ -39,7 +39,7 @@ pub struct Record {
 #[derive(Debug, Clone)]
 pub struct Cache {
     dir: PathBuf,
-    tmp: PathBuf,
+    store: Store,
 }
 
 impl Cache {
@@ -48,7 +48,7 @@ impl Cache {
         fs::create_dir_all(&dir)?;
         Ok(Cache {
             dir,
-            tmp: store.root().join("tmp"),
+            store: store.clone(),
         })
     }
 
@@ -63,16 +63,28 @@ impl Cache {
     }
 
     pub fn put(&self, key: &str, record: &Record) -> io::Result<()> {
-        // `cache-KEY.N-PID`: unique within the process too (parallel stages may make the same
-        // step), and the pid last, where the store's cleaner looks for it.
-        static N: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-        let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let tmp = self
-            .tmp
-            .join(format!("cache-{key}.{n}-{}", std::process::id()));
-        fs::write(&tmp, serde_json::to_vec(record)?)?;
-        fs::rename(&tmp, self.path(key))
+        write_via_temp(
+            &self.temp_for(key),
+            &serde_json::to_vec(record)?,
+            &self.path(key),
+        )
     }
+
+    /// A store temp name (`cache-KEY-PID-NS_TOKEN_N`): unique per process, namespace and call
+    /// (parallel stages, and builds in other containers, may make the same step), and cleaned
+    /// by the next build when its owner was killed.
+    fn temp_for(&self, key: &str) -> PathBuf {
+        self.store.temp_path(&format!("cache-{key}"))
+    }
+}
+
+/// Writes `data` to `tmp`, then renames it to `dest`; on failure, `tmp` is removed.
+fn write_via_temp(tmp: &Path, data: &[u8], dest: &Path) -> io::Result<()> {
+    let done = fs::write(tmp, data).and_then(|()| fs::rename(tmp, dest));
+    if done.is_err() {
+        let _ = fs::remove_file(tmp);
+    }
+    done
 }
 
 /// The key of a step: its parent's key and a description of the step.
@@ -89,6 +101,8 @@ pub fn step_key(parent: &str, material: &serde_json::Value) -> String {
 #[derive(Debug, Default)]
 pub struct FileHashes {
     path: Option<PathBuf>,
+    /// The store the hashes belong to, whose `tmp/` takes the partial file.
+    store: Option<Store>,
     known: std::sync::Mutex<std::collections::HashMap<String, String>>,
     changed: std::sync::atomic::AtomicBool,
 }
@@ -103,6 +117,7 @@ impl FileHashes {
             .unwrap_or_default();
         FileHashes {
             path: Some(path),
+            store: Some(store.clone()),
             known: std::sync::Mutex::new(known),
             changed: Default::default(),
         }
@@ -110,7 +125,7 @@ impl FileHashes {
 
     /// Writes the hashes back (atomically) if any were added.
     pub fn save(&self) -> io::Result<()> {
-        let Some(path) = &self.path else {
+        let (Some(path), Some(store)) = (&self.path, &self.store) else {
             return Ok(());
         };
         if !self.changed.load(std::sync::atomic::Ordering::Relaxed) {
@@ -120,16 +135,9 @@ impl FileHashes {
         if let Some(dir) = path.parent() {
             fs::create_dir_all(dir)?;
         }
-        // In the store's tmp/ (`cache-file-hashes-PID`), where a killed build's partial file is
-        // cleaned up by the next build.
-        let tmp = match path.parent().and_then(Path::parent) {
-            Some(root) => root
-                .join("tmp")
-                .join(format!("cache-file-hashes-{}", std::process::id())),
-            None => path.with_extension(format!("{}.partial", std::process::id())),
-        };
-        fs::write(&tmp, data)?;
-        fs::rename(&tmp, path)
+        // A store temp (`cache-file-hashes-PID-NS_TOKEN_N`): a killed build's partial file is
+        // cleaned up by the next build, and builds in other containers never share it.
+        write_via_temp(&store.temp_path("cache-file-hashes"), &data, path)
     }
 
     fn hash(&self, path: &Path, meta: &fs::Metadata) -> io::Result<String> {
@@ -221,6 +229,37 @@ mod tests {
         };
         cache.put(&a, &rec).unwrap();
         assert_eq!(cache.get(&a), Some(rec));
+    }
+
+    #[test]
+    fn record_temps_are_store_temps_and_a_failed_put_leaves_none() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let cache = Cache::new(&store).unwrap();
+        let key = "ab".repeat(32);
+        let (t1, t2) = (cache.temp_for(&key), cache.temp_for(&key));
+        assert_ne!(t1, t2);
+        assert_eq!(t1.parent(), Some(dir.path().join("tmp").as_path()));
+        let name = t1.file_name().unwrap().to_string_lossy().into_owned();
+        let (pid, ns) = crate::store::temp_owner(&name).expect("a store temp name");
+        assert_eq!(pid, std::process::id());
+        assert_ne!(ns, 0, "{name}: no pid namespace");
+        // The record's place is taken by a directory: the rename fails, the temp goes.
+        fs::create_dir_all(cache.path(&key).join("x")).unwrap();
+        let rec = Record {
+            created: "2020-01-01T00:00:00Z".into(),
+            layer: None,
+        };
+        assert!(cache.put(&key, &rec).is_err());
+        assert_eq!(fs::read_dir(dir.path().join("tmp")).unwrap().count(), 0);
+        // The file hashes likewise.
+        let hashes = FileHashes::load(&store);
+        let f = dir.path().join("f");
+        fs::write(&f, "x").unwrap();
+        hashes.hash(&f, &fs::metadata(&f).unwrap()).unwrap();
+        fs::create_dir_all(dir.path().join("cache/file-hashes.json/x")).unwrap();
+        assert!(hashes.save().is_err());
+        assert_eq!(fs::read_dir(dir.path().join("tmp")).unwrap().count(), 0);
     }
 
     #[test]

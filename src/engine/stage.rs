@@ -1350,6 +1350,9 @@ impl Builder<'_> {
             if let Some(c) = cwd {
                 cmd.current_dir(c);
             }
+            // git dies with the build. It is spawned on a runtime worker thread, which lasts
+            // as long as the build.
+            crate::sandbox::die_with_spawner(cmd.as_std_mut());
             cmd.output().await
         };
         let dir_s = dir.display().to_string();

@@ -208,8 +208,10 @@ pub(crate) struct Ctx<'a> {
     pub op: Op<'a>,
 }
 
-/// Server messages can be whole HTML pages; keep errors readable.
+/// Server messages can be whole HTML pages; keep errors readable (and free of the secrets a
+/// URL may carry: see [`redact_urls`]).
 pub(crate) fn truncate(s: &str, max: usize) -> String {
+    let s = redact_urls(s);
     let s = s.trim();
     if s.len() <= max {
         return s.to_string();
@@ -221,7 +223,8 @@ pub(crate) fn truncate(s: &str, max: usize) -> String {
     format!("{}…", &s[..end])
 }
 
-/// `e: source: source ...`, which is where reqwest keeps the useful part ("Connection refused").
+/// `e: source: source ...`, which is where reqwest keeps the useful part ("Connection refused"),
+/// with every URL in it redacted (see [`redact_urls`]).
 pub(crate) fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
     let mut parts = vec![e.to_string()];
     let mut cur = e.source();
@@ -232,7 +235,57 @@ pub(crate) fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
         }
         cur = s.source();
     }
-    parts.join(": ")
+    redact_urls(&parts.join(": "))
+}
+
+/// `text` with the query, fragment and user info of every `http(s)://` URL in it replaced by
+/// `<redacted>`. reqwest names the URL a failed request went to, and `oci-client` follows
+/// redirects: a blob's URL may be a pre-signed S3 or CDN link whose query holds a signature
+/// and a session token (`X-Amz-Signature`, `X-Amz-Security-Token`), valid for a while to
+/// anyone who reads the build log.
+pub(crate) fn redact_urls(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(start) = find_url(rest) {
+        out.push_str(&rest[..start]);
+        let url_and_more = &rest[start..];
+        let end = url_and_more
+            .find(|c: char| c.is_whitespace() || matches!(c, ')' | '"' | '\'' | '<' | '>' | '`'))
+            .unwrap_or(url_and_more.len());
+        let url = &url_and_more[..end];
+        let scheme_end = url.find("://").map_or(0, |i| i + 3);
+        let (scheme, after) = url.split_at(scheme_end);
+        let authority_end = after.find(['/', '?', '#']).unwrap_or(after.len());
+        let (authority, tail) = after.split_at(authority_end);
+        out.push_str(scheme);
+        match authority.rsplit_once('@') {
+            Some((_, host)) => {
+                out.push_str("<redacted>@");
+                out.push_str(host);
+            }
+            None => out.push_str(authority),
+        }
+        match tail.find(['?', '#']) {
+            Some(q) => {
+                out.push_str(&tail[..q]);
+                out.push_str(&tail[q..q + 1]);
+                out.push_str("<redacted>");
+            }
+            None => out.push_str(tail),
+        }
+        rest = &url_and_more[end..];
+    }
+    out.push_str(rest);
+    out
+}
+
+/// Where the next `http://` or `https://` URL starts, case-insensitively.
+fn find_url(s: &str) -> Option<usize> {
+    let lower = s.to_ascii_lowercase();
+    [lower.find("http://"), lower.find("https://")]
+        .into_iter()
+        .flatten()
+        .min()
 }
 
 impl Ctx<'_> {
@@ -451,4 +504,75 @@ pub(crate) fn classify(err: OciDistributionError, ctx: &Ctx<'_>) -> RegistryErro
 /// errors).
 pub(crate) fn classify_io(err: &std::io::Error, ctx: &Ctx<'_>) -> RegistryError {
     ctx.for_io(err)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SIGNED: &str = "X-Amz-Algorithm=AWS4-HMAC-SHA256&X-Amz-Signature=secretsig&X-Amz-Security-Token=secrettoken";
+
+    #[test]
+    fn urls_lose_their_query_and_user_info() {
+        let text = format!(
+            "error sending request for url (https://bucket.s3.amazonaws.com/docker/blobs/data?{SIGNED}#frag): \
+             redirected from HTTP://user:secretpw@reg.example:5000/v2/app/blobs/sha256:ab?x=secretq \"https://h/p?secretq2\""
+        );
+        let out = redact_urls(&text);
+        assert!(!out.contains("secret"), "{out}");
+        for kept in [
+            "error sending request for url (https://bucket.s3.amazonaws.com/docker/blobs/data?<redacted>): ",
+            "HTTP://<redacted>@reg.example:5000/v2/app/blobs/sha256:ab?<redacted> ",
+            "\"https://h/p?<redacted>\"",
+        ] {
+            assert!(out.contains(kept), "{kept:?} not in {out}");
+        }
+        let plain = "connection refused (os error 111) at http://127.0.0.1:5000/v2/";
+        assert_eq!(redact_urls(plain), plain);
+        assert_eq!(redact_urls("no url ?here@"), "no url ?here@");
+    }
+
+    #[tokio::test]
+    async fn reqwest_errors_never_show_a_signed_query() {
+        // A port nobody listens on: the request fails to connect, and reqwest's error names
+        // the URL, as it would after a redirect to a pre-signed blob URL.
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let url = format!("http://user:secretpw@127.0.0.1:{port}/docker/blobs/data?{SIGNED}");
+        let e = reqwest::Client::new().get(&url).send().await.unwrap_err();
+        assert!(
+            e.to_string().contains("secretsig"),
+            "reqwest shows the URL: {e}"
+        );
+        let chain = error_chain(&e);
+        assert!(!chain.contains("secret"), "{chain}");
+        assert!(
+            chain.contains(&format!("127.0.0.1:{port}/docker/blobs/data")),
+            "{chain}"
+        );
+        let digest = format!("sha256:{}", "a".repeat(64));
+        let ctx = Ctx {
+            reference: "reg.example/app:1",
+            host: "reg.example",
+            scheme: "https",
+            credentials: "none",
+            op: Op::PullBlob(&digest),
+        };
+        let msg = classify(OciDistributionError::RequestError(e), &ctx).to_string();
+        assert!(!msg.contains("secret"), "{msg}");
+        assert!(msg.contains("reg.example/app:1"), "{msg}");
+        // Errors that carry a URL in their own text, and streamed blobs' io errors.
+        let e = reqwest::Client::new().get(&url).send().await.unwrap_err();
+        let msg = classify_io(&std::io::Error::other(e), &ctx).to_string();
+        assert!(!msg.contains("secret"), "{msg}");
+        let e = OciDistributionError::SpecViolationError(format!("redirected to {url}"));
+        let msg = classify(e, &ctx).to_string();
+        assert!(
+            !msg.contains("secret") && msg.contains("?<redacted>"),
+            "{msg}"
+        );
+    }
 }

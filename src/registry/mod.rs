@@ -323,13 +323,40 @@ impl Host {
         }
     }
 
-    /// Runs one request with this host's retry policy; `what` names it in retry notices.
-    async fn retrying<T, F, Fut>(&self, what: &str, attempt: F) -> Result<T, RegistryError>
+    /// Runs one request with this host's retry policy; `what` names it in retry notices,
+    /// `shown` and `op` in the error of an attempt that ran out of time. Each attempt gets the
+    /// policy's transfer limit for a blob of `blob_size` bytes, or its request limit (`None`).
+    async fn retrying<T, F, Fut>(
+        &self,
+        what: &str,
+        shown: &str,
+        op: Op<'_>,
+        blob_size: Option<u64>,
+        attempt: F,
+    ) -> Result<T, RegistryError>
     where
         F: FnMut() -> Fut,
         Fut: std::future::Future<Output = Result<T, Failure>>,
     {
-        retry::run(&self.retry, self.on_retry.as_ref(), what, attempt).await
+        let limit = match blob_size {
+            Some(size) => self.retry.transfer_timeout(size),
+            None => self.retry.request_timeout,
+        };
+        let timed_out = |limit: Duration| {
+            self.ctx(shown, op).other(format!(
+                "no complete answer within {}s, the time one attempt gets; the registry or the network stalled or is too slow",
+                limit.as_secs_f64()
+            ))
+        };
+        retry::run(
+            &self.retry,
+            self.on_retry.as_ref(),
+            what,
+            limit,
+            timed_out,
+            attempt,
+        )
+        .await
     }
 
     /// Fetches a manifest or index, checked against the reference's digest if it has one.
@@ -339,7 +366,7 @@ impl Host {
         shown: &str,
     ) -> Result<(Vec<u8>, String), RegistryError> {
         let what = format!("pulling the manifest of {}", image.whole());
-        self.retrying(&what, || async {
+        self.retrying(&what, shown, Op::PullManifest, None, || async {
             let (body, digest) = self
                 .client
                 .pull_manifest_raw(image, &self.auth, ACCEPTED_MANIFEST_TYPES)
@@ -360,7 +387,7 @@ impl Host {
         digest: &str,
     ) -> Result<bool, RegistryError> {
         let what = format!("checking for blob {digest} in {shown}");
-        self.retrying(&what, || async {
+        self.retrying(&what, shown, Op::CheckBlob(digest), None, || async {
             self.client.blob_exists(image, digest).await.map_err(|e| {
                 Failure::from_oci(e, |e| classify(e, &self.ctx(shown, Op::CheckBlob(digest))))
             })
@@ -377,7 +404,7 @@ impl Host {
         content_type: &reqwest::header::HeaderValue,
     ) -> Result<(), RegistryError> {
         let what = format!("pushing the manifest of {shown}");
-        self.retrying(&what, || async {
+        self.retrying(&what, shown, Op::PushManifest, None, || async {
             self.client
                 .push_manifest_raw(target, raw.to_vec(), content_type.clone())
                 .await
@@ -548,8 +575,9 @@ impl Registry {
             });
         }
         let what = format!("pulling config {config_digest} of {shown}");
+        let config_op = Op::PullBlob(&config_digest);
         let config_raw = host
-            .retrying(&what, || async {
+            .retrying(&what, &shown, config_op, Some(config_size), || async {
                 let mut raw = Vec::with_capacity(config_size as usize);
                 host.client
                     .pull_blob(image, &manifest.config, &mut raw)
@@ -615,7 +643,8 @@ impl Registry {
         let what = format!("pulling blob {} of {shown}", blob.digest);
         // Each attempt streams into a fresh temp file; a failed one's file is dropped (deleted),
         // so only a whole blob whose digest matched is ever renamed under its name.
-        host.retrying(&what, || {
+        let op = Op::PullBlob(&blob.digest);
+        host.retrying(&what, &shown, op, Some(blob.size), || {
             self.fetch_blob_once(&host, image, &shown, blob, store)
         })
         .await?;
@@ -843,7 +872,7 @@ impl Registry {
             let child = target.clone_with_digest(entry.digest.clone());
             let child_shown = child.whole();
             let what = format!("checking for manifest {child_shown}");
-            host.retrying(&what, || async {
+            host.retrying(&what, &child_shown, Op::PullManifest, None, || async {
                 host.client
                     .fetch_manifest_digest(&child, &host.auth)
                     .await
@@ -876,7 +905,8 @@ impl Registry {
         // Each attempt is a whole upload: a fresh session (POST), then the PUT whose body
         // streams from the file, reopened from its start. A session that failed part way is
         // never resumed; the registry discards it.
-        host.retrying(&what, || {
+        let op = Op::PushBlob(&blob.digest);
+        host.retrying(&what, shown, op, Some(blob.size), || {
             self.push_blob_once(host, target, shown, blob, store)
         })
         .await?;

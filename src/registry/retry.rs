@@ -14,6 +14,12 @@
 //! [`RetryPolicy::max_total_delay`]. A rate-limited request (429) waits at least
 //! [`RATE_LIMIT_MIN_DELAY`]: `oci-client` does not hand its callers the response headers, so a
 //! `Retry-After` value cannot be read, and that floor is the common value registries send.
+//!
+//! Each attempt also has a time limit, so that a stalled or trickling connection cannot hold a
+//! build for ever: [`RetryPolicy::request_timeout`] for manifests and blob checks,
+//! [`RetryPolicy::transfer_timeout`] (scaled to the blob's size) for blob transfers. An attempt
+//! that runs out of time is abandoned (a pulled blob's temp file is deleted) and counts as a
+//! transient failure.
 
 use std::hash::{BuildHasher as _, Hasher as _};
 use std::sync::Arc;
@@ -40,16 +46,28 @@ pub struct RetryPolicy {
     pub max_delay: Duration,
     /// A request gives up once its waits would add up to more than this.
     pub max_total_delay: Duration,
+    /// The time limit of one attempt of a request without a blob body (a manifest GET or PUT,
+    /// a blob HEAD).
+    pub request_timeout: Duration,
+    /// The least time limit of one attempt of a blob transfer (pull or push), however small.
+    pub min_transfer_timeout: Duration,
+    /// The slowest transfer rate (bytes per second) a blob transfer is given time for: a blob
+    /// of N bytes gets `max(min_transfer_timeout, N / min_transfer_rate)` per attempt.
+    pub min_transfer_rate: u64,
 }
 
 impl Default for RetryPolicy {
-    /// 6 attempts, waiting about 0.5, 1, 2, 4 and 8 s (at most 10 s each, 40 s in all).
+    /// 6 attempts, waiting about 0.5, 1, 2, 4 and 8 s (at most 10 s each, 40 s in all); each
+    /// attempt at most 60 s, or for a blob 5 minutes or 1 s per MB, whichever is longer.
     fn default() -> Self {
         RetryPolicy {
             attempts: 6,
             base_delay: Duration::from_millis(500),
             max_delay: Duration::from_secs(10),
             max_total_delay: Duration::from_secs(40),
+            request_timeout: Duration::from_secs(60),
+            min_transfer_timeout: Duration::from_secs(5 * 60),
+            min_transfer_rate: 1_000_000,
         }
     }
 }
@@ -69,6 +87,12 @@ impl RetryPolicy {
                 })?;
         }
         Ok(p)
+    }
+
+    /// The time limit of one attempt to transfer a blob of `size` bytes.
+    pub fn transfer_timeout(&self, size: u64) -> Duration {
+        let at_min_rate = Duration::from_secs(size / self.min_transfer_rate.max(1));
+        at_min_rate.max(self.min_transfer_timeout)
     }
 
     /// The wait before attempt `attempt + 1` (`attempt` counts from 1), with jitter.
@@ -170,10 +194,14 @@ impl From<RegistryError> for Failure {
 
 /// Runs `attempt` until it succeeds, fails finally, or the policy's budget is spent. `what`
 /// describes the request for retry notices ("push blob sha256:… to 127.0.0.1:5000/app:1").
+/// An attempt still running after `limit` is dropped and counts as a transient failure, told
+/// by `timed_out(limit)`.
 pub(crate) async fn run<T, F, Fut>(
     policy: &RetryPolicy,
     notice: Option<&RetryNotice>,
     what: &str,
+    limit: Duration,
+    timed_out: impl Fn(Duration) -> RegistryError,
     mut attempt: F,
 ) -> Result<T, RegistryError>
 where
@@ -184,7 +212,10 @@ where
     let mut waited = Duration::ZERO;
     let mut n = 1;
     loop {
-        let (error, rate_limited) = match attempt().await {
+        let outcome = tokio::time::timeout(limit, attempt())
+            .await
+            .unwrap_or_else(|_| Err(Failure::transient(timed_out(limit))));
+        let (error, rate_limited) = match outcome {
             Ok(v) => return Ok(v),
             Err(Failure::Final(e)) => return Err(e),
             Err(Failure::Unauthorized(e)) if n > 1 || policy.attempts == 1 => return Err(e),
@@ -312,6 +343,18 @@ mod tests {
             base_delay: Duration::from_millis(1),
             max_delay: Duration::from_millis(4),
             max_total_delay: Duration::from_secs(1),
+            ..RetryPolicy::default()
+        }
+    }
+
+    const LIMIT: Duration = Duration::from_secs(60);
+
+    fn timed_out(limit: Duration) -> RegistryError {
+        RegistryError::Registry {
+            host: "reg:5000".into(),
+            reference: "reg:5000/app:1".into(),
+            action: "pull blob sha256:ab of".into(),
+            detail: format!("no answer within {limit:?}"),
         }
     }
 
@@ -344,14 +387,21 @@ mod tests {
         let notices = Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
         let seen = notices.clone();
         let notice = RetryNotice::new(move |m| seen.lock().unwrap().push(m.to_string()));
-        let out = run(&policy(6), Some(&notice), "push blob", || async {
-            let n = calls.fetch_add(1, Ordering::SeqCst) + 1;
-            if n < 3 {
-                Err(Failure::transient(err(n)))
-            } else {
-                Ok(n)
-            }
-        })
+        let out = run(
+            &policy(6),
+            Some(&notice),
+            "push blob",
+            LIMIT,
+            timed_out,
+            || async {
+                let n = calls.fetch_add(1, Ordering::SeqCst) + 1;
+                if n < 3 {
+                    Err(Failure::transient(err(n)))
+                } else {
+                    Ok(n)
+                }
+            },
+        )
         .await
         .unwrap();
         assert_eq!(out, 3);
@@ -363,7 +413,7 @@ mod tests {
     #[tokio::test]
     async fn the_budget_ends_in_an_error_naming_the_last_failure() {
         let calls = std::sync::atomic::AtomicU32::new(0);
-        let e = run(&policy(4), None, "x", || async {
+        let e = run(&policy(4), None, "x", LIMIT, timed_out, || async {
             let n = calls.fetch_add(1, Ordering::SeqCst) + 1;
             Err::<(), _>(Failure::transient(err(n)))
         })
@@ -386,7 +436,7 @@ mod tests {
     #[tokio::test]
     async fn final_failures_are_not_retried() {
         let calls = std::sync::atomic::AtomicU32::new(0);
-        let e = run(&policy(6), None, "x", || async {
+        let e = run(&policy(6), None, "x", LIMIT, timed_out, || async {
             calls.fetch_add(1, Ordering::SeqCst);
             Err::<(), _>(Failure::Final(err(1)))
         })
@@ -399,7 +449,7 @@ mod tests {
     #[tokio::test]
     async fn refused_credentials_get_one_more_attempt() {
         let calls = std::sync::atomic::AtomicU32::new(0);
-        let e = run(&policy(6), None, "x", || async {
+        let e = run(&policy(6), None, "x", LIMIT, timed_out, || async {
             calls.fetch_add(1, Ordering::SeqCst);
             Err::<(), _>(Failure::Unauthorized(err(1)))
         })
@@ -410,6 +460,45 @@ mod tests {
         assert!(matches!(e, RegistryError::Registry { .. }));
         let e = OciDistributionError::UnauthorizedError { url: "u".into() };
         assert!(unauthorized(&e) && transient(&e).is_none());
+    }
+
+    #[tokio::test]
+    async fn an_attempt_that_hangs_is_cut_off_and_retried() {
+        let calls = std::sync::atomic::AtomicU32::new(0);
+        let limit = Duration::from_millis(50);
+        // The first attempt never ends; the second answers.
+        let out = run(&policy(3), None, "x", limit, timed_out, || async {
+            if calls.fetch_add(1, Ordering::SeqCst) == 0 {
+                std::future::pending::<()>().await;
+            }
+            Ok::<_, Failure>("done")
+        })
+        .await
+        .unwrap();
+        assert_eq!((out, calls.load(Ordering::SeqCst)), ("done", 2));
+        // Never answering at all: a bounded give-up that says why.
+        let started = Instant::now();
+        let e = run(&policy(3), None, "x", limit, timed_out, || async {
+            std::future::pending::<Result<(), Failure>>().await
+        })
+        .await
+        .unwrap_err();
+        assert!(started.elapsed() < Duration::from_secs(5));
+        let msg = e.to_string();
+        assert!(
+            matches!(e, RegistryError::GaveUp { attempts: 3, .. })
+                && msg.contains("no answer within"),
+            "{msg}"
+        );
+    }
+
+    #[test]
+    fn transfer_limits_scale_with_size() {
+        let p = RetryPolicy::default();
+        assert_eq!(p.transfer_timeout(0), Duration::from_secs(300));
+        assert_eq!(p.transfer_timeout(10_000_000), Duration::from_secs(300));
+        assert_eq!(p.transfer_timeout(2_000_000_000), Duration::from_secs(2000));
+        assert_eq!(p.request_timeout, Duration::from_secs(60));
     }
 
     #[test]

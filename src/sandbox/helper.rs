@@ -39,10 +39,9 @@ pub const SUBCOMMAND: &str = "__sandbox";
 
 /// Entry point of the helper process. Always writes a status file; exits 0 unless even that fails.
 pub fn main(spec_path: &Path, status_path: &Path) -> ExitCode {
-    // A step dies with the build that started it (see run_process for its pid 1): a killed
-    // build leaves no step running on. The signal follows the *thread* that spawned the helper;
-    // `run_step` spawns and waits on the same thread, which therefore outlives the helper.
-    let _ = nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL);
+    // A step dies with the build that started it: `run_step` spawned this helper with
+    // `die_with_spawner` (PR_SET_PDEATHSIG, kept across the exec, and a check that the build
+    // still ran once it was set), and pid 1 and a chrooted command die with the helper in turn.
     let status = match read_spec(spec_path).and_then(|spec| run(&spec)) {
         Ok(status) => status,
         Err(e) => StepStatus::Failed(e.to_string()),
@@ -331,10 +330,17 @@ fn make_device_stubs(root: &Path) -> Result<Vec<Stub>, SandboxError> {
 fn run_chrooted(root: &Path, process: &ProcessSpec) -> Result<StepStatus, SandboxError> {
     let user = rootfs::resolve_user(root, &process.user)?;
     let (report_r, report_w) = pipe2(OFlag::O_CLOEXEC).map_err(|e| SandboxError::sys("pipe", e))?;
+    let helper = nix::unistd::getpid();
     // SAFETY: the helper is single-threaded (a fresh exec that never starts threads), so the
     // forked child may allocate and use the standard library freely.
     match unsafe { fork() }.map_err(|e| SandboxError::sys("fork", e))? {
         ForkResult::Child => {
+            // The command dies with the helper; a helper already gone shows in getppid() (the
+            // same pid namespace).
+            let _ = nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL);
+            if nix::unistd::getppid() != helper {
+                std::process::exit(137);
+            }
             drop(report_r);
             let mut report = File::from(report_w);
             let err = (|| -> Result<(), SandboxError> {
@@ -901,12 +907,23 @@ fn run_process(
     unshare(CloneFlags::CLONE_NEWPID | CloneFlags::CLONE_NEWUTS)
         .map_err(|e| SandboxError::sys("unshare(CLONE_NEWPID|CLONE_NEWUTS)", e))?;
     let (report_r, report_w) = pipe2(OFlag::O_CLOEXEC).map_err(|e| SandboxError::sys("pipe", e))?;
+    // Pid 1's getppid() is 0 (its parent is outside its pid namespace), so whether the helper
+    // still runs is told by this pipe: the helper holds the only write end until pid 1 is gone,
+    // and a read that finds no writer left means it died.
+    let (alive_r, alive_w) =
+        pipe2(OFlag::O_CLOEXEC | OFlag::O_NONBLOCK).map_err(|e| SandboxError::sys("pipe", e))?;
     // SAFETY: the helper is single-threaded (a fresh exec that never starts threads), so the
     // forked child may allocate and use the standard library freely.
     match unsafe { fork() }.map_err(|e| SandboxError::sys("fork", e))? {
         ForkResult::Child => {
-            // pid 1 dies with the helper, and with it every process of the step.
+            // pid 1 dies with the helper, and with it every process of the step; a helper that
+            // died before the signal was set shows as the end of the `alive` pipe.
             let _ = nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL);
+            drop(alive_w);
+            if writer_gone(&alive_r) {
+                std::process::exit(137);
+            }
+            drop(alive_r);
             drop(report_r);
             if let Some(h) = helper_link {
                 h.close_in_child();
@@ -929,6 +946,9 @@ fn run_process(
             std::process::exit(code);
         }
         ForkResult::Parent { child } => {
+            drop(alive_r);
+            // Held (open) until this function returns, after pid 1 is waited for.
+            let _alive = alive_w;
             drop(report_w);
             // From here pid 1 holds the only copy of its end (the network's children close what
             // they do not use), so the helper's wait for it ends when pid 1 exits.
@@ -958,6 +978,20 @@ fn run_process(
                 WaitStatus::Signaled(_, sig, _) => StepStatus::Signaled(sig as i32),
                 other => StepStatus::Failed(format!("unexpected wait status {other:?}")),
             })
+        }
+    }
+}
+
+/// Whether every write end of the pipe `r` (opened `O_NONBLOCK`, never written to) is closed:
+/// a read then finds the end of the pipe instead of nothing yet.
+fn writer_gone(r: &std::os::fd::OwnedFd) -> bool {
+    let mut byte = [0u8; 1];
+    loop {
+        match nix::unistd::read(r, &mut byte) {
+            Ok(0) => return true,
+            Err(Errno::EINTR) => continue,
+            // EAGAIN: a writer is still there (nothing is ever written).
+            _ => return false,
         }
     }
 }
@@ -1331,6 +1365,15 @@ fn bind(src: &Path, target: &Path, recursive: bool) -> Result<(), SandboxError> 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_closed_pipe_tells_that_its_writer_is_gone() {
+        let (r, w) = pipe2(OFlag::O_CLOEXEC | OFlag::O_NONBLOCK).unwrap();
+        assert!(!writer_gone(&r));
+        assert!(!writer_gone(&r), "reading changed nothing");
+        drop(w);
+        assert!(writer_gone(&r));
+    }
 
     #[test]
     fn overlay_paths_are_escaped() {

@@ -288,6 +288,33 @@ pub struct StepResult {
 
 const TAIL_LINES: usize = 20;
 
+/// Makes the process `cmd` starts die (SIGKILL) when the thread that starts it ends, which is
+/// when this process dies if that thread lives as long as the child (it waits for it, or it is
+/// a thread that lasts: the main thread, a runtime's worker). If this process is already gone
+/// by the time the child has set that up, the child does not run (the spawn fails).
+pub fn die_with_spawner(cmd: &mut Command) {
+    die_with_parent(cmd, std::process::id());
+}
+
+fn die_with_parent(cmd: &mut Command, parent: u32) {
+    use std::os::unix::process::CommandExt as _;
+    // SAFETY: the closure runs in the forked child before exec, where only async-signal-safe
+    // calls are allowed: it makes two system calls (prctl, getppid) and builds an io::Error
+    // from a raw errno, which allocates nothing.
+    unsafe {
+        cmd.pre_exec(move || {
+            nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL)
+                .map_err(|e| std::io::Error::from_raw_os_error(e as i32))?;
+            // The parent (same pid namespace) died before the signal was set: the child was
+            // reparented, and will never get it.
+            if nix::unistd::getppid().as_raw() as u32 != parent {
+                return Err(std::io::Error::from_raw_os_error(nix::libc::ESRCH));
+            }
+            Ok(())
+        });
+    }
+}
+
 /// Runs one step in a fresh helper process (see the module docs). `on_line` receives each line
 /// the step prints (stdout and stderr merged, in order). Blocking: call from `spawn_blocking`.
 pub fn run_step(
@@ -311,22 +338,34 @@ pub fn run_step(
     // /proc/self/exe, not the path it points to: that path may have been replaced or removed
     // since this process started (an upgrade during a build), while the open inode still runs.
     let exe = std::path::PathBuf::from("/proc/self/exe");
-    let mut child = Command::new(exe)
-        .arg(helper::SUBCOMMAND)
+    let mut cmd = Command::new(exe);
+    cmd.arg(helper::SUBCOMMAND)
         .arg(&spec_path)
         .arg(&status_path)
         .envs(helper_env.iter().map(|(k, v)| (k, v)))
         .stdin(Stdio::null())
         .stdout(Stdio::from(write_end))
-        .stderr(Stdio::from(write_clone))
-        .spawn()
-        .map_err(|e| SandboxError::io("starting the sandbox helper", e))?;
-    // The Command holds the only other copies of the write end; they are closed now, so the
-    // reader sees EOF when the step's last process exits.
+        .stderr(Stdio::from(write_clone));
+    // The step dies with the build: this thread spawns the helper and waits for it below.
+    die_with_spawner(&mut cmd);
+    let spawned = cmd.spawn();
+    // The Command holds the only other copies of the write end; dropping it closes them, so
+    // the reader sees EOF when the step's last process exits.
+    drop(cmd);
+    let mut child = spawned.map_err(|e| SandboxError::io("starting the sandbox helper", e))?;
     let reader = BufReader::new(std::fs::File::from(read_end));
     let mut tail = VecDeque::with_capacity(TAIL_LINES);
     for line in reader.split(b'\n') {
-        let line = line.map_err(|e| SandboxError::io("reading step output", e))?;
+        let line = match line {
+            Ok(line) => line,
+            Err(e) => {
+                // Nothing would read the step's output any more: end it rather than leave it
+                // running (or blocked on a full pipe) behind the build.
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err(SandboxError::io("reading step output", e));
+            }
+        };
         let line = String::from_utf8_lossy(&line).into_owned();
         on_line(&line);
         if tail.len() == TAIL_LINES {
@@ -348,4 +387,43 @@ pub fn run_step(
         status,
         tail: tail.into(),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::process::ExitStatusExt as _;
+
+    #[test]
+    fn a_child_dies_with_the_thread_that_spawned_it() {
+        let spawner = std::thread::spawn(|| {
+            let mut cmd = Command::new("sleep");
+            cmd.arg("60");
+            die_with_spawner(&mut cmd);
+            cmd.spawn().expect("sleep")
+        });
+        let mut child = spawner.join().unwrap();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        let status = loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                break status;
+            }
+            if std::time::Instant::now() > deadline {
+                let _ = child.kill();
+                panic!("`sleep 60` outlived the thread that spawned it");
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        };
+        assert_eq!(status.signal(), Some(9), "{status}");
+    }
+
+    #[test]
+    fn a_child_whose_parent_is_gone_does_not_run() {
+        // As if the parent had died between fork and prctl: the child's parent is not the one
+        // recorded.
+        let mut cmd = Command::new("true");
+        die_with_parent(&mut cmd, 0x7fff_fffe);
+        let err = cmd.spawn().expect_err("ran although its parent was gone");
+        assert_eq!(err.raw_os_error(), Some(nix::libc::ESRCH), "{err}");
+    }
 }

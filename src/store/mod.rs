@@ -98,43 +98,38 @@ impl Store {
         self.blob_path(digest).map(|p| p.is_file()).unwrap_or(false)
     }
 
-    /// A fresh path under `<root>/tmp` for partial work of any kind:
-    /// `PREFIX-PID-NS_TOKEN_N`, with this process's pid, its pid namespace (so that builds in
-    /// different containers sharing one store never take each other's pids for their own) and a
-    /// random token (so that two processes with the same pid in different namespaces never
-    /// share a path).
+    /// A fresh path under `<root>/tmp` for partial work of any kind, named by [`temp_name`].
     pub fn temp_path(&self, prefix: &str) -> PathBuf {
-        let n = TMP_COUNTER.fetch_add(1, Ordering::Relaxed);
-        let (ns, token) = process_tag();
-        self.root
-            .join("tmp")
-            .join(format!("{prefix}-{}-{ns}_{token}_{n}", std::process::id()))
+        self.root.join("tmp").join(temp_name(prefix))
     }
 
-    /// Removes what crashed or killed builds left in `<root>/tmp`: every entry whose owning
-    /// process (the pid in its name, in this pid namespace) is gone. Entries of running builds,
-    /// and of builds in other pid namespaces (whose pids cannot be checked from here), are kept.
+    /// Removes what crashed or killed builds left in `<root>/tmp`: every entry named by
+    /// [`temp_name`] whose owning process (the pid in its name, in this pid namespace) is gone.
+    /// Entries of running builds, of builds in other pid namespaces (whose pids cannot be
+    /// checked from here) and entries named otherwise (whose owner cannot be told) are kept.
+    /// Nothing is removed when this process cannot tell its own pid namespace (no `/proc`).
     /// Returns how many were removed.
     pub fn clean_stale_tmp(&self) -> usize {
         let tmp = self.root.join("tmp");
+        let ours = process_tag().0;
+        if ours == 0 {
+            return 0;
+        }
         let Ok(entries) = fs::read_dir(&tmp) else {
             return 0;
         };
         let mut removed = 0;
         for e in entries.flatten() {
             let name = e.file_name().to_string_lossy().into_owned();
-            let Some(pid) = owner_pid(&name) else {
+            let Some((pid, ns)) = temp_owner(&name) else {
                 continue;
             };
-            if owner_ns(&name).is_some_and(|ns| ns != process_tag().0) {
-                continue;
-            }
-            if process_alive(pid) {
+            if ns != ours || process_alive(pid) {
                 continue;
             }
             let p = e.path();
             let gone = match e.file_type() {
-                Ok(t) if t.is_dir() => fs::remove_dir_all(&p).is_ok(),
+                Ok(t) if t.is_dir() => remove_tree(&p),
                 _ => fs::remove_file(&p).is_ok(),
             };
             removed += usize::from(gone);
@@ -154,6 +149,7 @@ impl Store {
         Ok(BlobWriter {
             store: self.clone(),
             file: Some(file),
+            committed: false,
             tmp_path,
             hasher: Sha256::new(),
             size: 0,
@@ -207,34 +203,66 @@ fn process_tag() -> (u64, u32) {
     })
 }
 
-/// The pid namespace in a temp name made by [`Store::temp_path`] (`prefix-PID-NS_TOKEN_N`);
-/// `None` for names without one (older builds, cache records).
-fn owner_ns(name: &str) -> Option<u64> {
-    let last = name.rsplit('-').next()?;
-    let (ns, _) = last.split_once('_')?;
-    ns.parse().ok()
+/// A fresh name for partial work in a store's `tmp/`: `PREFIX-PID-NS_TOKEN_N`, with this
+/// process's pid, its pid namespace (so that builds in different containers sharing one store
+/// never take each other's pids for their own), a random token (so that two processes with the
+/// same pid in different namespaces never share a name) and a counter (unique within the
+/// process). The prefix may hold anything but `/`; [`Store::clean_stale_tmp`] reads the owner
+/// from the end of the name.
+pub fn temp_name(prefix: &str) -> String {
+    let n = TMP_COUNTER.fetch_add(1, Ordering::Relaxed);
+    let (ns, token) = process_tag();
+    format!("{prefix}-{}-{ns}_{token}_{n}", std::process::id())
 }
 
-/// The pid in a temp name made by [`Store::temp_path`] (`prefix-PID-NS_TOKEN_N`, or
-/// `prefix-PID-N` from older builds), in a cache record's temp name (`cache-KEY-PID`), or in
-/// the probes' work directory (`detect-PID`).
-fn owner_pid(name: &str) -> Option<u32> {
-    let mut parts = name.rsplit('-');
-    let last = parts.next()?;
-    let before = parts.next()?;
-    // prefix-PID-N: the pid is the second to last part; cache-KEY-PID, detect-PID: the last.
-    if name.starts_with("cache-") || name.starts_with("detect-") {
-        last.parse().ok()
-    } else {
-        before.parse().ok()
+/// The owner of a name made by [`temp_name`]: its pid and pid namespace. Read from the end
+/// (`…-PID-NS_TOKEN_N`), whatever the prefix holds; `None` for any other name.
+pub fn temp_owner(name: &str) -> Option<(u32, u64)> {
+    let all_digits = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
+    let (rest, tag) = name.rsplit_once('-')?;
+    let (prefix, pid) = rest.rsplit_once('-')?;
+    let mut parts = tag.split('_');
+    let (ns, token, n) = (parts.next()?, parts.next()?, parts.next()?);
+    if prefix.is_empty()
+        || parts.next().is_some()
+        || ![pid, ns, token, n].into_iter().all(all_digits)
+    {
+        return None;
     }
+    Some((pid.parse().ok()?, ns.parse().ok()?))
+}
+
+/// Removes a directory tree; true if it is gone. Overlayfs leaves its `work/work` directory
+/// with mode 0 (and a whiteout inside), which an unprivileged user outside the build's user
+/// namespace cannot list: when a first attempt fails, such directories are opened up (u+rwx)
+/// and the removal tried again. Symlinks are never followed.
+pub fn remove_tree(dir: &Path) -> bool {
+    use std::os::unix::fs::PermissionsExt;
+    fn open_up(dir: &Path) {
+        let _ = fs::set_permissions(dir, fs::Permissions::from_mode(0o700));
+        if let Ok(entries) = fs::read_dir(dir) {
+            for e in entries.flatten() {
+                if e.file_type().is_ok_and(|t| t.is_dir()) {
+                    open_up(&e.path());
+                }
+            }
+        }
+    }
+    if fs::remove_dir_all(dir).is_ok() || !dir.exists() {
+        return true;
+    }
+    open_up(dir);
+    fs::remove_dir_all(dir).is_ok()
 }
 
 /// A blob being written: hashes what passes through, and on [`commit`](Self::commit) syncs the file,
-/// checks the digest and renames it into place. Dropped without commit, it deletes its temp file.
+/// checks the digest and renames it into place. Dropped without a successful commit (never
+/// committed, or a commit that failed at any point), it deletes its temp file.
 pub struct BlobWriter {
     store: Store,
     file: Option<File>,
+    /// Set once the temp file is renamed into place; until then Drop removes it.
+    committed: bool,
     tmp_path: PathBuf,
     hasher: Sha256,
     size: u64,
@@ -246,7 +274,7 @@ impl BlobWriter {
     }
 
     /// Finishes the blob. With `expected`, a different digest is an error and nothing is stored.
-    /// Returns the digest and size.
+    /// Returns the digest and size. On any error the temp file is removed (when `self` drops).
     pub fn commit(mut self, expected: Option<&str>) -> Result<(String, u64), StoreError> {
         let file = self.file.take().expect("commit called once");
         file.sync_all().map_err(io_err(&self.tmp_path))?;
@@ -256,7 +284,6 @@ impl BlobWriter {
         if let Some(expected) = expected
             && expected != digest
         {
-            let _ = fs::remove_file(&self.tmp_path);
             return Err(StoreError::DigestMismatch {
                 expected: expected.to_string(),
                 actual: digest,
@@ -265,6 +292,7 @@ impl BlobWriter {
         }
         let dest = self.store.blob_path(&digest)?;
         fs::rename(&self.tmp_path, &dest).map_err(io_err(&dest))?;
+        self.committed = true;
         Ok((digest, self.size))
     }
 }
@@ -284,7 +312,7 @@ impl Write for BlobWriter {
 
 impl Drop for BlobWriter {
     fn drop(&mut self) {
-        if self.file.is_some() {
+        if !self.committed {
             let _ = fs::remove_file(&self.tmp_path);
         }
     }
@@ -333,25 +361,101 @@ mod tests {
     fn stale_temp_files_of_dead_processes_are_removed() {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(dir.path()).unwrap();
+        let tmp = dir.path().join("tmp");
+        let ns = process_tag().0;
         let mine = store.temp_path("step");
         fs::create_dir_all(mine.join("upper")).unwrap();
         // pid 0x7ffffffe is never a live process here.
-        let dead = dir.path().join("tmp").join("step-2147483646-0");
+        let dead = tmp.join(format!("step-2147483646-{ns}_99_0"));
         fs::create_dir_all(dead.join("upper/x")).unwrap();
-        let dead_blob = dir
-            .path()
-            .join("tmp")
-            .join(format!("blob-2147483646-{}_1234_3", process_tag().0));
+        let dead_blob = tmp.join(format!("blob-2147483646-{ns}_1234_3"));
         fs::write(&dead_blob, b"partial").unwrap();
+        // A prefix with dashes in it (the cache mounts' and cache records' temps).
+        let dead_mount = tmp.join(format!("cache-mount-2147483646-{ns}_5_7"));
+        fs::create_dir_all(dead_mount.join("sub")).unwrap();
+        let dead_record = tmp.join(format!("cache-{}-2147483646-{ns}_5_8", "ab".repeat(32)));
+        fs::write(&dead_record, b"{}").unwrap();
+        // The probes' work dir, with the mode-0 directory overlayfs leaves behind.
+        let dead_probe = tmp.join(format!("detect-2147483646-{ns}_5_9"));
+        fs::create_dir_all(dead_probe.join("work/work/x")).unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        fs::set_permissions(
+            dead_probe.join("work/work"),
+            fs::Permissions::from_mode(0o000),
+        )
+        .unwrap();
         // The same pid in another pid namespace (another container sharing the store) cannot
         // be checked from here: kept.
-        let foreign = dir.path().join("tmp").join("blob-2147483646-7_1234_3");
+        let foreign = tmp.join("blob-2147483646-7_1234_3");
         fs::write(&foreign, b"partial").unwrap();
-        let probes = dir.path().join("tmp").join("detect-2147483646");
-        fs::create_dir_all(probes.join("work")).unwrap();
-        assert_eq!(store.clean_stale_tmp(), 3);
-        assert!(!probes.exists());
-        assert!(mine.exists() && !dead.exists() && !dead_blob.exists() && foreign.exists());
+        // Names without a pid namespace cannot be told apart from another container's: kept.
+        let unowned = [
+            "step-2147483646-0",
+            "detect-2147483646",
+            "cache-x.1-2147483646",
+        ];
+        for n in unowned {
+            fs::write(tmp.join(n), b"").unwrap();
+        }
+        assert_eq!(store.clean_stale_tmp(), 5);
+        for gone in [&dead, &dead_blob, &dead_mount, &dead_record, &dead_probe] {
+            assert!(!gone.exists(), "{} was kept", gone.display());
+        }
+        assert!(mine.exists() && foreign.exists());
+        for n in unowned {
+            assert!(tmp.join(n).exists(), "{n} was removed");
+        }
+    }
+
+    #[test]
+    fn temp_names_are_read_from_their_end() {
+        let (ns, _) = process_tag();
+        let me = std::process::id();
+        for prefix in [
+            "blob",
+            "step",
+            "cache-mount",
+            "cache-0123abc",
+            "detect",
+            "a-b-1-2",
+        ] {
+            let name = temp_name(prefix);
+            assert!(name.starts_with(&format!("{prefix}-")), "{name}");
+            assert_eq!(temp_owner(&name), Some((me, ns)), "{name}");
+        }
+        assert_eq!(temp_owner("cache-mount-12-34_56_78"), Some((12, 34)));
+        assert_eq!(temp_owner("x-1-2-3_4_5"), Some((2, 3)));
+        for other in [
+            "",
+            "blob",
+            "12-34_56_78",
+            "-12-34_56_78",
+            "step-12-0",
+            "detect-12",
+            "cache-key.1-12",
+            "cache-file-hashes-12",
+            "blob-12-34_56",
+            "blob-12-34_56_78_9",
+            "blob-x12-34_56_78",
+            "blob-12-34_56_7a",
+            "blob-99999999999-34_56_78",
+        ] {
+            assert_eq!(temp_owner(other), None, "{other:?}");
+        }
+    }
+
+    #[test]
+    fn a_failed_commit_removes_its_temp_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        // The blob's place is taken by a directory: the rename fails.
+        let hello = "sha256:2cf24dba5fb0a30e26e83b2ac5b9e29e1b161e5c1fa7425e73043362938b9824";
+        fs::create_dir_all(store.blob_path(hello).unwrap().join("x")).unwrap();
+        let mut w = store.blob_writer().unwrap();
+        w.write_all(b"hello").unwrap();
+        let err = w.commit(Some(hello)).unwrap_err();
+        assert!(matches!(err, StoreError::Io { .. }), "{err}");
+        assert_eq!(fs::read_dir(dir.path().join("tmp")).unwrap().count(), 0);
     }
 
     #[test]

@@ -9,7 +9,10 @@
 //!   the registry;
 //! - a reset (RST) after the request was read, before any answer;
 //! - a blob GET whose body stops half way (the headers promise the whole length);
-//! - `500` on an upload's final PUT (its body read and dropped).
+//! - `500` on an upload's final PUT (its body read and dropped);
+//! - on request only ([`Plan::trickle_blob_gets`]), a blob GET answered with its head and then
+//!   one byte every half second, for ever: a stalled connection that never goes idle long
+//!   enough for a read timeout.
 //!
 //! Which requests fail comes from a seeded generator over the request's sequence number, so a
 //! run is reproducible up to the order in which parallel requests arrive. With `each_kind_once`,
@@ -32,6 +35,8 @@ pub enum Fault {
     ResetBeforeResponse,
     TruncatedBlob,
     UploadPut500,
+    /// Never chosen at random: see [`Plan::trickle_blob_gets`].
+    TrickleBlob,
 }
 
 const ALL: [Fault; 5] = [
@@ -54,6 +59,8 @@ pub struct Plan {
     pub each_kind_once: bool,
     /// Fail every upload's final PUT with 500 (the registry never commits a blob).
     pub fail_all_upload_puts: bool,
+    /// Trickle the first this many blob GETs (see the module docs).
+    pub trickle_blob_gets: u64,
 }
 
 impl Plan {
@@ -64,6 +71,7 @@ impl Plan {
             rate: 0.10,
             each_kind_once: true,
             fail_all_upload_puts: false,
+            trickle_blob_gets: 0,
         }
     }
 }
@@ -280,6 +288,15 @@ fn choose(state: &State, head: &Head) -> Option<Fault> {
     if plan.fail_all_upload_puts && head.is_upload_put() {
         return Some(Fault::UploadPut500);
     }
+    if head.is_blob_get() {
+        // Counted here, under the lock, so that parallel GETs never trickle more than asked.
+        let mut counts = state.counts.lock().unwrap();
+        let trickled = counts.entry(Fault::TrickleBlob).or_default();
+        if *trickled < plan.trickle_blob_gets {
+            *trickled += 1;
+            return Some(Fault::TrickleBlob);
+        }
+    }
     let n = state.requests.fetch_add(1, Ordering::Relaxed);
     if plan.each_kind_once {
         let counts = state.counts.lock().unwrap();
@@ -317,7 +334,7 @@ async fn handle(mut client: TcpStream, state: Arc<State>) -> std::io::Result<()>
     let fault = choose(&state, &head);
     // Counted before it happens: the client may see the effect before this task goes on. A
     // truncation is counted once the body is known to be worth cutting (below).
-    if let Some(f) = fault.filter(|f| *f != Fault::TruncatedBlob) {
+    if let Some(f) = fault.filter(|f| !matches!(f, Fault::TruncatedBlob | Fault::TrickleBlob)) {
         *state.counts.lock().unwrap().entry(f).or_default() += 1;
     }
     state
@@ -346,7 +363,7 @@ async fn handle(mut client: TcpStream, state: Arc<State>) -> std::io::Result<()>
             drop(client);
             return Ok(());
         }
-        Some(Fault::TruncatedBlob) | None => {}
+        Some(Fault::TruncatedBlob | Fault::TrickleBlob) | None => {}
     }
 
     let mut truncated = false;
@@ -394,6 +411,20 @@ async fn handle(mut client: TcpStream, state: Arc<State>) -> std::io::Result<()>
                 budget -= n;
             }
             client_w.flush().await?;
+            return Ok(());
+        }
+        if fault == Some(Fault::TrickleBlob) {
+            let mut body = resp_rest;
+            up_r.read_to_end(&mut body).await?;
+            // One byte at a time, never the last: the answer never completes.
+            for b in &body[..body.len().saturating_sub(1)] {
+                if state.stop.load(Ordering::Relaxed) {
+                    break;
+                }
+                client_w.write_all(std::slice::from_ref(b)).await?;
+                client_w.flush().await?;
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
             return Ok(());
         }
         client_w.write_all(&resp_rest).await?;
