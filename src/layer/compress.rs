@@ -88,6 +88,9 @@ pub(super) enum Encoder<W: Write> {
     Zstd(zstd::stream::write::Encoder<'static, W>),
 }
 
+/// zstd's multi-threaded job size for layers (see [`Encoder::new`]).
+pub const ZSTD_JOB_SIZE: u32 = 2 << 20;
+
 impl<W: Write> Encoder<W> {
     pub fn new(inner: W, compression: LayerCompression, threads: usize) -> io::Result<Self> {
         Ok(match compression {
@@ -100,6 +103,10 @@ impl<W: Write> Encoder<W> {
                 // input into jobs by size alone, so its output is the same for any worker count,
                 // whereas the single-threaded format differs from it.
                 enc.multithread(threads.max(1) as u32)?;
+                // A fixed job size: part of the format (so of the digest), and what bounds the
+                // memory: zstd keeps a few jobs' input and output per worker, ~130 MB at its
+                // default 8 MiB jobs for level 3, about a quarter of that at 2 MiB.
+                enc.set_parameter(zstd::zstd_safe::CParameter::JobSize(ZSTD_JOB_SIZE))?;
                 enc.include_checksum(true)?;
                 Encoder::Zstd(enc)
             }
