@@ -349,10 +349,7 @@ fn run_chrooted(root: &Path, process: &ProcessSpec) -> Result<StepStatus, Sandbo
                 let exec = prepare_exec(process, &user)?;
                 // The same limits as in a namespace: the step shares the host's namespaces
                 // here, so they matter all the more.
-                if !process.insecure {
-                    super::harden::restrict_process()?;
-                }
-                Err(switch_user_and_exec(&user, &exec))
+                Err(harden_and_exec(process, &user, &exec))
             })()
             .unwrap_err();
             let _ = writeln!(report, "E{err}");
@@ -1081,14 +1078,7 @@ fn init(
     // SAFETY: pid 1 is single-threaded (forked from the single-threaded helper).
     match unsafe { fork() }.map_err(|e| SandboxError::sys("fork", e))? {
         ForkResult::Child => {
-            let err = (|| -> Result<(), SandboxError> {
-                // Before switching user: cutting the bounding set needs CAP_SETPCAP.
-                if !process.insecure {
-                    super::harden::restrict_process()?;
-                }
-                Err(switch_user_and_exec(&user, &exec))
-            })()
-            .unwrap_err();
+            let err = harden_and_exec(process, &user, &exec);
             let _ = writeln!(report, "E{err}");
             std::process::exit(127);
         }
@@ -1196,6 +1186,22 @@ fn prepare_exec(process: &ProcessSpec, user: &rootfs::ResolvedUser) -> Result<Ex
         program,
         cprog,
     })
+}
+
+/// The step's process, in pid 1's child or chrooted: the limits of `harden` unless the step is
+/// insecure (before switching user: cutting the bounding set needs CAP_SETPCAP), then
+/// [`switch_user_and_exec`]. Returns only on failure, with the reason.
+fn harden_and_exec(
+    process: &ProcessSpec,
+    user: &rootfs::ResolvedUser,
+    exec: &Exec,
+) -> SandboxError {
+    if !process.insecure
+        && let Err(e) = super::harden::restrict_process()
+    {
+        return e;
+    }
+    switch_user_and_exec(user, exec)
 }
 
 /// Becomes the step's user (supplementary groups, gid, uid), enters its working directory and
