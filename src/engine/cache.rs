@@ -104,7 +104,27 @@ pub struct FileHashes {
     /// The store the hashes belong to, whose `tmp/` takes the partial file.
     store: Option<Store>,
     known: std::sync::Mutex<std::collections::HashMap<String, String>>,
+    /// The entries this build looked up or added.
+    used: std::sync::Mutex<std::collections::HashSet<String>>,
     changed: std::sync::atomic::AtomicBool,
+}
+
+/// More remembered file versions than this, and [`FileHashes::save`] keeps only those the build
+/// used: contexts in fresh temporary checkouts would otherwise grow the file for ever.
+const MAX_FILE_HASHES: usize = 200_000;
+
+/// The path part of a [`FileHashes`] entry's id (`dev:ino:size:mtime:ctime:PATH`).
+fn id_path(id: &str) -> &str {
+    id.splitn(6, ':').nth(5).unwrap_or("")
+}
+
+/// The ctime part (seconds, nanoseconds) of an entry's id; (0, 0) for a malformed one.
+fn id_ctime(id: &str) -> (i64, i64) {
+    id.split(':')
+        .nth(4)
+        .and_then(|t| t.split_once('.'))
+        .and_then(|(s, n)| Some((s.parse().ok()?, n.parse().ok()?)))
+        .unwrap_or((0, 0))
 }
 
 impl FileHashes {
@@ -119,6 +139,7 @@ impl FileHashes {
             path: Some(path),
             store: Some(store.clone()),
             known: std::sync::Mutex::new(known),
+            used: Default::default(),
             changed: Default::default(),
         }
     }
@@ -131,7 +152,23 @@ impl FileHashes {
         if !self.changed.load(std::sync::atomic::Ordering::Relaxed) {
             return Ok(());
         }
-        let data = serde_json::to_vec(&*self.known.lock().expect("file hashes"))?;
+        let data = {
+            let mut known = self.known.lock().expect("file hashes");
+            let used = self.used.lock().expect("file hashes");
+            // A file has one version: of the entries for a path, only the newest (by ctime,
+            // which no process can set back) can still match it.
+            let mut newest: std::collections::HashMap<String, (i64, i64)> = Default::default();
+            for id in known.keys() {
+                let t = id_ctime(id);
+                let e = newest.entry(id_path(id).to_string()).or_insert(t);
+                *e = (*e).max(t);
+            }
+            known.retain(|id, _| newest.get(id_path(id)) == Some(&id_ctime(id)));
+            if known.len() > MAX_FILE_HASHES {
+                known.retain(|id, _| used.contains(id));
+            }
+            serde_json::to_vec(&*known)?
+        };
         if let Some(dir) = path.parent() {
             fs::create_dir_all(dir)?;
         }
@@ -154,6 +191,7 @@ impl FileHashes {
             meta.ctime_nsec(),
             path.display()
         );
+        self.used.lock().expect("file hashes").insert(id.clone());
         if let Some(h) = self.known.lock().expect("file hashes").get(&id) {
             return Ok(h.clone());
         }
@@ -288,5 +326,32 @@ mod tests {
         assert_eq!(h1, hash_copy_items(&items(d1.path()), &again).unwrap());
         fs::write(d1.path().join("f"), "changed").unwrap();
         assert_ne!(h1, hash_copy_items(&items(d1.path()), &again).unwrap());
+        // Saving forgets the versions that changed (d2's first one went with the first save,
+        // d1's first one goes now): one entry per file.
+        assert_eq!(again.known.lock().unwrap().len(), 3);
+        again.save().unwrap();
+        let third = FileHashes::load(&store);
+        let mut paths: Vec<String> = third
+            .known
+            .lock()
+            .unwrap()
+            .keys()
+            .map(|id| id_path(id).to_string())
+            .collect();
+        paths.sort();
+        let mut want = vec![
+            d1.path().join("f").display().to_string(),
+            d2.path().join("f").display().to_string(),
+        ];
+        want.sort();
+        assert_eq!(paths, want);
+    }
+
+    #[test]
+    fn entry_ids_end_with_the_path_even_with_colons_in_it() {
+        assert_eq!(id_path("1:2:3:4.5:6.7:/ctx/a:b/c"), "/ctx/a:b/c");
+        assert_eq!(id_path("garbage"), "");
+        assert_eq!(id_ctime("1:2:3:4.5:6.7:/ctx/a:b/c"), (6, 7));
+        assert_eq!(id_ctime("garbage"), (0, 0));
     }
 }
