@@ -220,13 +220,7 @@ fn run_chroot(spec: &StepSpec) -> Result<StepStatus, SandboxError> {
             spec.snapshotter.name()
         )));
     }
-    let marks =
-        crate::layer::materialize(&lower_dirs(spec), &spec.merged, &spec.work).map_err(|e| {
-            SandboxError::Setup(format!(
-                "copying the image's layers into {}: {e}",
-                spec.merged.display()
-            ))
-        })?;
+    let marks = materialize_merged(spec)?;
     let root = spec.merged.as_path();
     let unavailable = |what: &str| {
         SandboxError::Setup(format!(
@@ -395,16 +389,21 @@ fn normalize_upper(spec: &StepSpec) -> Result<(), SandboxError> {
     })
 }
 
+/// The image's layers stacked into `merged` as plain files (the copy snapshotter's rootfs, and
+/// the chroot isolation's).
+fn materialize_merged(spec: &StepSpec) -> Result<crate::layer::CopyMarks, SandboxError> {
+    crate::layer::materialize(&lower_dirs(spec), &spec.merged, &spec.work).map_err(|e| {
+        SandboxError::Setup(format!(
+            "copying the image's layers into {}: {e}",
+            spec.merged.display()
+        ))
+    })
+}
+
 /// The copy snapshotter: the layers stacked into `merged`, which is then bound onto itself so
 /// that it is a mount point (pivot_root needs one).
 fn prepare_copy(spec: &StepSpec) -> Result<crate::layer::CopyMarks, SandboxError> {
-    let marks =
-        crate::layer::materialize(&lower_dirs(spec), &spec.merged, &spec.work).map_err(|e| {
-            SandboxError::Setup(format!(
-                "copying the image's layers into {}: {e}",
-                spec.merged.display()
-            ))
-        })?;
+    let marks = materialize_merged(spec)?;
     bind(&spec.merged, &spec.merged, true)?;
     Ok(marks)
 }
