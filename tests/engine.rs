@@ -23,13 +23,24 @@ fn build_and_unpack(
     extra: &[&str],
 ) -> (tempfile::TempDir, std::path::PathBuf, String) {
     let ctx = context(files);
+    build_dir_and_unpack(who, store, ctx.path(), extra)
+}
+
+/// [`build_and_unpack`] for a context directory the test prepared itself (BASE is the busybox
+/// test image).
+fn build_dir_and_unpack(
+    who: Who,
+    store: &std::path::Path,
+    ctx: &std::path::Path,
+    extra: &[&str],
+) -> (tempfile::TempDir, std::path::PathBuf, String) {
     let out_dir = scratch_dir(who);
     let oci = out_dir.path().join("img.tar");
     let base = format!("BASE={}", env().busybox());
     let dest = format!("type=oci,dest={}", oci.display());
     let mut args = vec!["build", "--build-arg", &base, "--output", &dest];
     args.extend_from_slice(extra);
-    let ctx_path = ctx.path().to_str().unwrap().to_string();
+    let ctx_path = ctx.to_str().unwrap().to_string();
     args.push(&ctx_path);
     let out = shmocker_ok(who, store, &args);
     let work = scratch_dir(Who::Root);
@@ -492,23 +503,7 @@ fn add_unpacks_local_archives_and_fetches_urls_with_checksums() {
     std::fs::write(ctx.path().join("Dockerfile"), &dockerfile).unwrap();
     common::run_ok(Command::new("chmod").arg("-R").arg("a+rX").arg(ctx.path()));
     let store = scratch_dir(Who::User);
-    let out_dir = scratch_dir(Who::User);
-    let oci = out_dir.path().join("img.tar");
-    let base = format!("BASE={}", env().busybox());
-    shmocker_ok(
-        Who::User,
-        store.path(),
-        &[
-            "build",
-            "--build-arg",
-            &base,
-            "--output",
-            &format!("type=oci,dest={}", oci.display()),
-            ctx.path().to_str().unwrap(),
-        ],
-    );
-    let work = scratch_dir(Who::Root);
-    let rootfs = unpack(&format!("oci-archive:{}", oci.display()), work.path());
+    let (_work, rootfs, _) = build_dir_and_unpack(Who::User, store.path(), ctx.path(), &[]);
     let read =
         |p: &str| std::fs::read_to_string(rootfs.join(p)).unwrap_or_else(|e| panic!("{p}: {e}"));
     assert_eq!(read("opt/pkg/inner/file.txt"), "from the archive\n");
@@ -527,6 +522,7 @@ fn add_unpacks_local_archives_and_fetches_urls_with_checksums() {
     // A wrong checksum fails at the line and says both digests.
     let bad = dockerfile.replace(&sum, &format!("sha256:{}", "0".repeat(64)));
     std::fs::write(ctx.path().join("Dockerfile"), bad).unwrap();
+    let base = format!("BASE={}", env().busybox());
     let out = shmocker(
         Who::User,
         store.path(),
@@ -1067,23 +1063,7 @@ fn add_unpacks_bzip2_xz_and_zstd_archives() {
     std::fs::write(ctx.path().join("Dockerfile"), dockerfile).unwrap();
     common::run_ok(Command::new("chmod").arg("-R").arg("a+rX").arg(ctx.path()));
     let store = scratch_dir(Who::User);
-    let out_dir = scratch_dir(Who::User);
-    let oci = out_dir.path().join("img.tar");
-    let base = format!("BASE={}", env().busybox());
-    shmocker_ok(
-        Who::User,
-        store.path(),
-        &[
-            "build",
-            "--build-arg",
-            &base,
-            "--output",
-            &format!("type=oci,dest={}", oci.display()),
-            ctx.path().to_str().unwrap(),
-        ],
-    );
-    let work = scratch_dir(Who::Root);
-    let rootfs = unpack(&format!("oci-archive:{}", oci.display()), work.path());
+    let (_work, rootfs, _) = build_dir_and_unpack(Who::User, store.path(), ctx.path(), &[]);
     for dir in ["bz2", "xz", "zst"] {
         let p = rootfs.join(dir).join("pkg/inner/file.txt");
         assert_eq!(
