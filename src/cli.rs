@@ -173,14 +173,22 @@ pub struct BuildArgs {
     pub insecure_registries: Vec<String>,
 
     /// Use this isolation instead of the strongest that works: root, subordinate-ids,
-    /// single-id or chroot. The build fails if it does not work here.
-    #[arg(long, value_name = "LEVEL", value_parser = ["root", "subordinate-ids", "single-id", "chroot"])]
+    /// single-id or chroot. The build fails if it does not work here. `in-place` (never chosen
+    /// on its own) runs the steps on this container's own filesystem, replacing it with the
+    /// image's: only for a throwaway container that runs nothing else (see docs/detect.md).
+    #[arg(long, value_name = "LEVEL", value_parser = ["root", "subordinate-ids", "single-id", "chroot", "in-place"])]
     pub isolation: Option<String>,
 
     /// Refuse to build with an isolation weaker than this (root > subordinate-ids > single-id >
-    /// chroot).
-    #[arg(long = "min-isolation", value_name = "LEVEL", value_parser = ["root", "subordinate-ids", "single-id", "chroot"])]
+    /// chroot > in-place).
+    #[arg(long = "min-isolation", value_name = "LEVEL", value_parser = ["root", "subordinate-ids", "single-id", "chroot", "in-place"])]
     pub min_isolation: Option<String>,
+
+    /// With --isolation in-place: leave PATH of this container alone, neither replaced by the
+    /// image's files nor put in a layer, as kaniko's --ignore-path (repeatable). Mount points,
+    /// /proc, /sys, /dev and shmocker's own files always are.
+    #[arg(long = "ignore-path", value_name = "PATH")]
+    pub ignore_paths: Vec<PathBuf>,
 
     /// In a single-ID build, give files and processes whose owner the build cannot map (COPY
     /// --chown, USER, WORKDIR) to 0 with a warning, instead of failing the step.

@@ -123,9 +123,13 @@ fn build_in_userns(
             .context("starting the async runtime")?;
         Ok(runtime.block_on(engine::build(opts)))
     };
-    if choice.isolation == detect::ladder::Isolation::Chroot {
-        // No namespace can be made here: the build runs as this (real root) process.
-        opts.chroot = true;
+    if matches!(
+        choice.isolation,
+        detect::ladder::Isolation::Chroot | detect::ladder::Isolation::InPlace
+    ) {
+        // No namespace can be made here (or none is wanted): the build runs as this (real
+        // root) process.
+        opts.chroot = choice.isolation == detect::ladder::Isolation::Chroot;
         opts.mapping = choice.mapping;
         let result = run(&opts)?;
         return then(&opts, result);
@@ -435,7 +439,22 @@ fn build_options(args: cli::BuildArgs, root: PathBuf) -> Result<BuildOptions> {
             })
         })
         .transpose()?;
+    let in_place = match args.isolation.as_deref() {
+        Some("in-place") => Some(
+            args.ignore_paths
+                .iter()
+                .map(|p| absolute(p))
+                .collect::<Result<Vec<_>>>()?,
+        ),
+        _ if !args.ignore_paths.is_empty() => {
+            bail!(
+                "--ignore-path is only for --isolation in-place (which leaves those paths of this container alone)"
+            )
+        }
+        _ => None,
+    };
     Ok(BuildOptions {
+        in_place,
         context: absolute(&args.context)?,
         target: args.target,
         no_cache: args.no_cache,

@@ -2,7 +2,8 @@
 //! without subordinate IDs, a seccomp filter like Docker's default, a store on tmpfs and on an
 //! overlay mount, fuse-overlayfs missing from PATH, /dev/fuse not accessible. In each, detect must
 //! name the cause and the fix, and build must succeed in the mode detect chose or refuse cleanly.
-//! Plus: every snapshotter gives the same layers for the same Dockerfile.
+//! Plus: every snapshotter gives the same layers for the same Dockerfile, and in-place execution
+//! (run in a throwaway root made for it, never on this machine's own `/`) gives them too.
 
 mod common;
 
@@ -11,7 +12,10 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-use common::{Who, binary, context, env, remote_config, run_ok, scratch_dir, unique_ref};
+use common::{
+    Who, binary, context, env, remote_config, run_ok, scratch_dir, shmocker, shmocker_ok,
+    unique_ref,
+};
 
 /// A wrapper that puts the command under a seccomp filter like Docker's default profile
 /// (tests/env/seccomp-deny-ns; needs python3-seccomp, installed by tests/env/setup.sh).
@@ -758,8 +762,12 @@ fn every_snapshotter_gives_the_same_layers() {
 #[test]
 fn as_root_under_dockers_seccomp_profile_steps_run_chrooted_with_the_same_layers() {
     let wrapper = seccomp_wrapper();
+    // COPY --from too: without mounts, the stage's files are copied out to be read.
+    let main_stage = SNAPSHOT_DOCKERFILE.strip_prefix("ARG BASE\n").unwrap();
     let dockerfile = format!(
-        "{SNAPSHOT_DOCKERFILE}RUN echo quiet > /dev/null && echo y > /app/y && touch -t 200001010000 /app/y /app\n"
+        "ARG BASE\nFROM $BASE AS tools\nRUN echo tool > /tool && touch -t 200001010000 /tool\n\
+         {main_stage}COPY --from=tools /tool /tool\n\
+         RUN echo quiet > /dev/null && echo y > /app/y && touch -t 200001010000 /app/y /app\n"
     );
     let ctx = context(&[("Dockerfile", &dockerfile), ("data.txt", "data\n")]);
     let mut diff_ids = Vec::new();
@@ -801,6 +809,7 @@ fn as_root_under_dockers_seccomp_profile_steps_run_chrooted_with_the_same_layers
             let work = scratch_dir(Who::Root);
             let rootfs = common::unpack(&format!("docker://{tag}"), work.path());
             assert_eq!(fs::read_to_string(rootfs.join("app/y")).unwrap(), "y\n");
+            assert_eq!(fs::read_to_string(rootfs.join("tool")).unwrap(), "tool\n");
             assert!(
                 !rootfs.join("dev/null").exists(),
                 "device stubs left in the image"
@@ -842,4 +851,282 @@ fn detect_names_the_environment_and_gives_its_own_fix() {
         "{table}"
     );
     assert!(table.contains("fixes known for"), "{table}");
+}
+
+/// Makes a throwaway root for in-place execution: a directory `T` holding a copy of the shmocker
+/// binary and the libraries it loads, a static busybox for the harness, a container marker, the
+/// build context and store, and some "runner" files the build must replace. The build runs with
+/// `T` as its `/` (see [`run_in_throwaway_root`]), so a mistake can never reach this machine's
+/// own `/`.
+struct ThrowawayRoot {
+    dir: tempfile::TempDir,
+    /// The libraries the binary loads, as paths inside the root (kept with --ignore-path: a
+    /// released shmocker is static and needs none).
+    libs: Vec<String>,
+}
+
+impl ThrowawayRoot {
+    fn new(context_files: &[(&str, &str)], container_marker: bool) -> ThrowawayRoot {
+        let dir = scratch_dir(Who::Root);
+        let t = dir.path();
+        let put = |rel: &str, contents: &[u8]| {
+            let p = t.join(rel);
+            fs::create_dir_all(p.parent().unwrap()).unwrap();
+            fs::write(&p, contents).unwrap();
+        };
+        fs::create_dir_all(t.join("shmocker")).unwrap();
+        fs::copy(binary(), t.join("shmocker/shmocker")).unwrap();
+        let ldd = run_ok(Command::new("ldd").arg(binary()));
+        let mut libs = Vec::new();
+        for line in String::from_utf8_lossy(&ldd.stdout).lines() {
+            // "libc.so.6 => /lib/x86_64-linux-gnu/libc.so.6 (0x...)" or "/lib64/ld-linux... (0x...)"
+            let Some(path) = line
+                .split_whitespace()
+                .find(|w| w.starts_with('/'))
+                .map(str::to_string)
+            else {
+                continue;
+            };
+            let dest = t.join(path.trim_start_matches('/'));
+            fs::create_dir_all(dest.parent().unwrap()).unwrap();
+            fs::copy(&path, &dest).unwrap_or_else(|e| panic!("copying {path}: {e}"));
+            libs.push(path);
+        }
+        assert!(!libs.is_empty(), "ldd found no libraries: {ldd:?}");
+        fs::create_dir_all(t.join(".harness/old")).unwrap();
+        fs::copy("/usr/bin/busybox", t.join(".harness/busybox")).unwrap();
+        put(".harness/hosts", b"10.9.8.7 from-the-runtime\n");
+        if container_marker {
+            put(".dockerenv", b"");
+        }
+        for d in ["proc", "dev", "volume", "etc", "store"] {
+            fs::create_dir_all(t.join(d)).unwrap();
+        }
+        put("etc/hosts", b"");
+        put("etc/runner.conf", b"the runner's own file\n");
+        // A container image's CA bundle: TLS set-up reads it before the first step replaces it.
+        put(
+            "etc/ssl/certs/ca-certificates.crt",
+            &fs::read("/etc/ssl/certs/ca-certificates.crt").unwrap(),
+        );
+        put("usr/bin/runner-tool", b"#!/bin/sh\n");
+        for (path, contents) in context_files {
+            put(&format!("ctx/{path}"), contents.as_bytes());
+        }
+        ThrowawayRoot { dir, libs }
+    }
+
+    fn path(&self) -> &Path {
+        self.dir.path()
+    }
+}
+
+/// Runs `/shmocker/shmocker ARGS` with `root` as `/`: in a private mount namespace, `root` gets
+/// /proc, /dev, a tmpfs volume at /volume and a runtime /etc/hosts bound over the image's (as a
+/// container runtime makes them), then becomes `/` by pivot_root, and the old root is detached
+/// before shmocker starts.
+fn run_in_throwaway_root(root: &ThrowawayRoot, args: &[&str]) -> Output {
+    let script = r#"set -eu
+T=$1; shift
+mount --bind "$T" "$T"
+mount -t proc proc "$T/proc"
+mount --rbind /dev "$T/dev"
+mount -t tmpfs -o size=1m tmpfs "$T/volume"
+echo 'a volume of the container' > "$T/volume/file"
+mount --bind "$T/.harness/hosts" "$T/etc/hosts"
+cd "$T"
+pivot_root . .harness/old
+exec /.harness/busybox sh -c '/.harness/busybox umount -l /.harness/old && exec "$@"' sh "$@"
+"#;
+    let out = Command::new("unshare")
+        .args([
+            "--mount",
+            "--propagation",
+            "private",
+            "--",
+            "sh",
+            "-c",
+            script,
+            "sh",
+        ])
+        .arg(root.path())
+        .arg("/shmocker/shmocker")
+        .args(args)
+        .env_clear()
+        .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
+        .env("HOME", "/root")
+        .output()
+        .expect("running unshare");
+    eprintln!(
+        "--- in a throwaway root: shmocker {args:?}: {}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+#[test]
+fn in_place_execution_replaces_the_containers_root_and_gives_the_same_layers() {
+    // Outside the throwaway root: must survive untouched.
+    let outside = scratch_dir(Who::Root);
+    fs::write(outside.path().join("sentinel"), "here\n").unwrap();
+    // Two stages (which would run at once, and take turns with `/`), COPY --from, and a step
+    // that reads what the container runtime mounted.
+    let main_stage = SNAPSHOT_DOCKERFILE.strip_prefix("ARG BASE\n").unwrap();
+    let dockerfile = format!(
+        "ARG BASE\nFROM $BASE AS tools\nRUN echo tool > /tool && touch -t 200001010000 /tool\n\
+         {main_stage}COPY --from=tools /tool /tool\n\
+         RUN cat /etc/hosts /volume/file > /seen && touch -t 200001010000 /seen\n"
+    );
+    let files = [("Dockerfile", dockerfile.as_str()), ("data.txt", "data\n")];
+    let root = ThrowawayRoot::new(&files, true);
+    let t = root.path();
+    // The reference build's context: the same data.txt (bytes and times), and the Dockerfile
+    // without the last step, which reads what only the container has.
+    let ctx = context(&[("Dockerfile", SNAPSHOT_DOCKERFILE), ("data.txt", "data\n")]);
+    run_ok(
+        Command::new("touch")
+            .arg("-r")
+            .arg(t.join("ctx/data.txt"))
+            .arg(ctx.path().join("data.txt")),
+    );
+
+    let in_place_tag = unique_ref("in-place");
+    let mut args = vec![
+        "--root",
+        "/store",
+        "build",
+        "--isolation",
+        "in-place",
+        "--build-arg",
+    ];
+    let base = base_arg();
+    args.extend([base.as_str(), "-t", &in_place_tag, "--push"]);
+    let ignore: Vec<String> = root
+        .libs
+        .iter()
+        .map(|l| format!("--ignore-path={l}"))
+        .collect();
+    args.extend(ignore.iter().map(String::as_str));
+    args.push("/ctx");
+    let out = run_in_throwaway_root(&root, &args);
+    let err = stderr(&out);
+    assert!(out.status.success(), "in-place build failed: {err}");
+    assert!(err.contains("isolation: in-place"), "{err}");
+    assert!(err.contains("snapshotter: copy"), "{err}");
+
+    // The reference: the same Dockerfile and context built the usual way.
+    let store = scratch_dir(Who::Root);
+    let usual_tag = unique_ref("in-place-reference");
+    shmocker_ok(
+        Who::Root,
+        store.path(),
+        &[
+            "build",
+            "--build-arg",
+            &base_arg(),
+            "-t",
+            &usual_tag,
+            "--push",
+            ctx.path().to_str().unwrap(),
+        ],
+    );
+    let in_place = remote_config(&in_place_tag)["rootfs"]["diff_ids"].clone();
+    let usual = remote_config(&usual_tag)["rootfs"]["diff_ids"].clone();
+    let (in_place, usual) = (in_place.as_array().unwrap(), usual.as_array().unwrap());
+    assert_eq!(in_place.len(), usual.len() + 2);
+    assert_eq!(
+        in_place[..usual.len()],
+        usual[..],
+        "in-place and usual builds made different layers"
+    );
+
+    let work = scratch_dir(Who::Root);
+    let rootfs = common::unpack(&format!("docker://{in_place_tag}"), work.path());
+    assert_eq!(
+        fs::read_to_string(rootfs.join("seen")).unwrap(),
+        "10.9.8.7 from-the-runtime\na volume of the container\n",
+        "steps see the container's mounts"
+    );
+    assert_eq!(
+        fs::read_to_string(rootfs.join("app/sub/g")).unwrap(),
+        "again\n"
+    );
+    assert_eq!(fs::read_to_string(rootfs.join("tool")).unwrap(), "tool\n");
+    for gone in [
+        "etc/hosts",
+        "volume",
+        "shmocker",
+        "store",
+        "ctx",
+        "proc/1",
+        "lib64",
+        ".harness",
+        ".dockerenv",
+        "etc/runner.conf",
+        "usr/bin/runner-tool",
+    ] {
+        assert!(
+            !rootfs.join(gone).exists(),
+            "{gone} of the container reached the image"
+        );
+    }
+
+    // The container's root now holds the image (the last step's rootfs) and what was kept.
+    assert!(t.join("app/sub/g").exists());
+    assert!(t.join("bin/busybox").exists());
+    for gone in ["etc/runner.conf", "usr/bin/runner-tool", ".harness/busybox"] {
+        assert!(!t.join(gone).exists(), "{gone} was not replaced");
+    }
+    for kept in ["shmocker/shmocker", "ctx/Dockerfile", ".dockerenv"] {
+        assert!(t.join(kept).exists(), "{kept} was not kept");
+    }
+    assert!(t.join("store").read_dir().unwrap().next().is_some());
+    assert_eq!(
+        fs::read_to_string(outside.path().join("sentinel")).unwrap(),
+        "here\n"
+    );
+}
+
+#[test]
+fn in_place_execution_is_refused_outside_a_container_and_never_chosen_alone() {
+    let root = ThrowawayRoot::new(
+        &[("Dockerfile", "FROM scratch\nCOPY Dockerfile /\n")],
+        false,
+    );
+    let out = run_in_throwaway_root(
+        &root,
+        &[
+            "--root",
+            "/store",
+            "build",
+            "--isolation",
+            "in-place",
+            "/ctx",
+        ],
+    );
+    let err = stderr(&out);
+    assert!(!out.status.success());
+    assert!(
+        err.contains("--isolation in-place cannot be used here: probe in-place failed"),
+        "{err}"
+    );
+    assert!(err.contains("no sign of a container"), "{err}");
+    assert!(
+        root.path().join("etc/runner.conf").exists(),
+        "a refused build changed the root"
+    );
+
+    let store = scratch_dir(Who::Root);
+    let out = shmocker(
+        Who::Root,
+        store.path(),
+        &["build", "--ignore-path", "/x", "/nonexistent"],
+    );
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("--ignore-path is only for --isolation in-place"),
+        "{}",
+        stderr(&out)
+    );
 }

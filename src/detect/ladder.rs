@@ -21,6 +21,7 @@ use crate::sandbox::userns::IdMapping;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Isolation {
+    InPlace,
     Chroot,
     SingleId,
     SubordinateIds,
@@ -28,7 +29,7 @@ pub enum Isolation {
 }
 
 impl Isolation {
-    /// Strongest first.
+    /// Strongest first; the rungs tried on their own (`in-place` only ever runs when asked for).
     pub const LADDER: [Isolation; 4] = [
         Isolation::Root,
         Isolation::SubordinateIds,
@@ -42,6 +43,7 @@ impl Isolation {
             Isolation::SubordinateIds => "subordinate-ids",
             Isolation::SingleId => "single-id",
             Isolation::Chroot => "chroot",
+            Isolation::InPlace => "in-place",
         }
     }
 }
@@ -57,9 +59,12 @@ impl FromStr for Isolation {
     fn from_str(s: &str) -> Result<Self, String> {
         Isolation::LADDER
             .into_iter()
+            .chain([Isolation::InPlace])
             .find(|i| i.name() == s)
             .ok_or_else(|| {
-                format!("unknown isolation {s:?}: use root, subordinate-ids, single-id or chroot")
+                format!(
+                    "unknown isolation {s:?}: use root, subordinate-ids, single-id, chroot or in-place"
+                )
             })
     }
 }
@@ -95,6 +100,9 @@ impl Choice {
         let how = match self.isolation {
             Isolation::Chroot => {
                 "real root, no namespaces: each step is chrooted into a copy of its rootfs".into()
+            }
+            Isolation::InPlace => {
+                "no namespaces, no chroot: each step runs on this container's own /, which becomes the image's rootfs".into()
             }
             _ => self.mapping.describe(),
         };
@@ -164,6 +172,9 @@ fn isolation_blocker(report: &Report, planned: &IdMapping, level: Isolation) -> 
     if level == Isolation::Chroot {
         return blocker(report, &["chroot"]);
     }
+    if level == Isolation::InPlace {
+        return blocker(report, &["in-place"]);
+    }
     match (level, planned) {
         (Isolation::Root, IdMapping::Identity) => {}
         (Isolation::Root, _) => return Some("not running as root".into()),
@@ -183,14 +194,16 @@ fn isolation_blocker(report: &Report, planned: &IdMapping, level: Isolation) -> 
             Some("running as root: the full ID map is used instead".into())
         }
         (Isolation::SubordinateIds, _) => blocker(report, &["map-subordinate"]),
-        (Isolation::SingleId, _) | (Isolation::Chroot, _) => None,
+        (Isolation::SingleId, _) | (Isolation::Chroot, _) | (Isolation::InPlace, _) => None,
     }
 }
 
 fn snapshotter_blocker(report: &Report, s: Snapshotter, isolation: Isolation) -> Option<String> {
     match (s, isolation) {
-        (Snapshotter::Copy, Isolation::Chroot) => None,
-        (_, Isolation::Chroot) => Some("the chroot isolation cannot mount anything".into()),
+        (Snapshotter::Copy, Isolation::Chroot | Isolation::InPlace) => None,
+        (_, Isolation::Chroot | Isolation::InPlace) => {
+            Some(format!("the {isolation} isolation cannot mount anything"))
+        }
         (Snapshotter::Overlayfs, _) => blocker(report, &["overlay-userxattr"]),
         (Snapshotter::FuseOverlayfs, _) => blocker(report, &["fuse-overlayfs"]),
         (Snapshotter::Copy, _) => blocker(report, &["mount-ns"]),
@@ -238,6 +251,11 @@ pub fn choose(report: &Report, planned: &IdMapping, req: &Request) -> Result<Cho
             match found {
                 Some(level) => level,
                 None => {
+                    if report.works("in-place") {
+                        reasons.push(
+                            "  in-place (never chosen on its own): this is root in a container; if the container is a throwaway one that runs nothing else, `--isolation in-place` runs the steps on its own filesystem (see docs/detect.md)".into(),
+                        );
+                    }
                     return Err(LadderError::Nothing {
                         reasons: reasons.join("\n"),
                     });
@@ -261,7 +279,7 @@ pub fn choose(report: &Report, planned: &IdMapping, req: &Request) -> Result<Cho
     let mapping = match (isolation, planned) {
         (Isolation::Root, m) | (Isolation::SubordinateIds, m) => m.clone(),
         // No user namespace: the build's IDs are the host's, as real root.
-        (Isolation::Chroot, _) => IdMapping::Identity,
+        (Isolation::Chroot, _) | (Isolation::InPlace, _) => IdMapping::Identity,
         (Isolation::SingleId, IdMapping::Single { .. }) => planned.clone(),
         (Isolation::SingleId, _) => IdMapping::Single {
             uid: nix::unistd::geteuid().as_raw(),
@@ -328,6 +346,7 @@ mod tests {
             "overlay-userxattr",
             "fuse-overlayfs",
             "chroot",
+            "in-place",
         ];
         Report {
             schema_version: 1,
@@ -409,6 +428,49 @@ mod tests {
         let e = choose(&user, &SUB, &Request::default()).unwrap_err();
         assert!(matches!(e, LadderError::Nothing { .. }), "{e}");
         assert!(e.to_string().contains("fix userns"), "{e}");
+    }
+
+    #[test]
+    fn in_place_runs_only_when_asked_for() {
+        let nothing = report(&[
+            "userns",
+            "map-single",
+            "map-subordinate",
+            "mount-ns",
+            "chroot",
+        ]);
+        let e = choose(&nothing, &IdMapping::Identity, &Request::default()).unwrap_err();
+        assert!(matches!(e, LadderError::Nothing { .. }), "{e}");
+        assert!(e.to_string().contains("`--isolation in-place`"), "{e}");
+        let asked = Request {
+            isolation: Some(Isolation::InPlace),
+            ..Default::default()
+        };
+        let c = choose(&nothing, &IdMapping::Identity, &asked).unwrap();
+        assert_eq!(
+            (c.isolation, c.snapshotter),
+            (Isolation::InPlace, Snapshotter::Copy)
+        );
+        assert_eq!(c.mapping, IdMapping::Identity);
+        // Not in a container: refused even when asked for.
+        let e = choose(&report(&["in-place"]), &IdMapping::Identity, &asked).unwrap_err();
+        assert!(
+            e.to_string()
+                .starts_with("--isolation in-place cannot be used here: probe in-place failed"),
+            "{e}"
+        );
+        let hint = choose(
+            &report(&["userns", "chroot", "in-place"]),
+            &SUB,
+            &Request::default(),
+        );
+        assert!(
+            !hint
+                .unwrap_err()
+                .to_string()
+                .contains("--isolation in-place")
+        );
+        assert_eq!("in-place".parse::<Isolation>(), Ok(Isolation::InPlace));
     }
 
     #[test]

@@ -265,6 +265,7 @@ pub fn run(store: &Path, mapping: &IdMapping) -> Result<Report, DetectError> {
     let mut raws = probes::namespace_probes(&work);
     raws.insert(2, probes::mapping_probe(mapping));
     raws.push(probes::chroot_probe(&work));
+    raws.push(probes::in_place_probe());
     raws.push(probes::reflink_probe(&work));
     // Overlayfs' mode-0 work dir included (see `store::remove_tree`).
     crate::store::remove_tree(&work);

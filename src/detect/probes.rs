@@ -536,6 +536,39 @@ pub fn chroot_probe(work: &Path) -> Raw {
     }
 }
 
+/// Whether in-place execution (`--isolation in-place`, never chosen on its own) may run here:
+/// real root, in what says it is a container (docker's /.dockerenv, podman's
+/// /run/.containerenv, the `container` variable of systemd's container interface, or a
+/// Kubernetes pod's KUBERNETES_SERVICE_HOST). Anywhere else, replacing `/` with an image's files
+/// would wreck the machine itself, so shmocker refuses. Reads a few files; runs nothing.
+pub fn in_place_probe() -> Raw {
+    const NAME: &str = "in-place";
+    if !geteuid().is_root() {
+        return skipped(NAME, "needs real root");
+    }
+    let sign = ["/.dockerenv", "/run/.containerenv"]
+        .into_iter()
+        .find(|f| Path::new(f).exists())
+        .map(str::to_string)
+        .or_else(|| {
+            ["container", "KUBERNETES_SERVICE_HOST"]
+                .into_iter()
+                .find(|k| std::env::var_os(k).is_some_and(|v| !v.is_empty()))
+                .map(|k| format!("${k}"))
+        });
+    match sign {
+        Some(sign) => ok(
+            NAME,
+            format!("real root in a container ({sign}): --isolation in-place can be asked for"),
+        ),
+        None => failed(
+            NAME,
+            None,
+            "no sign of a container (/.dockerenv, /run/.containerenv, $container, $KUBERNETES_SERVICE_HOST): in-place execution would replace this machine's own files",
+        ),
+    }
+}
+
 nix::ioctl_write_int!(ficlone, 0x94, 9);
 
 /// FICLONE between two files in `dir` (the store).

@@ -91,6 +91,10 @@ pub struct BuildOptions {
     pub labels: BTreeMap<String, String>,
     /// Steps run chrooted, without namespaces (the `chroot` isolation).
     pub chroot: bool,
+    /// Steps run on this system's own `/` (the `in-place` isolation, opt-in), leaving these
+    /// paths (`--ignore-path`) alone besides the ones the build always keeps (see
+    /// [`in_place_keep`]).
+    pub in_place: Option<Vec<PathBuf>>,
     /// Unmapped owners become 0 instead of failing the step.
     pub ignore_chown_errors: bool,
 }
@@ -253,6 +257,48 @@ struct Builder<'a> {
     layer_sources: Vec<remote_cache::LayerSource>,
     /// Content hashes of context files, remembered between builds.
     file_hashes: Arc<cache::FileHashes>,
+    /// In-place execution: every path left alone, and the lock that lets one step at a time
+    /// have `/` (stages otherwise run at once).
+    in_place: Option<(Vec<PathBuf>, tokio::sync::Mutex<()>)>,
+}
+
+/// Everything an in-place build leaves alone besides `--ignore-path`'s paths and the mount
+/// points (see `sandbox::StepSpec::in_place`): the store, the context and Dockerfile, the
+/// executable, where results are written, the container runtime's marks, and the builder's
+/// registry settings (docker's and
+/// podman's credential files, certs.d directories, `SSL_CERT_FILE`/`SSL_CERT_DIR`), so that
+/// pulls and pushes after the first step still find them. Paths are made absolute and, where
+/// they exist, free of symlinks (mount points are listed that way).
+pub fn in_place_keep(opts: &BuildOptions) -> Vec<PathBuf> {
+    let env = |k: &str| {
+        std::env::var_os(k)
+            .filter(|v| !v.is_empty())
+            .map(PathBuf::from)
+    };
+    let mut paths: Vec<PathBuf> = opts.in_place.clone().unwrap_or_default();
+    paths.extend([opts.store_root.clone(), opts.context.clone()]);
+    paths.extend(opts.dockerfile.clone());
+    paths.extend(std::env::current_exe().ok());
+    paths.extend(opts.iidfile.clone());
+    paths.extend(opts.metadata_file.clone());
+    for e in &opts.exports {
+        match e {
+            Export::Oci(p) | Export::Docker(p) | Export::Local(p) => paths.push(p.clone()),
+        }
+    }
+    paths.extend(crate::registry::settings_paths());
+    // The container runtime's marks, which say that in-place execution may run here.
+    paths.extend(["/.dockerenv", "/run/.containerenv"].map(PathBuf::from));
+    paths.extend(
+        ["SSL_CERT_FILE", "SSL_CERT_DIR"]
+            .iter()
+            .filter_map(|k| env(k)),
+    );
+    paths
+        .into_iter()
+        .filter_map(|p| std::path::absolute(&p).ok())
+        .map(|p| fs::canonicalize(&p).unwrap_or(p))
+        .collect()
 }
 
 /// Runs the build described by `opts`.
@@ -357,7 +403,26 @@ pub async fn build(opts: &BuildOptions) -> Result<BuildResult, BuildError> {
         images: tokio::sync::Mutex::new(BTreeMap::new()),
         layer_sources: Vec::new(),
         file_hashes: Arc::new(cache::FileHashes::load(&store_for_hashes)),
+        in_place: opts
+            .in_place
+            .is_some()
+            .then(|| (in_place_keep(opts), tokio::sync::Mutex::new(()))),
     };
+    if b.in_place.is_some() {
+        // Credential helpers and CA files live in `/`, which the first step replaces: set up
+        // the push targets' registries now.
+        for tag in &opts.tags {
+            if let Ok(r) = tag.parse::<Reference>() {
+                b.registry
+                    .prepare(&r)
+                    .await
+                    .map_err(|source| BuildError::Registry {
+                        location: format!("setting up the registry of {tag}"),
+                        error: Box::new(source),
+                    })?;
+            }
+        }
+    }
     for from in &opts.cache_from {
         match remote_cache::import(from, &b.cache, &b.registry).await {
             Ok((n, source)) => {
@@ -904,6 +969,7 @@ impl<'a> Builder<'a> {
             scratch,
             snapshotter: self.opts.snapshotter,
             chroot: self.opts.chroot,
+            in_place: self.in_place.as_ref().map(|(keep, _)| keep.clone()),
             ignore_chown_errors: self.opts.ignore_chown_errors,
             action: crate::sandbox::Action::Export {
                 dest: dest.to_path_buf(),

@@ -1787,8 +1787,14 @@ impl Builder<'_> {
             scratch,
             snapshotter: self.opts.snapshotter,
             chroot: self.opts.chroot,
+            in_place: self.in_place.as_ref().map(|(keep, _)| keep.clone()),
             ignore_chown_errors: self.opts.ignore_chown_errors,
             action,
+        };
+        // In place, `/` is every step's rootfs: one step at a time.
+        let _turn = match &self.in_place {
+            Some((_, lock)) => Some(lock.lock().await),
+            None => None,
         };
         let started = Instant::now();
         let reporter = self.opts.reporter.clone();

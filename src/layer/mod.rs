@@ -96,7 +96,9 @@ pub use diff::{diff_upper_to_blob, dir_to_blob, is_empty_upper, recompress};
 pub use pargz::{
     BLOCK_SIZE as GZIP_BLOCK_SIZE, ParGzEncoder, default_threads as default_compression_threads,
 };
-pub use treediff::{CopyMarks, diff_tree_to_upper, materialize, normalize_fuse_upper};
+pub use treediff::{
+    CopyMarks, Kept, diff_tree_to_upper, materialize, materialize_in_place, normalize_fuse_upper,
+};
 
 use crate::store::StoreError;
 

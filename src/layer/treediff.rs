@@ -44,6 +44,42 @@ pub struct CopyMarks {
     since: (i64, i64),
     /// Things left out of the copy (devices that cannot be made here), one sentence each.
     pub warnings: Vec<String>,
+    /// Paths neither replaced nor compared (in-place execution: see [`materialize_in_place`]).
+    kept: Kept,
+}
+
+/// The paths of a running system that in-place execution leaves as they are: its mount points
+/// (/proc, /dev, a CI's volumes, the hosts files a container runtime binds), shmocker's own
+/// store, context and executable, and what `--ignore-path` names. Absolute paths.
+#[derive(Debug, Default, Clone)]
+pub struct Kept {
+    paths: BTreeSet<PathBuf>,
+}
+
+impl Kept {
+    /// `paths` are absolute; `/` itself is never kept (it is what gets replaced).
+    pub fn new(paths: impl IntoIterator<Item = PathBuf>) -> Kept {
+        Kept {
+            paths: paths
+                .into_iter()
+                .filter(|p| p.is_absolute() && p.parent().is_some())
+                .map(|p| p.components().collect())
+                .collect(),
+        }
+    }
+
+    pub fn paths(&self) -> impl Iterator<Item = &Path> {
+        self.paths.iter().map(PathBuf::as_path)
+    }
+
+    fn is_kept(&self, p: &Path) -> bool {
+        self.paths.contains(p)
+    }
+
+    /// Whether something kept lies below `p` (so `p` must stay, as a directory).
+    fn holds_kept(&self, p: &Path) -> bool {
+        self.paths.iter().any(|k| k != p && k.starts_with(p))
+    }
 }
 
 fn io_err<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> LayerError + 'a {
@@ -251,7 +287,63 @@ pub fn materialize(
     dest: &Path,
     clock_dir: &Path,
 ) -> Result<CopyMarks, LayerError> {
-    let mut marks = CopyMarks::default();
+    stack_into(lowers, dest, CopyMarks::default(), clock_dir)
+}
+
+/// In-place execution: makes the running system's own `root` (`/`) what `lowers` stack to,
+/// except for `kept`, which stays as it is. Everything else under `root` is removed first, then
+/// the layers are copied in as [`materialize`] does; a directory that holds a kept path is not
+/// removed but given the layers' contents and metadata around it (where the layers have no
+/// directory there, it stays as it was, with a warning). [`diff_tree_to_upper`] with the marks
+/// returned leaves the kept paths out of the comparison.
+///
+/// `clock_dir` must be on a filesystem whose timestamps are as fine as `root`'s (any local
+/// Linux filesystem but FAT: they all take the kernel's clock at nanosecond granularity).
+pub fn materialize_in_place(
+    lowers: &[PathBuf],
+    root: &Path,
+    kept: Kept,
+    clock_dir: &Path,
+) -> Result<CopyMarks, LayerError> {
+    clear_except(root, &kept)?;
+    let marks = CopyMarks {
+        kept,
+        ..Default::default()
+    };
+    stack_into(lowers, root, marks, clock_dir)
+}
+
+/// Removes everything below `dir` but the kept paths and the directories leading to them. Never
+/// crosses into a mount point: every mount point is kept (see [`Kept`]), and a directory above
+/// one is entered rather than removed whole.
+fn clear_except(dir: &Path, kept: &Kept) -> Result<(), LayerError> {
+    let mut names: Vec<OsString> = Vec::new();
+    for e in fs::read_dir(dir).map_err(io_err("listing", dir))? {
+        names.push(e.map_err(io_err("listing", dir))?.file_name());
+    }
+    for name in names {
+        let p = dir.join(&name);
+        if kept.is_kept(&p) {
+            continue;
+        }
+        let Some(md) = lstat(&p)? else { continue };
+        if md.is_dir() && kept.holds_kept(&p) {
+            clear_except(&p, kept)?;
+        } else if md.is_dir() {
+            fs::remove_dir_all(&p).map_err(io_err("removing", &p))?;
+        } else {
+            fs::remove_file(&p).map_err(io_err("removing", &p))?;
+        }
+    }
+    Ok(())
+}
+
+fn stack_into(
+    lowers: &[PathBuf],
+    dest: &Path,
+    mut marks: CopyMarks,
+    clock_dir: &Path,
+) -> Result<CopyMarks, LayerError> {
     let mut links = HashMap::new();
     let root_md = lowers
         .first()
@@ -275,15 +367,27 @@ fn copy_merged(
 ) -> Result<(), LayerError> {
     for name in names_in(dirs)? {
         let dst = dest.join(&name);
+        if marks.kept.is_kept(&dst) {
+            continue;
+        }
+        // A directory left in place for something kept below it.
+        let holder = marks.kept.holds_kept(&dst);
         match resolve(dirs, &name)? {
             (Lower::Absent, _) => {}
+            (Lower::NonDir, Some(_)) if holder => marks.warnings.push(format!(
+                "left out the image's {}: it is not a directory, and something below that path is kept (a mount point, shmocker's own files or --ignore-path)",
+                dst.display()
+            )),
             (Lower::NonDir, Some(src)) => {
                 let md = fs::symlink_metadata(&src).map_err(io_err("lstat", &src))?;
                 copy_tree(&src, &md, &dst, links, None, &mut marks.warnings)?;
             }
             (Lower::NonDir, None) => {}
             (Lower::Dir(ds, md), _) => {
-                fs::create_dir(&dst).map_err(io_err("creating", &dst))?;
+                // A holder is still there, unless what it holds does not exist yet.
+                if !holder || lstat(&dst)?.is_none() {
+                    fs::create_dir(&dst).map_err(io_err("creating", &dst))?;
+                }
                 let m = fs::symlink_metadata(&dst).map_err(io_err("lstat", &dst))?;
                 marks.dirs.insert((m.dev(), m.ino()));
                 copy_merged(&ds, &dst, links, marks)?;
@@ -381,12 +485,22 @@ impl TreeDiff<'_> {
         for name in names {
             let mp = mdir.join(&name);
             let up = udir.join(&name);
+            if self.marks.kept.is_kept(&mp) {
+                // Not the image's: left out, and not a whiteout either.
+                present.insert(name);
+                continue;
+            }
+            let holder = self.marks.kept.holds_kept(&mp);
             let md = fs::symlink_metadata(&mp).map_err(io_err("lstat", &mp))?;
             let (lower, _) = resolve(dirs, &name)?;
             present.insert(name);
+            if holder && !(md.is_dir() && matches!(lower, Lower::Dir(..))) {
+                // Only there for what is kept below it (see `materialize_in_place`).
+                continue;
+            }
             if md.is_dir() {
                 match lower {
-                    Lower::Dir(ds, lmd) if !self.made_by_step(&md) => {
+                    Lower::Dir(ds, lmd) if holder || !self.made_by_step(&md) => {
                         fs::create_dir(&up).map_err(io_err("creating", &up))?;
                         let below = self.dir(&ds, &mp, &up)?;
                         let meta_changed = md.mode() != lmd.mode()
@@ -426,7 +540,10 @@ impl TreeDiff<'_> {
             }
         }
         for name in names_in(dirs)? {
-            if present.contains(&name) || matches!(resolve(dirs, &name)?.0, Lower::Absent) {
+            if present.contains(&name)
+                || self.marks.kept.is_kept(&mdir.join(&name))
+                || matches!(resolve(dirs, &name)?.0, Lower::Absent)
+            {
                 continue;
             }
             let up = udir.join(&name);
@@ -513,4 +630,119 @@ fn normalize_dir(
         .map_err(nix_err("setting the times of", dir))?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn write(p: &Path, text: &str) {
+        fs::create_dir_all(p.parent().unwrap()).unwrap();
+        fs::write(p, text).unwrap();
+    }
+
+    /// Names below `dir`, relative, sorted ("name/" for directories).
+    fn listing(dir: &Path) -> Vec<String> {
+        fn walk(base: &Path, dir: &Path, out: &mut Vec<String>) {
+            for e in fs::read_dir(dir).unwrap() {
+                let p = e.unwrap().path();
+                let rel = p.strip_prefix(base).unwrap().display().to_string();
+                if fs::symlink_metadata(&p).unwrap().is_dir() {
+                    out.push(format!("{rel}/"));
+                    walk(base, &p, out);
+                } else {
+                    out.push(rel);
+                }
+            }
+        }
+        let mut out = Vec::new();
+        walk(dir, dir, &mut out);
+        out.sort();
+        out
+    }
+
+    #[test]
+    fn in_place_replaces_all_but_the_kept_paths_and_leaves_them_out_of_the_diff() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (layer, root, upper, clock) = (
+            tmp.path().join("layer"),
+            tmp.path().join("root"),
+            tmp.path().join("upper"),
+            tmp.path().join("clock"),
+        );
+        for d in [&upper, &clock] {
+            fs::create_dir_all(d).unwrap();
+        }
+        // The image: /etc/passwd, its own /etc/hosts, /bin/sh, a file where a kept dir is.
+        write(&layer.join("etc/passwd"), "root:x:0:0::/root:/bin/sh\n");
+        write(&layer.join("etc/hosts"), "image hosts\n");
+        write(&layer.join("bin/sh"), "image shell");
+        write(&layer.join("work"), "the image's file at a kept path");
+        write(
+            &layer.join("data"),
+            "the image's file where a kept path needs a directory",
+        );
+        write(&layer.join("run/x"), "image run");
+        // The running system: a kept file in /etc, a kept tree, a kept path below a directory
+        // the image does not have, and things the image does not have.
+        write(&root.join("etc/hosts"), "runtime hosts\n");
+        write(&root.join("etc/old.conf"), "system file");
+        write(&root.join("work/ctx/Dockerfile"), "FROM x");
+        write(&root.join("data/secrets/token"), "s3cret");
+        write(&root.join("usr/bin/tool"), "system tool");
+        write(
+            &layer.join("sys/x"),
+            "the image's /sys, where the system has none",
+        );
+        let kept = Kept::new([
+            root.join("etc/hosts"),
+            root.join("work"),
+            root.join("data/secrets/"),
+            root.join("sys"),
+        ]);
+
+        let marks =
+            materialize_in_place(std::slice::from_ref(&layer), &root, kept, &clock).unwrap();
+        assert_eq!(
+            listing(&root),
+            [
+                "bin/",
+                "bin/sh",
+                "data/",
+                "data/secrets/",
+                "data/secrets/token",
+                "etc/",
+                "etc/hosts",
+                "etc/passwd",
+                "run/",
+                "run/x",
+                "work/",
+                "work/ctx/",
+                "work/ctx/Dockerfile",
+            ]
+        );
+        assert_eq!(
+            fs::read_to_string(root.join("etc/hosts")).unwrap(),
+            "runtime hosts\n"
+        );
+        assert!(
+            marks.warnings.len() == 1 && marks.warnings[0].contains("data: it is not a directory"),
+            "{:?}",
+            marks.warnings
+        );
+
+        // The step: adds a file, changes a kept one, removes one of the image's, writes below
+        // a kept directory.
+        write(&root.join("etc/new"), "made by the step");
+        write(&root.join("etc/hosts"), "changed at run time\n");
+        write(&root.join("work/ctx/out"), "in the context");
+        write(&root.join("data/secrets/more"), "x");
+        fs::remove_file(root.join("bin/sh")).unwrap();
+
+        diff_tree_to_upper(&[layer], &root, &upper, &marks).unwrap();
+        assert_eq!(listing(&upper), ["bin/", "bin/sh", "etc/", "etc/new"]);
+        assert!(is_whiteout(
+            &fs::symlink_metadata(upper.join("bin/sh")).unwrap()
+        ));
+    }
 }

@@ -440,6 +440,14 @@ fn store_err(
     }
 }
 
+/// The files and directories the registry settings are read from when no option names others
+/// (docker's and podman's credential files, the certs.d directories).
+pub fn settings_paths() -> Vec<PathBuf> {
+    let mut paths = transport::default_certs_dirs();
+    paths.extend(auth::auth_files(None, None));
+    paths
+}
+
 impl Registry {
     pub fn new(opts: RegistryOptions) -> Self {
         Registry {
@@ -457,6 +465,13 @@ impl Registry {
             on_transfer: opts.on_transfer,
             hosts: Default::default(),
         }
+    }
+
+    /// Sets up the client for `image`'s registry now (CA certificates read, credentials looked
+    /// up, a credential helper run), without a request: for in-place builds, before `/` is
+    /// replaced by the image's files.
+    pub async fn prepare(&self, image: &Reference) -> Result<(), RegistryError> {
+        self.host(image).await.map(drop)
     }
 
     /// The client for `image`'s registry, set up on first use.

@@ -65,8 +65,11 @@ fn read_spec(path: &Path) -> Result<StepSpec, SandboxError> {
 }
 
 fn run(spec: &StepSpec) -> Result<StepStatus, SandboxError> {
+    if let Some(keep) = &spec.in_place {
+        return run_without_namespaces(spec, Some(keep));
+    }
     if spec.chroot {
-        return run_chroot(spec);
+        return run_without_namespaces(spec, None);
     }
     unshare(CloneFlags::CLONE_NEWNS)
         .map_err(|e| SandboxError::sys("unshare(CLONE_NEWNS) for the step", e))?;
@@ -92,38 +95,15 @@ fn run(spec: &StepSpec) -> Result<StepStatus, SandboxError> {
     let root = spec.merged.as_path();
     let status = match &spec.action {
         Action::Copy(copy) => {
-            let mut copy = copy.clone();
-            if let Some(from) = &copy.from {
-                let view = spec.scratch.join("from");
-                fs::create_dir_all(&view).map_err(|e| SandboxError::io(&view, e))?;
-                mount_view(&from.lower, &spec.empty_dir, &view)?;
-                let ctx = crate::engine::context::Context::new(view.clone(), None);
-                let mut matched = 0;
-                for source in &from.sources {
-                    let matches = ctx.matches(source).map_err(|e| match e {
-                        crate::engine::context::ContextError::NotFound(src, _) => {
-                            SandboxError::Setup(format!(
-                                "{src}: not found in --from={} (the files of that stage or image; check the path)",
-                                from.name
-                            ))
-                        }
-                        e => SandboxError::Setup(e.to_string()),
-                    })?;
-                    for rel in matches {
-                        matched += 1;
-                        ctx.items(&rel, &mut copy.items)
-                            .map_err(|e| SandboxError::Setup(e.to_string()))?;
-                    }
+            let copy = match &copy.from {
+                Some(from) => {
+                    let view = spec.scratch.join("from");
+                    fs::create_dir_all(&view).map_err(|e| SandboxError::io(&view, e))?;
+                    mount_view(&from.lower, &spec.empty_dir, &view)?;
+                    copy_from_view(copy, &view)?
                 }
-                let has_dir = copy.items.iter().any(|i| i.rel.as_os_str().is_empty());
-                if matched > 1 && !copy.dest_is_dir {
-                    return Err(SandboxError::Setup(format!(
-                        "when using COPY with more than one source file, the destination must be a directory and end with a /: {}",
-                        copy.dest
-                    )));
-                }
-                copy.dest_is_dir |= has_dir;
-            }
+                None => copy.clone(),
+            };
             let copy = squash_copy_owner(root, &copy, spec.ignore_chown_errors)?;
             rootfs::copy_into(root, &copy)?;
             unpack_archives(root, &copy)?;
@@ -187,7 +167,7 @@ fn run(spec: &StepSpec) -> Result<StepStatus, SandboxError> {
             }
             let status = status?;
             if let Some(marks) = &marks {
-                diff_copy(spec, marks)?;
+                diff_tree(spec, &spec.merged, marks)?;
             }
             return Ok(status);
         }
@@ -201,39 +181,116 @@ fn run(spec: &StepSpec) -> Result<StepStatus, SandboxError> {
         Snapshotter::Copy => {
             unmount_rootfs(root)?;
             if let Some(marks) = &marks {
-                diff_copy(spec, marks)?;
+                diff_tree(spec, &spec.merged, marks)?;
             }
         }
     }
     Ok(status)
 }
 
-/// The `chroot` isolation: real root, no namespaces and no mounts (where seccomp denies them).
-/// The layers are copied into `merged`, the step runs chrooted there, and the tree comparison
-/// finds its changes. Only /dev's basic device nodes are provided (made with mknod where
-/// CAP_MKNOD allows, and removed afterwards); there is no /proc, and the network files are the
-/// image's own.
-fn run_chroot(spec: &StepSpec) -> Result<StepStatus, SandboxError> {
+/// COPY --from: the sources matched in `view` (the stage's or image's files, mounted or copied
+/// there) become the copy's items.
+fn copy_from_view(copy: &super::CopySpec, view: &Path) -> Result<super::CopySpec, SandboxError> {
+    let mut copy = copy.clone();
+    let Some(from) = &copy.from else {
+        return Ok(copy);
+    };
+    let ctx = crate::engine::context::Context::new(view.to_path_buf(), None);
+    let mut matched = 0;
+    for source in &from.sources {
+        let matches = ctx.matches(source).map_err(|e| match e {
+            crate::engine::context::ContextError::NotFound(src, _) => SandboxError::Setup(format!(
+                "{src}: not found in --from={} (the files of that stage or image; check the path)",
+                from.name
+            )),
+            e => SandboxError::Setup(e.to_string()),
+        })?;
+        for rel in matches {
+            matched += 1;
+            ctx.items(&rel, &mut copy.items)
+                .map_err(|e| SandboxError::Setup(e.to_string()))?;
+        }
+    }
+    let has_dir = copy.items.iter().any(|i| i.rel.as_os_str().is_empty());
+    if matched > 1 && !copy.dest_is_dir {
+        return Err(SandboxError::Setup(format!(
+            "when using COPY with more than one source file, the destination must be a directory and end with a /: {}",
+            copy.dest
+        )));
+    }
+    copy.dest_is_dir |= has_dir;
+    Ok(copy)
+}
+
+/// The `chroot` isolation (`in_place` is None): real root, no namespaces and no mounts (where
+/// seccomp denies them). The layers are copied into `merged`, the step runs chrooted there, and
+/// the tree comparison finds its changes. Only /dev's basic device nodes are provided (made with
+/// mknod where CAP_MKNOD allows, and removed afterwards); there is no /proc, and the network
+/// files are the image's own.
+///
+/// The `in-place` isolation (`in_place` holds the paths to keep): as above, but the rootfs is
+/// the running system's own `/`, made the image's by `layer::materialize_in_place` (everything
+/// but the kept paths, the mount points and /proc, /sys, /dev is removed first), and the step
+/// runs there without a chroot, with the container's /proc, /dev and network files.
+fn run_without_namespaces(
+    spec: &StepSpec,
+    in_place: Option<&[PathBuf]>,
+) -> Result<StepStatus, SandboxError> {
+    let isolation = if in_place.is_some() {
+        "in-place"
+    } else {
+        "chroot"
+    };
     if spec.snapshotter != Snapshotter::Copy {
         return Err(SandboxError::Setup(format!(
-            "the chroot isolation cannot use the {} snapshotter (it mounts); use --snapshotter copy",
+            "the {isolation} isolation cannot use the {} snapshotter (it mounts); use --snapshotter copy",
             spec.snapshotter.name()
         )));
     }
-    let marks = materialize_merged(spec)?;
-    let root = spec.merged.as_path();
+    if let (Some(_), Action::Export { dest }) = (in_place, &spec.action) {
+        // Not through `/`: the layers are stacked straight into the destination.
+        return export_in_place(spec, dest);
+    }
+    let (root, marks) = match in_place {
+        Some(keep) => {
+            let root = Path::new("/");
+            let kept = crate::layer::Kept::new(in_place_kept(keep)?);
+            let marks =
+                crate::layer::materialize_in_place(&lower_dirs(spec), root, kept, &spec.work)
+                    .map_err(|e| {
+                        SandboxError::Setup(format!(
+                            "making / the image's filesystem (in-place execution): {e}"
+                        ))
+                    })?;
+            (root, marks)
+        }
+        None => (spec.merged.as_path(), materialize_merged(spec)?),
+    };
     let unavailable = |what: &str| {
         SandboxError::Setup(format!(
-            "{what} needs mounts, which the chroot isolation cannot make (seccomp forbids them here); run where user namespaces are allowed (see `shmocker detect`)"
+            "{what} needs mounts, which the {isolation} isolation cannot make; run where user namespaces are allowed (see `shmocker detect`)"
         ))
     };
     let status = match &spec.action {
         Action::Copy(copy) => {
-            if copy.from.is_some() {
-                return Err(unavailable("COPY --from"));
-            }
-            rootfs::copy_into(root, copy)?;
-            unpack_archives(root, copy)?;
+            let copy = match &copy.from {
+                Some(from) => {
+                    // No mounts: the stage's or image's files are copied out to be read.
+                    let view = spec.scratch.join("from");
+                    fs::create_dir_all(&view).map_err(|e| SandboxError::io(&view, e))?;
+                    crate::layer::materialize(&from.lower, &view, &spec.work).map_err(|e| {
+                        SandboxError::Setup(format!(
+                            "copying the files of --from={} into {}: {e}",
+                            from.name,
+                            view.display()
+                        ))
+                    })?;
+                    copy_from_view(copy, &view)?
+                }
+                None => copy.clone(),
+            };
+            rootfs::copy_into(root, &copy)?;
+            unpack_archives(root, &copy)?;
             StepStatus::Exited(0)
         }
         Action::Export { dest } => {
@@ -260,21 +317,87 @@ fn run_chroot(spec: &StepSpec) -> Result<StepStatus, SandboxError> {
                 Network::Private => return Err(unavailable("RUN --network=private")),
                 Network::Host => {}
             }
-            let dev = root.join("dev");
-            let dev_before = dir_times(&dev);
-            let stubs = make_device_stubs(root)?;
-            let dev_with = dir_times(&dev);
-            let status = run_chrooted(root, process);
-            let dev_after = dir_times(&dev);
-            remove_stubs_in(root, &stubs)?;
-            if let (Some(before), Some(with), Some(after)) = (dev_before, dev_with, dev_after) {
-                set_dir_times(&dev, if with == after { before } else { after })?;
+            if in_place.is_some() {
+                // The container's own /dev, /proc and hosts files are there (and kept).
+                run_chrooted(root, process, false)?
+            } else {
+                let dev = root.join("dev");
+                let dev_before = dir_times(&dev);
+                let stubs = make_device_stubs(root)?;
+                let dev_with = dir_times(&dev);
+                let status = run_chrooted(root, process, true);
+                let dev_after = dir_times(&dev);
+                remove_stubs_in(root, &stubs)?;
+                if let (Some(before), Some(with), Some(after)) = (dev_before, dev_with, dev_after) {
+                    set_dir_times(&dev, if with == after { before } else { after })?;
+                }
+                status?
             }
-            status?
         }
     };
-    diff_copy(spec, &marks)?;
+    diff_tree(spec, root, &marks)?;
     Ok(status)
+}
+
+/// What in-place execution leaves alone: `keep` (shmocker's own files and `--ignore-path`),
+/// /proc, /sys, /dev, and every mount point but `/` (a container's /etc/hosts and
+/// /etc/resolv.conf, its volumes, a CI's workspace).
+fn in_place_kept(keep: &[PathBuf]) -> Result<Vec<PathBuf>, SandboxError> {
+    let text = fs::read_to_string("/proc/self/mountinfo")
+        .map_err(|e| SandboxError::io("/proc/self/mountinfo", e))?;
+    let mut kept: Vec<PathBuf> = keep.to_vec();
+    kept.extend(["/proc", "/sys", "/dev"].map(PathBuf::from));
+    kept.extend(mount_points(&text).filter(|p| p != Path::new("/")));
+    Ok(kept)
+}
+
+/// The mount points in /proc/self/mountinfo text (the fifth field, octal escapes undone).
+fn mount_points(mountinfo: &str) -> impl Iterator<Item = PathBuf> + '_ {
+    use std::os::unix::ffi::OsStringExt;
+    mountinfo.lines().filter_map(|line| {
+        let field = line.split(' ').nth(4)?;
+        let raw = field.as_bytes();
+        let mut out = Vec::with_capacity(raw.len());
+        let mut i = 0;
+        while i < raw.len() {
+            let octal = raw
+                .get(i + 1..i + 4)
+                .filter(|d| raw[i] == b'\\' && d.iter().all(|c| (b'0'..=b'7').contains(c)));
+            match octal {
+                Some(d) => {
+                    out.push((d[0] - b'0') * 64 + (d[1] - b'0') * 8 + (d[2] - b'0'));
+                    i += 4;
+                }
+                None => {
+                    out.push(raw[i]);
+                    i += 1;
+                }
+            }
+        }
+        Some(PathBuf::from(std::ffi::OsString::from_vec(out)))
+    })
+}
+
+/// `--output type=local` of an in-place build: the layers stacked into the (empty) destination,
+/// without going through `/` and without any program of the image.
+fn export_in_place(spec: &StepSpec, dest: &Path) -> Result<StepStatus, SandboxError> {
+    let empty = fs::read_dir(dest)
+        .map_err(|e| SandboxError::io(dest, e))?
+        .next()
+        .is_none();
+    if !empty {
+        return Err(SandboxError::Setup(format!(
+            "--output type=local,dest={}: the directory is not empty; in-place builds export only into an empty directory",
+            dest.display()
+        )));
+    }
+    crate::layer::materialize(&lower_dirs(spec), dest, &spec.work).map_err(|e| {
+        SandboxError::Setup(format!(
+            "copying the image's filesystem to {}: {e}",
+            dest.display()
+        ))
+    })?;
+    Ok(StepStatus::Exited(0))
 }
 
 /// /dev/null and friends in the rootfs, as device nodes like the host's (needs CAP_MKNOD; left
@@ -320,8 +443,13 @@ fn make_device_stubs(root: &Path) -> Result<Vec<Stub>, SandboxError> {
     Ok(stubs)
 }
 
-/// Runs the step's command chrooted into `root`, as its user, and waits for it.
-fn run_chrooted(root: &Path, process: &ProcessSpec) -> Result<StepStatus, SandboxError> {
+/// Runs the step's command chrooted into `root` (unless `chroot` is false: in-place execution,
+/// where `root` is `/`), as its user, and waits for it.
+fn run_chrooted(
+    root: &Path,
+    process: &ProcessSpec,
+    chroot: bool,
+) -> Result<StepStatus, SandboxError> {
     let user = rootfs::resolve_user(root, &process.user)?;
     let (report_r, report_w) = pipe2(OFlag::O_CLOEXEC).map_err(|e| SandboxError::sys("pipe", e))?;
     let helper = nix::unistd::getpid();
@@ -338,7 +466,9 @@ fn run_chrooted(root: &Path, process: &ProcessSpec) -> Result<StepStatus, Sandbo
             drop(report_r);
             let mut report = File::from(report_w);
             let err = (|| -> Result<(), SandboxError> {
-                nix::unistd::chroot(root).map_err(|e| SandboxError::sys("chroot", e))?;
+                if chroot {
+                    nix::unistd::chroot(root).map_err(|e| SandboxError::sys("chroot", e))?;
+                }
                 chdir("/").map_err(|e| SandboxError::sys("chdir /", e))?;
                 let exec = prepare_exec(process, &user)?;
                 // The same limits as in a namespace: the step shares the host's namespaces
@@ -408,15 +538,19 @@ fn prepare_copy(spec: &StepSpec) -> Result<crate::layer::CopyMarks, SandboxError
     Ok(marks)
 }
 
-fn diff_copy(spec: &StepSpec, marks: &crate::layer::CopyMarks) -> Result<(), SandboxError> {
-    let warnings =
-        crate::layer::diff_tree_to_upper(&lower_dirs(spec), &spec.merged, &spec.upper, marks)
-            .map_err(|e| {
-                SandboxError::Setup(format!(
-                    "comparing the step's rootfs {} with its layers: {e}",
-                    spec.merged.display()
-                ))
-            })?;
+/// The changes in `root` (the copy snapshotter's `merged`, or `/` in place) into `upper`.
+fn diff_tree(
+    spec: &StepSpec,
+    root: &Path,
+    marks: &crate::layer::CopyMarks,
+) -> Result<(), SandboxError> {
+    let warnings = crate::layer::diff_tree_to_upper(&lower_dirs(spec), root, &spec.upper, marks)
+        .map_err(|e| {
+            SandboxError::Setup(format!(
+                "comparing the step's rootfs {} with its layers: {e}",
+                root.display()
+            ))
+        })?;
     for w in marks.warnings.iter().chain(&warnings) {
         eprintln!("warning: {w}");
     }

@@ -92,6 +92,12 @@ pub struct StepSpec {
     /// (the `chroot` isolation; needs the copy snapshotter).
     #[serde(default)]
     pub chroot: bool,
+    /// In-place execution (the `in-place` isolation, opt-in, for throwaway containers): no
+    /// namespaces and no chroot; the running system's own `/` is made the step's rootfs, except
+    /// for these paths, every mount point and /proc, /sys and /dev, which are left as they are
+    /// and out of the layer (needs the copy snapshotter).
+    #[serde(default)]
+    pub in_place: Option<Vec<PathBuf>>,
     /// An owner (COPY --chown, USER, WORKDIR) the namespace does not map becomes 0 instead of an
     /// error (`--ignore-chown-errors`, for single-ID builds).
     #[serde(default)]
