@@ -68,8 +68,15 @@ struct Done {
 /// keeps the previous stream's window bytes, which can sway its match choices, so the bytes would
 /// depend on which blocks a thread compressed before (the test with many varied blocks caught it).
 fn compress_block(level: u32, data: &[u8], dict: &[u8], last: bool) -> io::Result<Vec<u8>> {
+    // Noise (compressed files, random data) is stored as it is: deflate would spend its time
+    // searching for matches and then store the block anyway.
+    let level = if level > 0 && incompressible(data, dict) {
+        0
+    } else {
+        level
+    };
     let mut c = Compress::new(flate2::Compression::new(level), false);
-    if !dict.is_empty() {
+    if level > 0 && !dict.is_empty() {
         c.set_dictionary(dict).map_err(io::Error::other)?;
     }
     let flush = if last {
@@ -102,6 +109,47 @@ fn compress_block(level: u32, data: &[u8], dict: &[u8], last: bool) -> io::Resul
         }
         out.reserve(out.capacity().max(64 * 1024));
     }
+}
+
+/// Blocks shorter than this are always compressed (the test needs enough bytes to be sure).
+const NOISE_MIN: usize = 16 * 1024;
+/// The byte histogram's chi-square against a uniform one stays below this for noise: about 255
+/// (the degrees of freedom) for random bytes, give or take 25; text and structured binary data
+/// are in the tens of thousands. Above it, Huffman coding alone would gain something.
+const NOISE_MAX_CHI2: u64 = 400;
+
+/// Whether deflate can do nothing with `data` (preceded by `dict`): its bytes are spread evenly
+/// (nothing for Huffman coding) and no 8-byte sequence shows up twice in `dict` + `data`
+/// (nothing for LZ77 matches). Integer arithmetic only, on the block's own bytes, so the answer,
+/// and with it the output, is the same on every machine.
+///
+/// The repeat check looks at content-defined samples: the 8-byte windows whose hash falls in
+/// 1/64 of the range. A sequence that appears twice is sampled at both places, so a repeat of
+/// 64 bytes or more is found wherever it sits; for noise, ~2,500 samples of 8 random bytes
+/// essentially never collide.
+fn incompressible(data: &[u8], dict: &[u8]) -> bool {
+    if data.len() < NOISE_MIN {
+        return false;
+    }
+    let mut counts = [0u64; 256];
+    for &b in data {
+        counts[b as usize] += 1;
+    }
+    let n = data.len() as u64;
+    // chi2 = sum((c - n/256)^2) / (n/256) = sum((256c - n)^2) / (256 n), kept in integers.
+    let sum: u64 = counts.iter().map(|&c| (256 * c).abs_diff(n).pow(2)).sum();
+    if sum / (256 * n) >= NOISE_MAX_CHI2 {
+        return false;
+    }
+    let mut samples: Vec<u64> = dict
+        .windows(8)
+        .chain(data.windows(8))
+        .map(|w| u64::from_le_bytes(w.try_into().expect("8 bytes")))
+        .filter(|v| v.wrapping_mul(0x9e37_79b9_7f4a_7c15) >> 58 == 0)
+        .collect();
+    samples.sort_unstable();
+    // Overlapping windows of one long run (a run of zeros) are equal too: any pair counts.
+    samples.windows(2).all(|p| p[0] != p[1])
 }
 
 fn run_job(level: u32, job: Job) -> Done {
@@ -466,6 +514,52 @@ mod tests {
             gz.len(),
             data.len()
         );
+    }
+
+    fn noise(len: usize, seed: u64) -> Vec<u8> {
+        let mut x = seed;
+        (0..len)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                (x >> 24) as u8
+            })
+            .collect()
+    }
+
+    #[test]
+    fn only_noise_is_stored_as_it_is() {
+        let rand = noise(BLOCK_SIZE, 7);
+        assert!(incompressible(&rand, &[]));
+        assert!(incompressible(&rand, &noise(DICT_SIZE, 8)));
+        // Anything deflate can use: text, structure, a repeat inside the block or of the
+        // dictionary, a short block.
+        assert!(!incompressible(&sample(BLOCK_SIZE), &[]));
+        assert!(!incompressible(&varied(BLOCK_SIZE), &[]));
+        let mut repeat = rand.clone();
+        repeat.copy_within(1000..1200, 90_000);
+        assert!(!incompressible(&repeat, &[]), "a 200-byte repeat");
+        assert!(!incompressible(&rand, &rand[BLOCK_SIZE - DICT_SIZE..]));
+        let mut zeros = rand.clone();
+        zeros[5000..5300].fill(0);
+        assert!(!incompressible(&zeros, &[]), "a run of zeros");
+        assert!(!incompressible(&rand[..NOISE_MIN - 1], &[]));
+        // Stored blocks still make a gzip stream that decodes, the same for any thread count.
+        let data: Vec<u8> = [
+            noise(3 * BLOCK_SIZE, 9),
+            sample(2 * BLOCK_SIZE),
+            noise(BLOCK_SIZE + 5, 10),
+        ]
+        .concat();
+        let one = compress(&data, 1, 65536);
+        assert_eq!(compress(&data, 2, 1000), one);
+        let mut back = Vec::new();
+        flate2::read::GzDecoder::new(&one[..])
+            .read_to_end(&mut back)
+            .unwrap();
+        assert!(back == data);
+        assert!(one.len() < data.len() - BLOCK_SIZE, "the text compressed");
     }
 
     #[test]
