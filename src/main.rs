@@ -130,6 +130,12 @@ fn build_in_userns(
         // No namespace can be made here (or none is wanted): the build runs as this (real
         // root) process.
         opts.chroot = choice.isolation == detect::ladder::Isolation::Chroot;
+        if choice.isolation == detect::ladder::Isolation::InPlace {
+            engine::prepare_in_place(&mut opts)?;
+        }
+        // The steps share this process's pid namespace and /proc: a process that is not
+        // dumpable keeps its memory and environment (registry credentials) from their reach.
+        let _ = nix::sys::prctl::set_dumpable(false);
         opts.mapping = choice.mapping;
         let result = run(&opts)?;
         return then(&opts, result);

@@ -926,6 +926,11 @@ impl ThrowawayRoot {
 /// container runtime makes them), then becomes `/` by pivot_root, and the old root is detached
 /// before shmocker starts.
 fn run_in_throwaway_root(root: &ThrowawayRoot, args: &[&str]) -> Output {
+    run_in_throwaway_root_via(&[], root, args)
+}
+
+/// [`run_in_throwaway_root`] with a wrapper command (`setpriv ...`) in front of it all.
+fn run_in_throwaway_root_via(wrapper: &[&str], root: &ThrowawayRoot, args: &[&str]) -> Output {
     let script = r#"set -eu
 T=$1; shift
 mount --bind "$T" "$T"
@@ -938,7 +943,15 @@ cd "$T"
 pivot_root . .harness/old
 exec /.harness/busybox sh -c '/.harness/busybox umount -l /.harness/old && exec "$@"' sh "$@"
 "#;
-    let out = Command::new("unshare")
+    let mut cmd = match wrapper.split_first() {
+        Some((program, rest)) => {
+            let mut c = Command::new(program);
+            c.args(rest).arg("unshare");
+            c
+        }
+        None => Command::new("unshare"),
+    };
+    let out = cmd
         .args([
             "--mount",
             "--propagation",
@@ -1089,33 +1102,77 @@ fn in_place_execution_replaces_the_containers_root_and_gives_the_same_layers() {
 }
 
 #[test]
-fn in_place_execution_is_refused_outside_a_container_and_never_chosen_alone() {
-    let root = ThrowawayRoot::new(
-        &[("Dockerfile", "FROM scratch\nCOPY Dockerfile /\n")],
-        false,
-    );
-    let out = run_in_throwaway_root(
+fn in_place_execution_refuses_what_cannot_work_before_touching_anything() {
+    let base = base_arg();
+    // (container mark, libraries kept, Dockerfile, what the error says)
+    let cases = [
+        (
+            false,
+            true,
+            "FROM scratch\nCOPY Dockerfile /\n",
+            "--isolation in-place cannot be used here: probe in-place failed: no sign of a container",
+        ),
+        (
+            true,
+            false,
+            "FROM scratch\nCOPY Dockerfile /\n",
+            "this shmocker is dynamically linked",
+        ),
+        (
+            true,
+            true,
+            "ARG BASE\nFROM $BASE\nWORKDIR /ctx/sub\n",
+            "WORKDIR /ctx/sub is in /ctx, which in-place execution leaves as it is",
+        ),
+        (
+            true,
+            true,
+            "ARG BASE\nFROM $BASE\nRUN --mount=type=tmpfs,target=/t true\n",
+            "RUN --mount needs mounts, which the in-place isolation cannot make",
+        ),
+    ];
+    // Root without CAP_CHOWN (as a container with capabilities dropped) could not give the
+    // image's files their owners: detect says so.
+    let root = ThrowawayRoot::new(&[("Dockerfile", "FROM scratch\n")], true);
+    let out = run_in_throwaway_root_via(
+        &["setpriv", "--bounding-set=-chown", "--"],
         &root,
-        &[
+        &["--root", "/store", "detect"],
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("CAP_CHOWN is missing here"),
+        "detect without CAP_CHOWN: {text}"
+    );
+    for (marked, libs_kept, dockerfile, expected) in cases {
+        let root = ThrowawayRoot::new(&[("Dockerfile", dockerfile)], marked);
+        let mut args = vec![
             "--root",
             "/store",
             "build",
             "--isolation",
             "in-place",
-            "/ctx",
-        ],
-    );
-    let err = stderr(&out);
-    assert!(!out.status.success());
-    assert!(
-        err.contains("--isolation in-place cannot be used here: probe in-place failed"),
-        "{err}"
-    );
-    assert!(err.contains("no sign of a container"), "{err}");
-    assert!(
-        root.path().join("etc/runner.conf").exists(),
-        "a refused build changed the root"
-    );
+            "--build-arg",
+            &base,
+        ];
+        let ignore: Vec<String> = root
+            .libs
+            .iter()
+            .map(|l| format!("--ignore-path={l}"))
+            .collect();
+        if libs_kept {
+            args.extend(ignore.iter().map(String::as_str));
+        }
+        args.push("/ctx");
+        let out = run_in_throwaway_root(&root, &args);
+        let err = stderr(&out);
+        assert!(!out.status.success(), "{dockerfile}");
+        assert!(err.contains(expected), "{expected:?} not in: {err}");
+        assert!(
+            root.path().join("etc/runner.conf").exists(),
+            "a refused build changed the root ({expected})"
+        );
+    }
 
     let store = scratch_dir(Who::Root);
     let out = shmocker(

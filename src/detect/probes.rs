@@ -539,8 +539,9 @@ pub fn chroot_probe(work: &Path) -> Raw {
 /// Whether in-place execution (`--isolation in-place`, never chosen on its own) may run here:
 /// real root, in what says it is a container (docker's /.dockerenv, podman's
 /// /run/.containerenv, the `container` variable of systemd's container interface, or a
-/// Kubernetes pod's KUBERNETES_SERVICE_HOST). Anywhere else, replacing `/` with an image's files
-/// would wreck the machine itself, so shmocker refuses. Reads a few files; runs nothing.
+/// Kubernetes pod's KUBERNETES_SERVICE_HOST), with the capabilities to set any owner and mode.
+/// Anywhere else, replacing `/` with an image's files would wreck the machine itself, so
+/// shmocker refuses. Reads a few files; runs nothing.
 pub fn in_place_probe() -> Raw {
     const NAME: &str = "in-place";
     if !geteuid().is_root() {
@@ -556,7 +557,30 @@ pub fn in_place_probe() -> Raw {
                 .find(|k| std::env::var_os(k).is_some_and(|v| !v.is_empty()))
                 .map(|k| format!("${k}"))
         });
+    // Giving the image's files their owners and modes, whoever owns what is there now.
+    let needed = [(0, "CAP_CHOWN"), (1, "CAP_DAC_OVERRIDE"), (3, "CAP_FOWNER")];
+    let cap_eff = fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|t| {
+            t.lines()
+                .find_map(|l| l.strip_prefix("CapEff:"))
+                .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
+        })
+        .unwrap_or(0);
+    let missing: Vec<&str> = needed
+        .iter()
+        .filter(|(bit, _)| cap_eff & (1 << bit) == 0)
+        .map(|(_, name)| *name)
+        .collect();
     match sign {
+        Some(_) if !missing.is_empty() => failed(
+            NAME,
+            None,
+            format!(
+                "in-place execution needs CAP_CHOWN, CAP_DAC_OVERRIDE and CAP_FOWNER to give the image's files their owners and modes, and {} missing here: add it to the container (docker run --cap-add, or the pod's securityContext.capabilities.add)",
+                missing.join(", ") + if missing.len() == 1 { " is" } else { " are" }
+            ),
+        ),
         Some(sign) => ok(
             NAME,
             format!("real root in a container ({sign}): --isolation in-place can be asked for"),

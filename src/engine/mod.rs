@@ -262,13 +262,12 @@ struct Builder<'a> {
     in_place: Option<(Vec<PathBuf>, tokio::sync::Mutex<()>)>,
 }
 
-/// Everything an in-place build leaves alone besides `--ignore-path`'s paths and the mount
-/// points (see `sandbox::StepSpec::in_place`): the store, the context and Dockerfile, the
-/// executable, where results are written, the container runtime's marks, and the builder's
-/// registry settings (docker's and
-/// podman's credential files, certs.d directories, `SSL_CERT_FILE`/`SSL_CERT_DIR`), so that
-/// pulls and pushes after the first step still find them. Paths are made absolute and, where
-/// they exist, free of symlinks (mount points are listed that way).
+/// Everything an in-place build leaves alone besides the mount points (see
+/// `sandbox::StepSpec::in_place`): `--ignore-path`'s paths, the store, the context and
+/// Dockerfile, the executable, where results are written, local caches, the container runtime's
+/// marks, and the builder's registry settings that exist (docker's and podman's credential
+/// files, certs.d directories, `SSL_CERT_FILE`/`SSL_CERT_DIR`), so that pulls and pushes after
+/// the first step still find them. Call [`prepare_in_place`] first, which makes the paths real.
 pub fn in_place_keep(opts: &BuildOptions) -> Vec<PathBuf> {
     let env = |k: &str| {
         std::env::var_os(k)
@@ -281,24 +280,159 @@ pub fn in_place_keep(opts: &BuildOptions) -> Vec<PathBuf> {
     paths.extend(std::env::current_exe().ok());
     paths.extend(opts.iidfile.clone());
     paths.extend(opts.metadata_file.clone());
-    for e in &opts.exports {
-        match e {
-            Export::Oci(p) | Export::Docker(p) | Export::Local(p) => paths.push(p.clone()),
+    paths.extend(opts.exports.iter().map(|e| match e {
+        Export::Oci(p) | Export::Docker(p) | Export::Local(p) => p.clone(),
+    }));
+    for c in opts.cache_from.iter().chain(&opts.cache_to) {
+        if let remote_cache::CacheRef::Local { dir, .. } = c {
+            paths.push(dir.clone());
         }
     }
-    paths.extend(crate::registry::settings_paths());
-    // The container runtime's marks, which say that in-place execution may run here.
-    paths.extend(["/.dockerenv", "/run/.containerenv"].map(PathBuf::from));
-    paths.extend(
-        ["SSL_CERT_FILE", "SSL_CERT_DIR"]
-            .iter()
-            .filter_map(|k| env(k)),
-    );
-    paths
+    // Only those there now: the image's own copies of the others are the image's.
+    let settings = crate::registry::settings_paths()
         .into_iter()
-        .filter_map(|p| std::path::absolute(&p).ok())
-        .map(|p| fs::canonicalize(&p).unwrap_or(p))
-        .collect()
+        .chain(
+            ["SSL_CERT_FILE", "SSL_CERT_DIR"]
+                .iter()
+                .filter_map(|k| env(k)),
+        )
+        // The container runtime's marks, which say that in-place execution may run here.
+        .chain(["/.dockerenv", "/run/.containerenv"].map(PathBuf::from))
+        .filter(|p| fs::symlink_metadata(p).is_ok());
+    paths.extend(settings);
+    paths.into_iter().map(|p| real_path(&p)).collect()
+}
+
+/// `p` made absolute, with `.` and `..` worked out and its longest existing part free of
+/// symlinks, as /proc/self/mountinfo names mount points and as in-place execution compares.
+fn real_path(p: &Path) -> PathBuf {
+    let abs = std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf());
+    let mut lexical = PathBuf::from("/");
+    for c in abs.components() {
+        match c {
+            std::path::Component::ParentDir => {
+                lexical.pop();
+            }
+            std::path::Component::Normal(n) => lexical.push(n),
+            _ => {}
+        }
+    }
+    let mut existing = lexical.as_path();
+    let mut rest = Vec::new();
+    loop {
+        if let Ok(real) = fs::canonicalize(existing) {
+            return rest.iter().rev().fold(real, |acc: PathBuf, n| acc.join(n));
+        }
+        match (existing.parent(), existing.file_name()) {
+            (Some(parent), Some(name)) => {
+                rest.push(name.to_os_string());
+                existing = parent;
+            }
+            _ => return lexical,
+        }
+    }
+}
+
+/// Readies `opts` for in-place execution, before anything is touched: the paths shmocker
+/// itself uses become real ones (a symlink on the way to the store would be replaced by the
+/// image's files), and what cannot work is refused now rather than after `/` was replaced: a
+/// kept path that is `/` itself, a non-empty `--output type=local` directory, and a shmocker
+/// whose dynamic loader would be gone.
+pub fn prepare_in_place(opts: &mut BuildOptions) -> Result<(), BuildError> {
+    opts.store_root = real_path(&opts.store_root);
+    opts.context = real_path(&opts.context);
+    for p in [
+        opts.dockerfile.as_mut(),
+        opts.iidfile.as_mut(),
+        opts.metadata_file.as_mut(),
+    ]
+    .into_iter()
+    .flatten()
+    {
+        *p = real_path(p);
+    }
+    for e in &mut opts.exports {
+        let (Export::Oci(p) | Export::Docker(p) | Export::Local(p)) = e;
+        *p = real_path(p);
+    }
+    for c in opts.cache_from.iter_mut().chain(opts.cache_to.iter_mut()) {
+        if let remote_cache::CacheRef::Local { dir, .. } = c {
+            *dir = real_path(dir);
+        }
+    }
+    if let Some(ignore) = opts.in_place.as_mut() {
+        for p in ignore.iter_mut() {
+            *p = real_path(p);
+        }
+    }
+    let keep = in_place_keep(opts);
+    if keep.iter().any(|p| p == Path::new("/")) {
+        return Err(BuildError::Input(
+            "in-place execution replaces / with the image's files, but / is also one of the paths it must keep (the context, the store, a result file or --ignore-path); give a directory below /".into(),
+        ));
+    }
+    for e in &opts.exports {
+        if let Export::Local(dest) = e
+            && fs::read_dir(dest).is_ok_and(|mut d| d.next().is_some())
+        {
+            return Err(BuildError::Input(format!(
+                "--output type=local,dest={}: the directory is not empty; in-place builds export only into an empty (or new) directory",
+                dest.display()
+            )));
+        }
+    }
+    // Kept, and reached without a symlink (the symlink itself would be replaced).
+    if let Some(loader) = std::env::current_exe()
+        .ok()
+        .and_then(|exe| elf_interpreter(&exe))
+        && (real_path(&loader) != loader || !keep.iter().any(|k| loader.starts_with(k)))
+    {
+        return Err(BuildError::Input(format!(
+            "this shmocker is dynamically linked (its loader is {}), and in-place execution replaces / with the image's files, so the step helper could not start; use a static shmocker (the released binaries are), or keep its loader and libraries with --ignore-path",
+            loader.display()
+        )));
+    }
+    Ok(())
+}
+
+/// The program interpreter (dynamic loader) an ELF executable names, if any. Written here
+/// rather than with an ELF crate: one field of a 64-bit little-endian header (other layouts
+/// answer None, as a static binary does).
+fn elf_interpreter(exe: &Path) -> Option<PathBuf> {
+    use std::io::{Read, Seek, SeekFrom};
+    let mut f = fs::File::open(exe).ok()?;
+    let mut head = [0u8; 64];
+    f.read_exact(&mut head).ok()?;
+    // "\x7fELF", ELFCLASS64, ELFDATA2LSB.
+    if head[..4] != *b"\x7fELF" || head[4] != 2 || head[5] != 1 {
+        return None;
+    }
+    let u16_at = |b: &[u8], o: usize| u16::from_le_bytes([b[o], b[o + 1]]) as u64;
+    let u64_at = |b: &[u8], o: usize| u64::from_le_bytes(b[o..o + 8].try_into().expect("8 bytes"));
+    let (phoff, phentsize, phnum) = (
+        u64_at(&head, 0x20),
+        u16_at(&head, 0x36),
+        u16_at(&head, 0x38),
+    );
+    if phentsize < 0x38 {
+        return None;
+    }
+    let mut ph = vec![0u8; phentsize as usize];
+    for i in 0..phnum {
+        f.seek(SeekFrom::Start(phoff + i * phentsize)).ok()?;
+        f.read_exact(&mut ph).ok()?;
+        // PT_INTERP
+        if u32::from_le_bytes(ph[..4].try_into().expect("4 bytes")) == 3 {
+            let (offset, size) = (u64_at(&ph, 0x08), u64_at(&ph, 0x20));
+            let mut name = vec![0u8; size.min(4096) as usize];
+            f.seek(SeekFrom::Start(offset)).ok()?;
+            f.read_exact(&mut name).ok()?;
+            let end = name.iter().position(|&b| b == 0).unwrap_or(name.len());
+            use std::os::unix::ffi::OsStrExt;
+            return Some(PathBuf::from(std::ffi::OsStr::from_bytes(&name[..end])));
+        }
+    }
+    None
 }
 
 /// Runs the build described by `opts`.
@@ -408,21 +542,7 @@ pub async fn build(opts: &BuildOptions) -> Result<BuildResult, BuildError> {
             .is_some()
             .then(|| (in_place_keep(opts), tokio::sync::Mutex::new(()))),
     };
-    if b.in_place.is_some() {
-        // Credential helpers and CA files live in `/`, which the first step replaces: set up
-        // the push targets' registries now.
-        for tag in &opts.tags {
-            if let Ok(r) = tag.parse::<Reference>() {
-                b.registry
-                    .prepare(&r)
-                    .await
-                    .map_err(|source| BuildError::Registry {
-                        location: format!("setting up the registry of {tag}"),
-                        error: Box::new(source),
-                    })?;
-            }
-        }
-    }
+
     for from in &opts.cache_from {
         match remote_cache::import(from, &b.cache, &b.registry).await {
             Ok((n, source)) => {
@@ -560,6 +680,9 @@ impl<'a> Builder<'a> {
         let needed = needed_stages(target, &deps, &stages, |i| {
             self.err(stages[i].nodes[0], "circular dependency between stages: a stage cannot depend on itself through FROM, COPY --from or RUN --mount=from")
         })?;
+        if self.in_place.is_some() {
+            self.prepare_registries(&stages, &needed).await?;
+        }
         let total: usize = needed.iter().map(|&i| stages[i].nodes.len()).sum();
         self.opts.reporter.report(Event::Info {
             message: format!("#0 building {} stage(s), {} steps", needed.len(), total),
@@ -662,6 +785,57 @@ impl<'a> Builder<'a> {
             }
         }
         Ok(deps)
+    }
+
+    /// In place: sets up every registry the build may reach (base images, `COPY --from` and
+    /// `--mount=from` images, caches, the tags pushed) before the first step replaces `/`, with
+    /// the CA files and credential helpers of this container.
+    async fn prepare_registries(
+        &self,
+        stages: &[StageDef<'_>],
+        needed: &[usize],
+    ) -> Result<(), BuildError> {
+        let mut images: BTreeSet<String> = BTreeSet::new();
+        for &i in needed {
+            let stage = &stages[i];
+            let image = self.image_of_from(stage.nodes[0])?;
+            if stage_index(stages, &image, i, false).is_none() && image != "scratch" {
+                images.insert(image);
+            }
+            for node in &stage.nodes[1..] {
+                for f in stage::from_references(node) {
+                    let value = self
+                        .lex
+                        .expand(&f, &|k| stage::lookup_pairs(&self.global_args, k))
+                        .unwrap_or(f.clone());
+                    if stage_index(stages, &value, i, true).is_none() {
+                        images.insert(value);
+                    }
+                }
+            }
+        }
+        for c in self.opts.cache_from.iter().chain(&self.opts.cache_to) {
+            if let remote_cache::CacheRef::Registry { reference, .. } = c {
+                images.insert(reference.clone());
+            }
+        }
+        if self.opts.push {
+            images.extend(self.opts.tags.iter().cloned());
+        }
+        for image in images {
+            // A name that does not parse fails where it is used, with its place in the file.
+            let Ok(r) = image.parse::<Reference>() else {
+                continue;
+            };
+            self.registry
+                .prepare(&r)
+                .await
+                .map_err(|source| BuildError::Registry {
+                    location: format!("setting up the registry of {image} before the first step"),
+                    error: Box::new(source),
+                })?;
+        }
+        Ok(())
     }
 
     fn image_of_from(&self, node: &Node) -> Result<String, BuildError> {
@@ -1067,6 +1241,26 @@ fn needed_stages(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn in_place_paths_are_real_and_the_loader_is_found() {
+        let tmp = tempfile::tempdir().unwrap();
+        let real = fs::canonicalize(tmp.path()).unwrap();
+        fs::create_dir(real.join("store")).unwrap();
+        std::os::unix::fs::symlink(real.join("store"), real.join("link")).unwrap();
+        // Through a symlink, with `.` and `..`, and below it a part that does not exist yet.
+        assert_eq!(
+            real_path(&real.join("link/./x/../new/file")),
+            real.join("store/new/file")
+        );
+        assert_eq!(real_path(Path::new("/../..")), PathBuf::from("/"));
+        // Tests are dynamically linked; busybox (from busybox-static) is not.
+        let exe = std::env::current_exe().unwrap();
+        let loader = elf_interpreter(&exe).expect("a test binary has a loader");
+        assert!(loader.to_string_lossy().contains("ld-linux"), "{loader:?}");
+        assert_eq!(elf_interpreter(Path::new("/usr/bin/busybox")), None);
+        assert_eq!(elf_interpreter(Path::new("/etc/hostname")), None);
+    }
 
     #[test]
     fn transfer_lines_are_throttled() {

@@ -495,7 +495,17 @@ impl TreeDiff<'_> {
             let (lower, _) = resolve(dirs, &name)?;
             present.insert(name);
             if holder && !(md.is_dir() && matches!(lower, Lower::Dir(..))) {
-                // Only there for what is kept below it (see `materialize_in_place`).
+                // Left for what is kept below it, where the layers have no directory (see
+                // `materialize_in_place`): only what the step made below it is the image's.
+                if md.is_dir() {
+                    fs::create_dir(&up).map_err(io_err("creating", &up))?;
+                    if self.dir(&[], &mp, &up)? {
+                        set_meta(&mp, &up, &md)?;
+                        changed = true;
+                    } else {
+                        fs::remove_dir(&up).map_err(io_err("removing", &up))?;
+                    }
+                }
                 continue;
             }
             if md.is_dir() {
@@ -737,10 +747,17 @@ mod tests {
         write(&root.join("etc/hosts"), "changed at run time\n");
         write(&root.join("work/ctx/out"), "in the context");
         write(&root.join("data/secrets/more"), "x");
+        write(
+            &root.join("data/made"),
+            "below a kept path's parent, which the image lacks",
+        );
         fs::remove_file(root.join("bin/sh")).unwrap();
 
         diff_tree_to_upper(&[layer], &root, &upper, &marks).unwrap();
-        assert_eq!(listing(&upper), ["bin/", "bin/sh", "etc/", "etc/new"]);
+        assert_eq!(
+            listing(&upper),
+            ["bin/", "bin/sh", "data/", "data/made", "etc/", "etc/new"]
+        );
         assert!(is_whiteout(
             &fs::symlink_metadata(upper.join("bin/sh")).unwrap()
         ));

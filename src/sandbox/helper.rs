@@ -251,25 +251,44 @@ fn run_without_namespaces(
         // Not through `/`: the layers are stacked straight into the destination.
         return export_in_place(spec, dest);
     }
-    let (root, marks) = match in_place {
-        Some(keep) => {
-            let root = Path::new("/");
-            let kept = crate::layer::Kept::new(in_place_kept(keep)?);
-            let marks =
-                crate::layer::materialize_in_place(&lower_dirs(spec), root, kept, &spec.work)
-                    .map_err(|e| {
-                        SandboxError::Setup(format!(
-                            "making / the image's filesystem (in-place execution): {e}"
-                        ))
-                    })?;
-            (root, marks)
-        }
-        None => (spec.merged.as_path(), materialize_merged(spec)?),
-    };
+    // What cannot run here is refused before anything is copied (or `/` replaced).
     let unavailable = |what: &str| {
         SandboxError::Setup(format!(
             "{what} needs mounts, which the {isolation} isolation cannot make; run where user namespaces are allowed (see `shmocker detect`)"
         ))
+    };
+    if let Action::Run(process) = &spec.action {
+        if !process.mounts.is_empty() {
+            return Err(unavailable("RUN --mount"));
+        }
+        match process.network {
+            Network::None => return Err(unavailable("RUN --network=none")),
+            Network::Private => return Err(unavailable("RUN --network=private")),
+            Network::Host => {}
+        }
+    }
+    let (root, marks) = match in_place {
+        Some(keep) => {
+            let root = Path::new("/");
+            let kept = in_place_kept(keep)?;
+            refuse_kept_destination(&spec.action, &kept)?;
+            // The change clock is read on `/` itself (its own filesystem's timestamps); the
+            // stamp files there come and go before the step, and `/`'s own entry is never
+            // part of a layer.
+            let marks = crate::layer::materialize_in_place(
+                &lower_dirs(spec),
+                root,
+                crate::layer::Kept::new(kept),
+                root,
+            )
+            .map_err(|e| {
+                SandboxError::Setup(format!(
+                    "making / the image's filesystem (in-place execution): {e}; / is now partly replaced, so throw this container away"
+                ))
+            })?;
+            (root, marks)
+        }
+        None => (spec.merged.as_path(), materialize_merged(spec)?),
     };
     let status = match &spec.action {
         Action::Copy(copy) => {
@@ -309,14 +328,6 @@ fn run_without_namespaces(
             StepStatus::Exited(0)
         }
         Action::Run(process) => {
-            if !process.mounts.is_empty() {
-                return Err(unavailable("RUN --mount"));
-            }
-            match process.network {
-                Network::None => return Err(unavailable("RUN --network=none")),
-                Network::Private => return Err(unavailable("RUN --network=private")),
-                Network::Host => {}
-            }
             if in_place.is_some() {
                 // The container's own /dev, /proc and hosts files are there (and kept).
                 run_chrooted(root, process, false)?
@@ -349,6 +360,26 @@ fn in_place_kept(keep: &[PathBuf]) -> Result<Vec<PathBuf>, SandboxError> {
     kept.extend(["/proc", "/sys", "/dev"].map(PathBuf::from));
     kept.extend(mount_points(&text).filter(|p| p != Path::new("/")));
     Ok(kept)
+}
+
+/// In place, a COPY, ADD or WORKDIR may not write at or below a kept path: that is the
+/// container's own (often a bind mount of the runner's files, such as the context itself), and
+/// it would be changed for real and left out of the layer.
+fn refuse_kept_destination(action: &Action, kept: &[PathBuf]) -> Result<(), SandboxError> {
+    let (what, dest) = match action {
+        Action::Copy(c) => ("COPY/ADD destination", c.dest.as_str()),
+        Action::Mkdir { path, .. } => ("WORKDIR", path.as_str()),
+        _ => return Ok(()),
+    };
+    let dest: PathBuf = Path::new("/").join(dest).components().collect();
+    match kept.iter().find(|k| dest.starts_with(k)) {
+        Some(k) => Err(SandboxError::Setup(format!(
+            "{what} {} is in {}, which in-place execution leaves as it is (a mount point, shmocker's store, context or executable, or --ignore-path) and keeps out of the image; choose another path in the Dockerfile, or move that directory",
+            dest.display(),
+            k.display()
+        ))),
+        None => Ok(()),
+    }
 }
 
 /// The mount points in /proc/self/mountinfo text (the fifth field, octal escapes undone).
