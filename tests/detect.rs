@@ -919,6 +919,21 @@ impl ThrowawayRoot {
     fn path(&self) -> &Path {
         self.dir.path()
     }
+
+    /// `shmocker` arguments for an in-place build of /ctx with the busybox base, the store at
+    /// /store, the libraries kept if `keep_libs`, and `extra`.
+    fn build_args(&self, keep_libs: bool, extra: &[&str]) -> Vec<String> {
+        let mut args: Vec<String> = ["--root", "/store", "build", "--isolation", "in-place"]
+            .map(String::from)
+            .into();
+        args.extend(["--build-arg".into(), base_arg()]);
+        if keep_libs {
+            args.extend(self.libs.iter().map(|l| format!("--ignore-path={l}")));
+        }
+        args.extend(extra.iter().map(|a| a.to_string()));
+        args.push("/ctx".into());
+        args
+    }
 }
 
 /// Runs `/shmocker/shmocker ARGS` with `root` as `/`: in a private mount namespace, `root` gets
@@ -1005,23 +1020,8 @@ fn in_place_execution_replaces_the_containers_root_and_gives_the_same_layers() {
     );
 
     let in_place_tag = unique_ref("in-place");
-    let mut args = vec![
-        "--root",
-        "/store",
-        "build",
-        "--isolation",
-        "in-place",
-        "--build-arg",
-    ];
-    let base = base_arg();
-    args.extend([base.as_str(), "-t", &in_place_tag, "--push"]);
-    let ignore: Vec<String> = root
-        .libs
-        .iter()
-        .map(|l| format!("--ignore-path={l}"))
-        .collect();
-    args.extend(ignore.iter().map(String::as_str));
-    args.push("/ctx");
+    let args = root.build_args(true, &["-t", &in_place_tag, "--push"]);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let out = run_in_throwaway_root(&root, &args);
     let err = stderr(&out);
     assert!(out.status.success(), "in-place build failed: {err}");
@@ -1103,7 +1103,6 @@ fn in_place_execution_replaces_the_containers_root_and_gives_the_same_layers() {
 
 #[test]
 fn in_place_execution_refuses_what_cannot_work_before_touching_anything() {
-    let base = base_arg();
     // (container mark, libraries kept, Dockerfile, what the error says)
     let cases = [
         (
@@ -1146,24 +1145,8 @@ fn in_place_execution_refuses_what_cannot_work_before_touching_anything() {
     );
     for (marked, libs_kept, dockerfile, expected) in cases {
         let root = ThrowawayRoot::new(&[("Dockerfile", dockerfile)], marked);
-        let mut args = vec![
-            "--root",
-            "/store",
-            "build",
-            "--isolation",
-            "in-place",
-            "--build-arg",
-            &base,
-        ];
-        let ignore: Vec<String> = root
-            .libs
-            .iter()
-            .map(|l| format!("--ignore-path={l}"))
-            .collect();
-        if libs_kept {
-            args.extend(ignore.iter().map(String::as_str));
-        }
-        args.push("/ctx");
+        let args = root.build_args(libs_kept, &[]);
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
         let out = run_in_throwaway_root(&root, &args);
         let err = stderr(&out);
         assert!(!out.status.success(), "{dockerfile}");

@@ -767,11 +767,7 @@ impl<'a> Builder<'a> {
                 deps[i].insert(d);
             }
             for node in &stage.nodes[1..] {
-                for f in stage::from_references(node) {
-                    let value = self
-                        .lex
-                        .expand(&f, &|k| stage::lookup_pairs(&self.global_args, k))
-                        .unwrap_or(f.clone());
+                for value in self.sources_of(node) {
                     if let Some(d) = stage_index(stages, &value, i, true) {
                         if d == i {
                             return Err(self.err(
@@ -785,6 +781,19 @@ impl<'a> Builder<'a> {
             }
         }
         Ok(deps)
+    }
+
+    /// The stages or images `node` copies or mounts from (`--from=`, `from=`), with the global
+    /// ARGs expanded.
+    fn sources_of(&self, node: &Node) -> Vec<String> {
+        stage::from_references(node)
+            .into_iter()
+            .map(|f| {
+                self.lex
+                    .expand(&f, &|k| stage::lookup_pairs(&self.global_args, k))
+                    .unwrap_or(f)
+            })
+            .collect()
     }
 
     /// In place: sets up every registry the build may reach (base images, `COPY --from` and
@@ -803,11 +812,7 @@ impl<'a> Builder<'a> {
                 images.insert(image);
             }
             for node in &stage.nodes[1..] {
-                for f in stage::from_references(node) {
-                    let value = self
-                        .lex
-                        .expand(&f, &|k| stage::lookup_pairs(&self.global_args, k))
-                        .unwrap_or(f.clone());
+                for value in self.sources_of(node) {
                     if stage_index(stages, &value, i, true).is_none() {
                         images.insert(value);
                     }
