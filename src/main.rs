@@ -130,9 +130,13 @@ fn build_in_userns(
         // No namespace can be made here (or none is wanted): the build runs as this (real
         // root) process.
         opts.chroot = choice.isolation == detect::ladder::Isolation::Chroot;
-        if choice.isolation == detect::ladder::Isolation::InPlace {
+        // Held until this process ends: one in-place build at a time in a container.
+        let _in_place_lock = if choice.isolation == detect::ladder::Isolation::InPlace {
             engine::prepare_in_place(&mut opts)?;
-        }
+            Some(in_place_lock()?)
+        } else {
+            None
+        };
         // The steps share this process's pid namespace and /proc: a process that is not
         // dumpable keeps its memory and environment (registry credentials) from their reach.
         let _ = nix::sys::prctl::set_dumpable(false);
@@ -153,6 +157,25 @@ fn build_in_userns(
             then(&opts, result)
         }
     }
+}
+
+/// The container-wide lock of in-place builds: another one (whatever its store) would replace
+/// `/` under this one. On /dev/shm, which in-place execution always keeps (/dev is kept) and
+/// container runtimes give every container its own of.
+fn in_place_lock() -> Result<nix::fcntl::Flock<std::fs::File>> {
+    let path = Path::new("/dev/shm/shmocker-in-place.lock");
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(path)
+        .with_context(|| format!("opening {} (the lock of in-place builds)", path.display()))?;
+    nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock).map_err(|(_, e)| {
+        anyhow!(
+            "another in-place build is running in this container ({} is locked: {e}); in-place builds replace /, so they run one at a time",
+            path.display()
+        )
+    })
 }
 
 /// `shmocker check`: exit 0 without error-level findings, 1 with, 2 when the Dockerfile cannot

@@ -937,7 +937,7 @@ impl ThrowawayRoot {
 }
 
 /// Runs `/shmocker/shmocker ARGS` with `root` as `/`: in a private mount namespace, `root` gets
-/// /proc, /dev, a tmpfs volume at /volume and a runtime /etc/hosts bound over the image's (as a
+/// /proc, /dev (with its own /dev/shm), a tmpfs volume at /volume and a runtime /etc/hosts bound over the image's (as a
 /// container runtime makes them), then becomes `/` by pivot_root, and the old root is detached
 /// before shmocker starts.
 fn run_in_throwaway_root(root: &ThrowawayRoot, args: &[&str]) -> Output {
@@ -951,6 +951,7 @@ T=$1; shift
 mount --bind "$T" "$T"
 mount -t proc proc "$T/proc"
 mount --rbind /dev "$T/dev"
+mount -t tmpfs -o size=1m tmpfs "$T/dev/shm"
 mount -t tmpfs -o size=1m tmpfs "$T/volume"
 echo 'a volume of the container' > "$T/volume/file"
 mount --bind "$T/.harness/hosts" "$T/etc/hosts"

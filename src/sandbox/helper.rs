@@ -422,12 +422,15 @@ fn export_in_place(spec: &StepSpec, dest: &Path) -> Result<StepStatus, SandboxEr
             dest.display()
         )));
     }
-    crate::layer::materialize(&lower_dirs(spec), dest, &spec.work).map_err(|e| {
+    let marks = crate::layer::materialize(&lower_dirs(spec), dest, &spec.work).map_err(|e| {
         SandboxError::Setup(format!(
             "copying the image's filesystem to {}: {e}",
             dest.display()
         ))
     })?;
+    for w in &marks.warnings {
+        eprintln!("warning: {w}");
+    }
     Ok(StepStatus::Exited(0))
 }
 
