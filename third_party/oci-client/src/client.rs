@@ -492,9 +492,10 @@ impl Client {
             .send()
             .await?;
         let status = res.status();
+        let headers = res.headers().clone();
         let body = res.bytes().await?;
 
-        validate_registry_response(status, &body, &url)?;
+        validate_registry_response(status, &headers, &body, &url)?;
 
         Ok(serde_json::from_str(std::str::from_utf8(&body)?)?)
     }
@@ -563,11 +564,19 @@ impl Client {
             .send()
             .await?;
 
+        let retry_after = retry_after(res.headers());
         match res.error_for_status() {
             Ok(_) => Ok(true),
             Err(err) => {
                 if err.status() == Some(StatusCode::NOT_FOUND) {
                     Ok(false)
+                } else if let (Some(status), Some(_)) = (err.status(), retry_after) {
+                    Err(OciDistributionError::ServerError {
+                        code: status.as_u16(),
+                        url,
+                        message: String::new(),
+                        retry_after,
+                    })
                 } else {
                     Err(err.into())
                 }
@@ -945,8 +954,9 @@ impl Client {
 
         if let Some(digest) = digest_header_value(res.headers().clone())? {
             let status = res.status();
+            let headers = res.headers().clone();
             let body = res.bytes().await?;
-            validate_registry_response(status, &body, &url)?;
+            validate_registry_response(status, &headers, &body, &url)?;
 
             // If the reference has a digest and the digest header has a matching algorithm, compare
             // them and return an error if they don't match.
@@ -978,7 +988,7 @@ impl Client {
             trace!(headers = ?res.headers(), "Got Headers");
             let headers = res.headers().clone();
             let body = res.bytes().await?;
-            validate_registry_response(status, &body, &url)?;
+            validate_registry_response(status, &headers, &body, &url)?;
 
             validate_digest(&body, digest_header_value(headers)?, image.digest())
                 .map_err(OciDistributionError::from)
@@ -1175,7 +1185,7 @@ impl Client {
         let headers = res.headers().clone();
         let body = res.bytes().await?;
 
-        validate_registry_response(status, &body, &url)?;
+        validate_registry_response(status, &headers, &body, &url)?;
 
         let digest_header = digest_header_value(headers)?;
         let digest = validate_digest(&body, digest_header, image.digest())?;
@@ -1360,8 +1370,9 @@ impl Client {
         let status = response.status();
         let url = response.url().to_string();
         if !status.is_success() {
+            let headers = response.headers().clone();
             let body = response.bytes().await?;
-            return validate_registry_response(status, &body, &url);
+            return validate_registry_response(status, &headers, &body, &url);
         }
         let mut stream = response.bytes_stream();
 
@@ -1475,8 +1486,9 @@ impl Client {
             )),
             _ => {
                 let url = response.url().to_string();
+                let headers = response.headers().clone();
                 let body = response.bytes().await?;
-                Err(validate_registry_response(status, &body, &url).expect_err("validate_registry_response should return an error for non-success status codes"))
+                Err(validate_registry_response(status, &headers, &body, &url).expect_err("validate_registry_response should return an error for non-success status codes"))
             }
         }
     }
@@ -1916,6 +1928,7 @@ impl Client {
             .send()
             .await?;
         let status = res.status();
+        let headers = res.headers().clone();
         let body = res.bytes().await?;
 
         // Per the OCI Distribution Spec, a 404 on the native referrers endpoint means the
@@ -1930,7 +1943,7 @@ impl Client {
                 .await;
         }
 
-        validate_registry_response(status, &body, &url)?;
+        validate_registry_response(status, &headers, &body, &url)?;
         let manifest = serde_json::from_slice(&body)
             .map_err(|e| OciDistributionError::ManifestParsingError(e.to_string()))?;
 
@@ -2051,9 +2064,10 @@ impl Client {
             .send()
             .await?;
         let status = res.status();
+        let headers = res.headers().clone();
         let body = res.bytes().await?;
 
-        validate_registry_response(status, &body, &url)?;
+        validate_registry_response(status, &headers, &body, &url)?;
 
         Ok(serde_json::from_str(std::str::from_utf8(&body)?)?)
     }
@@ -2083,8 +2097,14 @@ impl Client {
         } else {
             let url = res.url().to_string();
             let code = res.status().as_u16();
+            let retry_after = retry_after(res.headers());
             let message = res.text().await?;
-            Err(OciDistributionError::ServerError { url, code, message })
+            Err(OciDistributionError::ServerError {
+                url,
+                code,
+                message,
+                retry_after,
+            })
         }
     }
 
@@ -2211,7 +2231,12 @@ impl Client {
 /// The OCI spec technically does not allow any codes but 200, 500, 401, and 404.
 /// Obviously, HTTP servers are going to send other codes. This tries to catch the
 /// obvious ones (200, 4XX, 5XX). Anything else is just treated as an error.
-fn validate_registry_response(status: reqwest::StatusCode, body: &[u8], url: &str) -> Result<()> {
+fn validate_registry_response(
+    status: reqwest::StatusCode,
+    headers: &HeaderMap,
+    body: &[u8],
+    url: &str,
+) -> Result<()> {
     match status {
         reqwest::StatusCode::OK => Ok(()),
         reqwest::StatusCode::UNAUTHORIZED => Err(OciDistributionError::UnauthorizedError {
@@ -2228,12 +2253,14 @@ fn validate_registry_response(status: reqwest::StatusCode, body: &[u8], url: &st
                 Ok(envelope) => Err(OciDistributionError::RegistryError {
                     envelope,
                     url: url.to_string(),
+                    retry_after: retry_after(headers),
                 }),
                 // Fall back to a plain server error if the body isn't a valid `OciEnvelope`
                 Err(_) => Err(OciDistributionError::ServerError {
                     code: s.as_u16(),
                     url: url.to_string(),
                     message: String::from_utf8_lossy(body).to_string(),
+                    retry_after: retry_after(headers),
                 }),
             }
         }
@@ -2243,8 +2270,15 @@ fn validate_registry_response(status: reqwest::StatusCode, body: &[u8], url: &st
             code: s.as_u16(),
             url: url.to_string(),
             message: String::from_utf8_lossy(body).to_string(),
+            retry_after: retry_after(headers),
         }),
     }
+}
+
+/// The wait a `Retry-After` header in `headers` asks for, if there is one that parses.
+fn retry_after(headers: &HeaderMap) -> Option<Duration> {
+    let value = headers.get(reqwest::header::RETRY_AFTER)?.to_str().ok()?;
+    parse_retry_after(value, std::time::SystemTime::now())
 }
 
 /// Returns an empty OCI Image Index, as used when no referrers exist.
@@ -2270,7 +2304,7 @@ async fn stream_from_response(
     let headers = response.headers().clone();
     if !status.is_success() {
         let body = response.bytes().await?;
-        return Err(validate_registry_response(status, &body, &url).expect_err(
+        return Err(validate_registry_response(status, &headers, &body, &url).expect_err(
             "validate_registry_response should return an error for non-success status codes",
         ));
     }
@@ -2742,6 +2776,7 @@ mod test {
     fn test_validate_registry_response_server_error_non_utf8_body() {
         let err = validate_registry_response(
             reqwest::StatusCode::BAD_GATEWAY,
+            &HeaderMap::new(),
             &[0xff, 0xfe, b'o', b'k'],
             "https://example.com",
         )
@@ -2759,6 +2794,7 @@ mod test {
     fn test_validate_registry_response_unknown_error_code() {
         let err = validate_registry_response(
             reqwest::StatusCode::CONFLICT,
+            &HeaderMap::new(),
             br#"{"errors":[{"code":"ARTIFACT_LOCKED","message":"artifact is locked"}]}"#,
             "https://example.com",
         )

@@ -59,6 +59,8 @@ pub enum OciDistributionError {
         envelope: OciEnvelope,
         /// Request URL
         url: String,
+        /// The wait the registry asked for with a `Retry-After` header (sent with 429 and 503)
+        retry_after: Option<std::time::Duration>,
     },
     /// Registry didn't return a Digest object
     #[error("Registry did not return a digest header")]
@@ -81,6 +83,8 @@ pub enum OciDistributionError {
         url: String,
         /// Error message returned by the remote server
         message: String,
+        /// The wait the registry asked for with a `Retry-After` header (sent with 429 and 503)
+        retry_after: Option<std::time::Duration>,
     },
     /// The [OCI distribution spec](https://github.com/opencontainers/distribution-spec/blob/main/spec.md)
     /// is not respected by the remote registry
@@ -108,6 +112,39 @@ pub enum OciDistributionError {
 
 /// Helper type to declare `Result` objects that might return a `OciDistributionError`
 pub type Result<T> = std::result::Result<T, OciDistributionError>;
+
+impl OciDistributionError {
+    /// The wait the registry asked for with a `Retry-After` header, if this error is an answer
+    /// that carried one.
+    pub fn retry_after(&self) -> Option<std::time::Duration> {
+        match self {
+            Self::RegistryError { retry_after, .. } | Self::ServerError { retry_after, .. } => {
+                *retry_after
+            }
+            _ => None,
+        }
+    }
+}
+
+/// Parses a `Retry-After` header value (RFC 9110, section 10.2.3) into the wait it asks for:
+/// delay-seconds, or an HTTP-date (IMF-fixdate, or the obsolete RFC 850 and asctime forms)
+/// less `now`, zero if it has passed. `None` for anything else.
+pub fn parse_retry_after(value: &str, now: std::time::SystemTime) -> Option<std::time::Duration> {
+    let value = value.trim();
+    if !value.is_empty() && value.bytes().all(|b| b.is_ascii_digit()) {
+        return value.parse().ok().map(std::time::Duration::from_secs);
+    }
+    let date = chrono::DateTime::parse_from_rfc2822(value)
+        .map(|d| d.to_utc())
+        .or_else(|_| {
+            chrono::NaiveDateTime::parse_from_str(value, "%A, %d-%b-%y %H:%M:%S GMT")
+                .or_else(|_| chrono::NaiveDateTime::parse_from_str(value, "%a %b %e %H:%M:%S %Y"))
+                .map(|d| d.and_utc())
+        })
+        .ok()?;
+    let date = std::time::SystemTime::from(date);
+    Some(date.duration_since(now).unwrap_or_default())
+}
 
 /// The OCI specification defines a specific error format.
 ///
