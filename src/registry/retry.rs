@@ -189,9 +189,10 @@ impl std::fmt::Debug for RetryNotice {
 /// How one attempt ended, when it did not succeed.
 pub(crate) enum Failure {
     /// Worth another attempt; `rate_limited` for 429; `retry_after` the wait the registry asked
-    /// for, if its answer had a `Retry-After` header.
+    /// for, if its answer had a `Retry-After` header. (Boxed: a `Result` with this as its error
+    /// stays small.)
     Transient {
-        error: RegistryError,
+        error: Box<RegistryError>,
         rate_limited: bool,
         retry_after: Option<Duration>,
     },
@@ -215,7 +216,7 @@ impl Failure {
         match transient(&e) {
             Some(rate_limited) => Failure::Transient {
                 retry_after: e.retry_after(),
-                error: classify(e),
+                error: Box::new(classify(e)),
                 rate_limited,
             },
             None => Failure::Final(classify(e)),
@@ -224,7 +225,7 @@ impl Failure {
 
     pub(crate) fn transient(error: RegistryError) -> Failure {
         Failure::Transient {
-            error,
+            error: Box::new(error),
             rate_limited: false,
             retry_after: None,
         }
@@ -269,7 +270,7 @@ where
                 error,
                 rate_limited,
                 retry_after,
-            }) => (error, rate_limited, retry_after),
+            }) => (*error, rate_limited, retry_after),
         };
         let left = policy.max_total_delay.saturating_sub(waited);
         let delay = match retry_after {
@@ -672,7 +673,7 @@ mod tests {
     /// A 503 whose `Retry-After` asked for `ms` (a 429 would wait at least 1 s anyway).
     fn asked(n: u32, ms: u64) -> Failure {
         Failure::Transient {
-            error: err(n),
+            error: Box::new(err(n)),
             rate_limited: false,
             retry_after: Some(Duration::from_millis(ms)),
         }
