@@ -2304,9 +2304,11 @@ async fn stream_from_response(
     let headers = response.headers().clone();
     if !status.is_success() {
         let body = response.bytes().await?;
-        return Err(validate_registry_response(status, &headers, &body, &url).expect_err(
-            "validate_registry_response should return an error for non-success status codes",
-        ));
+        return Err(
+            validate_registry_response(status, &headers, &body, &url).expect_err(
+                "validate_registry_response should return an error for non-success status codes",
+            ),
+        );
     }
     let stream = response.bytes_stream().map_err(std::io::Error::other);
 
