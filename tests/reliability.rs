@@ -17,7 +17,7 @@ use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use common::{Who, env, scratch_dir};
-use faultproxy::{Fault, FaultProxy, Plan};
+use faultproxy::{Fault, FaultProxy, Kind, Plan, RateLimit, RetryAfter, Seen};
 use sha2::{Digest, Sha256};
 
 const EPOCH: &str = "SOURCE_DATE_EPOCH=1700000000";
@@ -271,6 +271,7 @@ fn a_push_that_gives_up_leaves_no_manifest() {
             each_kind_once: false,
             fail_all_upload_puts: true,
             trickle_blob_gets: 0,
+            rate_limits: Vec::new(),
         },
     );
     let tag = format!("giveup:{}", common::unique());
@@ -328,26 +329,288 @@ fn impatient_client(
     shmocker::registry::Registry,
     std::sync::Arc<std::sync::Mutex<Vec<String>>>,
 ) {
-    use shmocker::registry::{Registry, RegistryOptions, RetryNotice, RetryPolicy};
+    noticing_client(shmocker::registry::RetryPolicy {
+        attempts,
+        base_delay: Duration::from_millis(10),
+        max_delay: Duration::from_millis(100),
+        min_transfer_timeout: Duration::from_secs(2),
+        min_transfer_rate: u64::MAX,
+        ..Default::default()
+    })
+}
+
+/// A client with `policy`, and the retry notices it gives.
+fn noticing_client(
+    policy: shmocker::registry::RetryPolicy,
+) -> (
+    shmocker::registry::Registry,
+    std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+) {
+    use shmocker::registry::{Registry, RegistryOptions, RetryNotice};
     let notices = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
     let seen = notices.clone();
     let reg = Registry::new(RegistryOptions {
         extra_auth_files: Some(vec![]),
         docker_config_dir: Some(std::env::temp_dir().join("shmocker-no-docker-config")),
-        retry: Some(RetryPolicy {
-            attempts,
-            base_delay: Duration::from_millis(10),
-            max_delay: Duration::from_millis(100),
-            min_transfer_timeout: Duration::from_secs(2),
-            min_transfer_rate: u64::MAX,
-            ..RetryPolicy::default()
-        }),
+        retry: Some(policy),
         on_retry: Some(RetryNotice::new(move |m| {
             seen.lock().unwrap().push(m.to_string())
         })),
         ..Default::default()
     });
     (reg, notices)
+}
+
+/// The first `method` request whose path contains `part` that was refused with `Retry-After`,
+/// and the next request to the same path (its retry).
+fn refused_and_retry(seen: &[Seen], method: &str, part: &str) -> (Seen, Seen) {
+    let i = seen
+        .iter()
+        .position(|s| {
+            s.fault == Some(Fault::RetryAfter429) && s.method == method && s.path.contains(part)
+        })
+        .unwrap_or_else(|| panic!("no {method} of {part} was refused: {seen:#?}"));
+    let refused = seen[i].clone();
+    let retry = seen[i + 1..]
+        .iter()
+        .find(|s| s.method == method && s.path == refused.path)
+        .unwrap_or_else(|| panic!("the refused {method} {} was not retried", refused.path))
+        .clone();
+    (refused, retry)
+}
+
+/// A small image of its own (one COPY of unique content on the base image), to push.
+fn small_context() -> tempfile::TempDir {
+    common::context(&[
+        (
+            "Dockerfile",
+            &format!(
+                "FROM {}
+COPY data.txt /data.txt
+",
+                env().busybox()
+            ),
+        ),
+        ("data.txt", &common::unique()),
+    ])
+}
+
+/// A registry that refuses with `Retry-After` (seconds for the manifest PUT, an HTTP-date for a
+/// blob HEAD) is waited for as long as it asked, and the push succeeds.
+#[test]
+fn a_push_waits_as_long_as_retry_after_asks() {
+    let proxy = FaultProxy::start(
+        env().registry(),
+        Plan::rate_limited(vec![
+            RateLimit {
+                kind: Kind::ManifestPut,
+                first: 1,
+                retry_after: RetryAfter::Seconds(2),
+            },
+            RateLimit {
+                kind: Kind::BlobHead,
+                first: 1,
+                retry_after: RetryAfter::DateIn(2),
+            },
+        ]),
+    );
+    let tag = format!("retry-after:{}", common::unique());
+    let via_proxy = format!("{}/tests/{tag}", proxy.host());
+    let direct = format!("{}/tests/{tag}", env().registry());
+    let ctx = small_context();
+    let store = scratch_dir(Who::User);
+    let out = run_user(
+        store.path(),
+        &[
+            "build",
+            "--progress",
+            "plain",
+            "-t",
+            &via_proxy,
+            "--push",
+            &ctx.path().display().to_string(),
+        ],
+        &[],
+    );
+    eprintln!("proxy log:\n{}", proxy.log());
+    assert!(out.status.success(), "the push failed");
+    assert_eq!(proxy.counts()[&Fault::RetryAfter429], 2);
+
+    // The build log says where each wait came from.
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let notice = |what: &str| {
+        stderr
+            .lines()
+            .find(|l| l.contains(what) && l.contains("retrying in"))
+            .unwrap_or_else(|| panic!("no retry notice for {what:?}: {stderr}"))
+            .to_string()
+    };
+    let manifest = notice(&format!("pushing the manifest of {via_proxy}"));
+    assert!(
+        manifest.contains("HTTP 429")
+            && manifest.contains("as the registry asked with Retry-After (2s)"),
+        "{manifest}"
+    );
+    let head = notice("checking for blob sha256:");
+    assert!(
+        head.contains("as the registry asked with Retry-After ("),
+        "{head}"
+    );
+
+    // And each retry came no sooner than asked.
+    let seen = proxy.seen();
+    let (refused, retry) = refused_and_retry(&seen, "PUT", "/manifests/");
+    let gap = retry.at - refused.at;
+    assert!(gap >= Duration::from_secs(2), "retried after {gap:?}");
+    let (refused, retry) = refused_and_retry(&seen, "HEAD", "/blobs/");
+    let date = refused.retry_at.expect("an HTTP-date");
+    assert!(
+        retry.wall >= date,
+        "retried at {:?}, before the date asked for ({date:?})",
+        retry.wall
+    );
+
+    let digest = printed_digest(&out);
+    let raw = run_ok_raw(&direct);
+    assert_eq!(
+        format!("sha256:{}", hex::encode(Sha256::digest(&raw))),
+        digest
+    );
+    run_ok_skopeo_copy(&direct);
+}
+
+/// Pulls honour `Retry-After` too: a manifest GET refused for 2 s, a config GET refused until
+/// an HTTP-date.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pull_waits_as_long_as_retry_after_asks() {
+    use shmocker::registry::{BlobRef, Platform, RetryPolicy};
+    let proxy = FaultProxy::start(
+        env().registry(),
+        Plan::rate_limited(vec![
+            RateLimit {
+                kind: Kind::ManifestGet,
+                first: 1,
+                retry_after: RetryAfter::Seconds(2),
+            },
+            RateLimit {
+                kind: Kind::BlobGet,
+                first: 1,
+                retry_after: RetryAfter::DateIn(1),
+            },
+        ]),
+    );
+    let image: oci_client::Reference = busybox_via(&proxy.host()).parse().unwrap();
+    let (reg, notices) = noticing_client(RetryPolicy::default());
+    let store_dir = scratch_dir(Who::Root);
+    let store = shmocker::store::Store::open(store_dir.path()).unwrap();
+    // The manifest GET and then the config GET are refused once each.
+    let pulled = reg.pull_manifest(&image, &Platform::host()).await.unwrap();
+    let layer = &pulled.manifest.layers[0];
+    let blob = BlobRef {
+        digest: layer.digest.clone(),
+        size: layer.size as u64,
+        media_type: layer.media_type.clone(),
+    };
+    let path = reg.fetch_blob(&image, &blob, &store).await.unwrap();
+    eprintln!("proxy log:\n{}", proxy.log());
+    assert_eq!(proxy.counts()[&Fault::RetryAfter429], 2);
+    let notices = notices.lock().unwrap().clone();
+    assert_eq!(notices.len(), 2, "{notices:#?}");
+    assert!(
+        notices[0].contains("pulling the manifest of")
+            && notices[0].contains("as the registry asked with Retry-After (2s)"),
+        "{}",
+        notices[0]
+    );
+    assert!(
+        notices[1].contains("pulling config sha256:")
+            && notices[1].contains("as the registry asked with Retry-After ("),
+        "{}",
+        notices[1]
+    );
+    let seen = proxy.seen();
+    let (refused, retry) = refused_and_retry(&seen, "GET", "/manifests/");
+    let gap = retry.at - refused.at;
+    assert!(gap >= Duration::from_secs(2), "retried after {gap:?}");
+    let (refused, retry) = refused_and_retry(&seen, "GET", "/blobs/");
+    let date = refused.retry_at.expect("an HTTP-date");
+    assert!(
+        retry.wall >= date,
+        "retried at {:?}, before the date asked for ({date:?})",
+        retry.wall
+    );
+    let data = fs::read(&path).unwrap();
+    assert_eq!(shmocker::store::sha256_digest(&data), blob.digest);
+}
+
+/// A registry asking for a longer wait than the request's retry budget ends the push at once,
+/// with an error that says so, and no manifest is pushed; `SHMOCKER_REGISTRY_MAX_WAIT` sets the
+/// budget.
+#[test]
+fn a_retry_after_beyond_the_budget_fails_the_push_at_once() {
+    let ctx = small_context();
+    let ctx_arg = ctx.path().display().to_string();
+    let store = scratch_dir(Who::User);
+    // (Retry-After, SHMOCKER_REGISTRY_MAX_WAIT, the budget the error names)
+    for (asked, max_wait, budget) in [(3600, None, "40s"), (2, Some("1"), "1s")] {
+        let proxy = FaultProxy::start(
+            env().registry(),
+            Plan::rate_limited(vec![RateLimit {
+                kind: Kind::UploadPost,
+                first: u64::MAX,
+                retry_after: RetryAfter::Seconds(asked),
+            }]),
+        );
+        let tag = format!("retry-after-budget:{}", common::unique());
+        let via_proxy = format!("{}/tests/{tag}", proxy.host());
+        let direct = format!("{}/tests/{tag}", env().registry());
+        let vars: Vec<(&str, &str)> = max_wait
+            .map(|v| ("SHMOCKER_REGISTRY_MAX_WAIT", v))
+            .into_iter()
+            .collect();
+        let out = run_user(
+            store.path(),
+            &[
+                "build",
+                "--progress",
+                "plain",
+                "-t",
+                &via_proxy,
+                "--push",
+                &ctx_arg,
+            ],
+            &vars,
+        );
+        eprintln!("proxy log:\n{}", proxy.log());
+        assert!(
+            !out.status.success(),
+            "the push succeeded although every upload was refused"
+        );
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        for needle in [
+            format!("registry {}", proxy.host()),
+            via_proxy.clone(),
+            "push blob sha256:".to_string(),
+            "HTTP 429".to_string(),
+            format!("the registry asked to be retried in {asked}s with Retry-After"),
+            format!("this request's retry budget of {budget}"),
+            "try again later".to_string(),
+            "SHMOCKER_REGISTRY_MAX_WAIT=SECONDS".to_string(),
+        ] {
+            assert!(
+                stderr.contains(&needle),
+                "the error does not say {needle:?}: {stderr}"
+            );
+        }
+        // Not one retry: the refused uploads were never tried again.
+        assert!(!stderr.contains("retrying in"), "{stderr}");
+        assert!(proxy.counts()[&Fault::RetryAfter429] >= 1);
+        assert!(
+            !common::remote_exists(&direct),
+            "the registry has a manifest for {direct} although its blobs never arrived"
+        );
+    }
+    verify_store(store.path());
 }
 
 /// A blob transfer that trickles (a byte every half second, so no read ever times out) is cut
@@ -363,6 +626,7 @@ async fn a_trickling_transfer_is_cut_off_and_retried() {
             each_kind_once: false,
             fail_all_upload_puts: false,
             trickle_blob_gets: 2,
+            rate_limits: Vec::new(),
         },
     );
     let image: oci_client::Reference = busybox_via(&proxy.host()).parse().unwrap();
@@ -422,6 +686,7 @@ async fn a_registry_that_only_trickles_gives_up_in_bounded_time() {
             each_kind_once: false,
             fail_all_upload_puts: false,
             trickle_blob_gets: u64::MAX,
+            rate_limits: Vec::new(),
         },
     );
     let image: oci_client::Reference = busybox_via(&proxy.host()).parse().unwrap();

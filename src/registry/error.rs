@@ -158,6 +158,20 @@ pub enum RegistryError {
         last: Box<RegistryError>,
     },
 
+    /// The registry asked (with `Retry-After`) to be retried later than the request's retry
+    /// budget allows, so the request ended at once instead of waiting past its budget.
+    #[error(
+        "{last} (the registry asked to be retried in {} with Retry-After, more than {}; try again later, or allow longer waits with {}=SECONDS, at most {})",
+        seconds(*.asked), budget_left(*.left, *.budget), super::retry::MAX_WAIT_ENV, super::retry::MAX_WAIT_LIMIT
+    )]
+    RetryAfterTooLong {
+        asked: std::time::Duration,
+        left: std::time::Duration,
+        budget: std::time::Duration,
+        /// The refused attempt's error: it names the registry, the image, the blob and the status.
+        last: Box<RegistryError>,
+    },
+
     /// The local blob store failed.
     #[error("local store failed while {action} {reference}: {source}")]
     Store {
@@ -277,6 +291,29 @@ pub(crate) fn redact_urls(text: &str) -> String {
     }
     out.push_str(rest);
     out
+}
+
+/// A wait as people write it: `2s`, `1.6s`, `3600s`.
+pub(crate) fn seconds(d: std::time::Duration) -> String {
+    if d.subsec_millis() == 0 {
+        format!("{}s", d.as_secs())
+    } else {
+        format!("{:.1}s", d.as_secs_f64())
+    }
+}
+
+/// "this request's retry budget of 40s", or with "the 12.5s left of" before it once some of it
+/// was spent.
+fn budget_left(left: std::time::Duration, budget: std::time::Duration) -> String {
+    if left == budget {
+        format!("this request's retry budget of {}", seconds(budget))
+    } else {
+        format!(
+            "the {} left of this request's retry budget of {}",
+            seconds(left),
+            seconds(budget)
+        )
+    }
 }
 
 /// Where the next `http://` or `https://` URL starts, case-insensitively.

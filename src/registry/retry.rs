@@ -11,9 +11,20 @@
 //! Waits grow exponentially from [`RetryPolicy::base_delay`], each a random point in the upper
 //! half of its step (jitter, so that parallel uploads failing together do not retry together),
 //! each at most [`RetryPolicy::max_delay`], and all of a request's waits together at most
-//! [`RetryPolicy::max_total_delay`]. A rate-limited request (429) waits at least
-//! [`RATE_LIMIT_MIN_DELAY`]: `oci-client` does not hand its callers the response headers, so a
-//! `Retry-After` value cannot be read, and that floor is the common value registries send.
+//! [`RetryPolicy::max_total_delay`] (the request's *retry budget*, set by
+//! `SHMOCKER_REGISTRY_MAX_WAIT`).
+//!
+//! An answer with a `Retry-After` header (registries send it with 429 and 503; it is honoured on
+//! any answer that is retried) sets the wait instead: what the registry asked, in seconds or as
+//! an HTTP-date, never less, plus a random extra of a tenth of it (at least 0.1 s, at most 1 s,
+//! and never past the budget) so that parallel requests refused together spread out. The asked
+//! wait may exceed [`RetryPolicy::max_delay`], but not what is left of the budget: a registry
+//! asking for longer ends the request at once with [`RegistryError::RetryAfterTooLong`], which
+//! names the registry and the wait it asked for and says what to do, rather than retrying
+//! sooner than asked or holding the build past its budget. The retry notice says when its wait
+//! came from `Retry-After`. A 429 without the header waits at least [`RATE_LIMIT_MIN_DELAY`].
+//! The header reaches us through a patched `oci-client` (third_party/oci-client/PATCHES.md):
+//! the published crate drops response headers from its errors.
 //!
 //! Each attempt also has a time limit, so that a stalled or trickling connection cannot hold a
 //! build for ever: [`RetryPolicy::request_timeout`] for manifests and blob checks,
@@ -32,7 +43,12 @@ use super::RegistryError;
 
 /// The environment variable that sets how many attempts each request gets (1 turns retries off).
 pub const ATTEMPTS_ENV: &str = "SHMOCKER_REGISTRY_ATTEMPTS";
-/// The least a request answered with 429 waits before its next attempt.
+/// The environment variable that sets a request's retry budget: how many seconds all of its
+/// waits between attempts may add up to ([`RetryPolicy::max_total_delay`]).
+pub const MAX_WAIT_ENV: &str = "SHMOCKER_REGISTRY_MAX_WAIT";
+/// The largest [`MAX_WAIT_ENV`] accepted, in seconds.
+pub const MAX_WAIT_LIMIT: u64 = 3600;
+/// The least a request answered with 429 (without `Retry-After`) waits before its next attempt.
 pub const RATE_LIMIT_MIN_DELAY: Duration = Duration::from_secs(1);
 
 /// How often and how patiently a request is retried.
@@ -44,7 +60,7 @@ pub struct RetryPolicy {
     pub base_delay: Duration,
     /// No single wait is longer.
     pub max_delay: Duration,
-    /// A request gives up once its waits would add up to more than this.
+    /// A request gives up once its waits would add up to more than this (its retry budget).
     pub max_total_delay: Duration,
     /// The time limit of one attempt of a request without a blob body (a manifest GET or PUT,
     /// a blob HEAD).
@@ -73,10 +89,28 @@ impl Default for RetryPolicy {
 }
 
 impl RetryPolicy {
-    /// The default policy with the attempts from `SHMOCKER_REGISTRY_ATTEMPTS`, if set.
+    /// The default policy with the attempts from `SHMOCKER_REGISTRY_ATTEMPTS` and the retry
+    /// budget from `SHMOCKER_REGISTRY_MAX_WAIT`, where set.
     pub fn from_env() -> Result<RetryPolicy, String> {
+        Self::from_vars(|name| std::env::var(name).ok())
+    }
+
+    fn from_vars(var: impl Fn(&str) -> Option<String>) -> Result<RetryPolicy, String> {
         let mut p = RetryPolicy::default();
-        if let Ok(v) = std::env::var(ATTEMPTS_ENV) {
+        if let Some(v) = var(MAX_WAIT_ENV) {
+            let secs = v
+                .trim()
+                .parse::<u64>()
+                .ok()
+                .filter(|n| *n <= MAX_WAIT_LIMIT)
+                .ok_or_else(|| {
+                    format!(
+                        "{MAX_WAIT_ENV}={v:?} is not a number of seconds from 0 to {MAX_WAIT_LIMIT}"
+                    )
+                })?;
+            p.max_total_delay = Duration::from_secs(secs);
+        }
+        if let Some(v) = var(ATTEMPTS_ENV) {
             p.attempts = v
                 .trim()
                 .parse::<u32>()
@@ -110,6 +144,13 @@ impl RetryPolicy {
         } else {
             d
         }
+    }
+
+    /// The wait before the next attempt when the registry asked for `asked` (`Retry-After`) and
+    /// `left` of the budget remains (`asked <= left`): `asked` plus upward jitter, within `left`.
+    fn asked_delay(asked: Duration, left: Duration) -> Duration {
+        let spread = (asked / 10).clamp(Duration::from_millis(100), Duration::from_secs(1));
+        (asked + spread.mul_f64(random_unit())).min(left).max(asked)
     }
 }
 
@@ -147,10 +188,13 @@ impl std::fmt::Debug for RetryNotice {
 
 /// How one attempt ended, when it did not succeed.
 pub(crate) enum Failure {
-    /// Worth another attempt; `rate_limited` for 429.
+    /// Worth another attempt; `rate_limited` for 429; `retry_after` the wait the registry asked
+    /// for, if its answer had a `Retry-After` header. (Boxed: a `Result` with this as its error
+    /// stays small.)
     Transient {
-        error: RegistryError,
+        error: Box<RegistryError>,
         rate_limited: bool,
+        retry_after: Option<Duration>,
     },
     /// Refused credentials (401). Retried once: oci-client sends a request without credentials
     /// when its token handshake failed (a reset or 503 on the `/v2/` ping), and the next
@@ -171,7 +215,8 @@ impl Failure {
         }
         match transient(&e) {
             Some(rate_limited) => Failure::Transient {
-                error: classify(e),
+                retry_after: e.retry_after(),
+                error: Box::new(classify(e)),
                 rate_limited,
             },
             None => Failure::Final(classify(e)),
@@ -180,8 +225,9 @@ impl Failure {
 
     pub(crate) fn transient(error: RegistryError) -> Failure {
         Failure::Transient {
-            error,
+            error: Box::new(error),
             rate_limited: false,
+            retry_after: None,
         }
     }
 }
@@ -215,17 +261,31 @@ where
         let outcome = tokio::time::timeout(limit, attempt())
             .await
             .unwrap_or_else(|_| Err(Failure::transient(timed_out(limit))));
-        let (error, rate_limited) = match outcome {
+        let (error, rate_limited, retry_after) = match outcome {
             Ok(v) => return Ok(v),
             Err(Failure::Final(e)) => return Err(e),
             Err(Failure::Unauthorized(e)) if n > 1 || policy.attempts == 1 => return Err(e),
-            Err(Failure::Unauthorized(error)) => (error, false),
+            Err(Failure::Unauthorized(error)) => (error, false, None),
             Err(Failure::Transient {
                 error,
                 rate_limited,
-            }) => (error, rate_limited),
+                retry_after,
+            }) => (*error, rate_limited, retry_after),
         };
-        let delay = policy.delay(n, rate_limited);
+        let left = policy.max_total_delay.saturating_sub(waited);
+        let delay = match retry_after {
+            // The registry said when: not sooner, and not past the budget either.
+            Some(asked) if n < policy.attempts && asked > left => {
+                return Err(RegistryError::RetryAfterTooLong {
+                    asked,
+                    left,
+                    budget: policy.max_total_delay,
+                    last: Box::new(error),
+                });
+            }
+            Some(asked) => RetryPolicy::asked_delay(asked, left),
+            None => policy.delay(n, rate_limited),
+        };
         if n >= policy.attempts || waited + delay > policy.max_total_delay {
             if n == 1 {
                 return Err(error);
@@ -237,8 +297,14 @@ where
             });
         }
         if let Some(notice) = notice {
+            let asked = retry_after.map_or(String::new(), |a| {
+                format!(
+                    ", as the registry asked with Retry-After ({})",
+                    super::error::seconds(a)
+                )
+            });
             notice.0(&format!(
-                "{what}: attempt {n} of {} failed ({error}); retrying in {:.1}s",
+                "{what}: attempt {n} of {} failed ({error}); retrying in {:.1}s{asked}",
                 policy.attempts,
                 delay.as_secs_f64()
             ));
@@ -507,6 +573,7 @@ mod tests {
             code,
             url: "u".into(),
             message: String::new(),
+            retry_after: None,
         };
         assert_eq!(transient(&server(503)), Some(false));
         assert_eq!(transient(&server(500)), Some(false));
@@ -517,5 +584,196 @@ mod tests {
         assert_eq!(io_transient(&reset), Some(false));
         let other = std::io::Error::other("disk full");
         assert_eq!(io_transient(&other), None);
+    }
+
+    #[test]
+    fn retry_after_values_are_parsed() {
+        use oci_client::errors::parse_retry_after;
+        use std::time::{SystemTime, UNIX_EPOCH};
+        // 1994-11-06 08:49:30 UTC, 7 s before the dates below.
+        let now = UNIX_EPOCH + Duration::from_secs(784_111_770);
+        let secs = |s| Some(Duration::from_secs(s));
+        assert_eq!(parse_retry_after("2", now), secs(2));
+        assert_eq!(parse_retry_after(" 120 ", now), secs(120));
+        assert_eq!(parse_retry_after("0", now), secs(0));
+        // An HTTP-date in the future, in its three forms (RFC 9110, section 5.6.7).
+        for date in [
+            "Sun, 06 Nov 1994 08:49:37 GMT",
+            "Sunday, 06-Nov-94 08:49:37 GMT",
+            "Sun Nov  6 08:49:37 1994",
+        ] {
+            assert_eq!(parse_retry_after(date, now), secs(7), "{date}");
+        }
+        // One in the past: retry now.
+        assert_eq!(
+            parse_retry_after("Sun, 06 Nov 1994 08:49:00 GMT", now),
+            secs(0)
+        );
+        // Relative to the real clock, too.
+        let soon = jiff::Timestamp::now() + jiff::SignedDuration::from_secs(30);
+        let header = soon.strftime("%a, %d %b %Y %H:%M:%S GMT").to_string();
+        let wait = parse_retry_after(&header, SystemTime::now()).unwrap();
+        assert!(
+            wait > Duration::from_secs(25) && wait <= Duration::from_secs(30),
+            "{header}: {wait:?}"
+        );
+        // Anything else is not a Retry-After value, and is ignored.
+        for garbage in [
+            "",
+            "soon",
+            "-1",
+            "+5",
+            "1.5",
+            "2 s",
+            "99999999999999999999999",
+            "Sun, 32 Nov 1994 08:49:37 GMT",
+            "06 Nov 1994",
+        ] {
+            assert_eq!(parse_retry_after(garbage, now), None, "{garbage:?}");
+        }
+    }
+
+    #[test]
+    fn errors_hand_on_the_asked_wait() {
+        let e = OciDistributionError::ServerError {
+            code: 429,
+            url: "u".into(),
+            message: String::new(),
+            retry_after: Some(Duration::from_secs(2)),
+        };
+        match Failure::from_oci(e, |_| err(1)) {
+            Failure::Transient {
+                rate_limited,
+                retry_after,
+                ..
+            } => assert_eq!(
+                (rate_limited, retry_after),
+                (true, Some(Duration::from_secs(2)))
+            ),
+            _ => panic!("a 429 is transient"),
+        }
+    }
+
+    #[test]
+    fn asked_waits_get_only_upward_jitter_within_the_budget() {
+        let asked = Duration::from_secs(2);
+        for _ in 0..50 {
+            let d = RetryPolicy::asked_delay(asked, Duration::from_secs(40));
+            assert!(
+                d >= asked && d <= asked + Duration::from_millis(200),
+                "{d:?}"
+            );
+        }
+        // The jitter never goes past the budget; the asked wait itself always stays.
+        assert_eq!(RetryPolicy::asked_delay(asked, asked), asked);
+        let zero = RetryPolicy::asked_delay(Duration::ZERO, Duration::from_secs(1));
+        assert!(zero <= Duration::from_millis(100), "{zero:?}");
+    }
+
+    /// A 503 whose `Retry-After` asked for `ms` (a 429 would wait at least 1 s anyway).
+    fn asked(n: u32, ms: u64) -> Failure {
+        Failure::Transient {
+            error: Box::new(err(n)),
+            rate_limited: false,
+            retry_after: Some(Duration::from_millis(ms)),
+        }
+    }
+
+    #[tokio::test]
+    async fn retry_after_sets_the_wait_past_the_backoff() {
+        let calls = std::sync::atomic::AtomicU32::new(0);
+        let notices = Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+        let seen = notices.clone();
+        let notice = RetryNotice::new(move |m| seen.lock().unwrap().push(m.to_string()));
+        let started = Instant::now();
+        // The test policy waits at most 4 ms; the registry asks for 300 ms.
+        let out = run(
+            &policy(6),
+            Some(&notice),
+            "push blob",
+            LIMIT,
+            timed_out,
+            || async {
+                let n = calls.fetch_add(1, Ordering::SeqCst) + 1;
+                if n < 2 { Err(asked(n, 300)) } else { Ok(n) }
+            },
+        )
+        .await
+        .unwrap();
+        assert_eq!(out, 2);
+        assert!(started.elapsed() >= Duration::from_millis(300));
+        let notices = notices.lock().unwrap();
+        assert_eq!(notices.len(), 1);
+        assert!(
+            notices[0].contains("as the registry asked with Retry-After (0.3s)"),
+            "{}",
+            notices[0]
+        );
+    }
+
+    #[tokio::test]
+    async fn a_retry_after_beyond_the_budget_fails_at_once() {
+        let calls = std::sync::atomic::AtomicU32::new(0);
+        // 1 s of budget; the registry asks for 5 s.
+        let e = run(&policy(6), None, "x", LIMIT, timed_out, || async {
+            let n = calls.fetch_add(1, Ordering::SeqCst) + 1;
+            Err::<(), _>(asked(n, 5000))
+        })
+        .await
+        .unwrap_err();
+        assert_eq!(calls.load(Ordering::SeqCst), 1);
+        let msg = e.to_string();
+        assert!(
+            matches!(e, RegistryError::RetryAfterTooLong { .. }),
+            "{msg}"
+        );
+        for needle in [
+            "reg:5000",
+            "asked to be retried in 5s with Retry-After",
+            "more than this request's retry budget of 1s;",
+            "try again later",
+            MAX_WAIT_ENV,
+        ] {
+            assert!(msg.contains(needle), "{needle:?} not in {msg}");
+        }
+        // Later in a request, what is left of the budget counts: 0.6 s asked fits the first
+        // time (1 s left), not the second (under 0.4 s left).
+        let calls = std::sync::atomic::AtomicU32::new(0);
+        let e = run(&policy(6), None, "x", LIMIT, timed_out, || async {
+            let n = calls.fetch_add(1, Ordering::SeqCst) + 1;
+            Err::<(), _>(asked(n, 600))
+        })
+        .await
+        .unwrap_err();
+        assert_eq!(calls.load(Ordering::SeqCst), 2);
+        let msg = e.to_string();
+        assert!(
+            matches!(e, RegistryError::RetryAfterTooLong { .. })
+                && msg.contains("asked to be retried in 0.6s")
+                && msg.contains("left of this request's retry budget of 1s;"),
+            "{msg}"
+        );
+    }
+
+    fn policy_from(vars: &[(&str, &str)]) -> Result<RetryPolicy, String> {
+        RetryPolicy::from_vars(|name| {
+            vars.iter()
+                .find(|(k, _)| *k == name)
+                .map(|(_, v)| v.to_string())
+        })
+    }
+
+    #[test]
+    fn the_budget_and_attempts_come_from_the_environment() {
+        assert_eq!(policy_from(&[]).unwrap(), RetryPolicy::default());
+        let p = policy_from(&[(MAX_WAIT_ENV, "300"), (ATTEMPTS_ENV, "3")]).unwrap();
+        assert_eq!(
+            (p.max_total_delay, p.attempts),
+            (Duration::from_secs(300), 3)
+        );
+        for bad in ["-1", "3601", "1.5", "lots"] {
+            let e = policy_from(&[(MAX_WAIT_ENV, bad)]).unwrap_err();
+            assert!(e.contains(MAX_WAIT_ENV) && e.contains("0 to 3600"), "{e}");
+        }
     }
 }

@@ -12,18 +12,22 @@
 //! - `500` on an upload's final PUT (its body read and dropped);
 //! - on request only ([`Plan::trickle_blob_gets`]), a blob GET answered with its head and then
 //!   one byte every half second, for ever: a stalled connection that never goes idle long
-//!   enough for a read timeout.
+//!   enough for a read timeout;
+//! - on request only ([`Plan::rate_limits`]), the first N requests of a [`Kind`] answered
+//!   `429 Too Many Requests` with a `Retry-After` of so many seconds or an HTTP-date, without
+//!   contacting the registry.
 //!
 //! Which requests fail comes from a seeded generator over the request's sequence number, so a
 //! run is reproducible up to the order in which parallel requests arrive. With `each_kind_once`,
 //! the first request a kind applies to gets that fault, so every kind is exercised in every run.
-//! [`FaultProxy::counts`] says what was injected, for tests to assert on.
+//! [`FaultProxy::counts`] says what was injected, for tests to assert on, and
+//! [`FaultProxy::seen`] when each request arrived.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -37,6 +41,49 @@ pub enum Fault {
     UploadPut500,
     /// Never chosen at random: see [`Plan::trickle_blob_gets`].
     TrickleBlob,
+    /// Never chosen at random: see [`Plan::rate_limits`].
+    RetryAfter429,
+}
+
+/// A kind of registry request, for [`RateLimit`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    ManifestGet,
+    ManifestPut,
+    BlobHead,
+    BlobGet,
+    /// The POST that opens a blob upload session.
+    UploadPost,
+}
+
+/// What a refused request's `Retry-After` says.
+#[derive(Debug, Clone, Copy)]
+pub enum RetryAfter {
+    /// Delay-seconds: `Retry-After: N`.
+    Seconds(u64),
+    /// An HTTP-date at least this many seconds after the refusal (the next whole second, plus
+    /// N): `Retry-After: Sun, 06 Nov 1994 08:49:37 GMT`.
+    DateIn(u64),
+}
+
+/// Answer the first `first` requests of `kind` with 429 and `retry_after`.
+#[derive(Debug, Clone)]
+pub struct RateLimit {
+    pub kind: Kind,
+    pub first: u64,
+    pub retry_after: RetryAfter,
+}
+
+/// A request as it arrived.
+#[derive(Debug, Clone)]
+pub struct Seen {
+    pub at: Instant,
+    pub wall: SystemTime,
+    pub method: String,
+    pub path: String,
+    pub fault: Option<Fault>,
+    /// For a request refused with an HTTP-date, that date.
+    pub retry_at: Option<SystemTime>,
 }
 
 const ALL: [Fault; 5] = [
@@ -61,6 +108,8 @@ pub struct Plan {
     pub fail_all_upload_puts: bool,
     /// Trickle the first this many blob GETs (see the module docs).
     pub trickle_blob_gets: u64,
+    /// Refuse requests with 429 and `Retry-After` (see the module docs).
+    pub rate_limits: Vec<RateLimit>,
 }
 
 impl Plan {
@@ -72,6 +121,19 @@ impl Plan {
             each_kind_once: true,
             fail_all_upload_puts: false,
             trickle_blob_gets: 0,
+            rate_limits: Vec::new(),
+        }
+    }
+
+    /// Nothing fails at random; only `rate_limits` are refused.
+    pub fn rate_limited(rate_limits: Vec<RateLimit>) -> Plan {
+        Plan {
+            seed: 0,
+            rate: 0.0,
+            each_kind_once: false,
+            fail_all_upload_puts: false,
+            trickle_blob_gets: 0,
+            rate_limits,
         }
     }
 }
@@ -83,6 +145,9 @@ struct State {
     counts: Mutex<BTreeMap<Fault, u64>>,
     /// Request lines seen, for failure messages.
     log: Mutex<Vec<String>>,
+    seen: Mutex<Vec<Seen>>,
+    /// How many requests each of `plan.rate_limits` refused.
+    limited: Mutex<Vec<u64>>,
     stop: AtomicBool,
 }
 
@@ -105,6 +170,8 @@ impl FaultProxy {
             requests: AtomicU64::new(0),
             counts: Mutex::new(BTreeMap::new()),
             log: Mutex::new(Vec::new()),
+            seen: Mutex::new(Vec::new()),
+            limited: Mutex::new(Vec::new()),
             stop: AtomicBool::new(false),
         });
         let st = state.clone();
@@ -153,6 +220,11 @@ impl FaultProxy {
         self.state.requests.load(Ordering::Relaxed)
     }
 
+    /// Every request in the order it arrived.
+    pub fn seen(&self) -> Vec<Seen> {
+        self.state.seen.lock().unwrap().clone()
+    }
+
     /// Every request line with the fault it got, one per line.
     pub fn log(&self) -> String {
         self.state.log.lock().unwrap().join("\n")
@@ -188,6 +260,15 @@ impl Head {
     }
     fn is_upload_put(&self) -> bool {
         self.method == "PUT" && self.path.contains("/blobs/uploads/")
+    }
+    fn is(&self, kind: Kind) -> bool {
+        match kind {
+            Kind::ManifestGet => self.method == "GET" && self.path.contains("/manifests/"),
+            Kind::ManifestPut => self.method == "PUT" && self.path.contains("/manifests/"),
+            Kind::BlobHead => self.method == "HEAD" && self.path.contains("/blobs/sha256:"),
+            Kind::BlobGet => self.is_blob_get(),
+            Kind::UploadPost => self.method == "POST" && self.path.contains("/blobs/uploads/"),
+        }
     }
     fn applies(&self, f: Fault) -> bool {
         match f {
@@ -283,6 +364,32 @@ async fn respond(conn: &mut TcpStream, status: &str, extra: &str) -> std::io::Re
     conn.shutdown().await
 }
 
+/// The `Retry-After` value (and its date, if one) to refuse this request with, if a rate
+/// limit of the plan applies to it.
+fn rate_limit(state: &State, head: &Head) -> Option<(String, Option<SystemTime>)> {
+    let mut limited = state.limited.lock().unwrap();
+    limited.resize(state.plan.rate_limits.len(), 0);
+    let (i, rule) = state
+        .plan
+        .rate_limits
+        .iter()
+        .enumerate()
+        .find(|(i, r)| head.is(r.kind) && limited[*i] < r.first)?;
+    limited[i] += 1;
+    Some(match rule.retry_after {
+        RetryAfter::Seconds(n) => (n.to_string(), None),
+        RetryAfter::DateIn(n) => {
+            let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap();
+            let at = UNIX_EPOCH + Duration::from_secs(now.as_secs() + 1 + n);
+            let ts = jiff::Timestamp::try_from(at).unwrap();
+            (
+                ts.strftime("%a, %d %b %Y %H:%M:%S GMT").to_string(),
+                Some(at),
+            )
+        }
+    })
+}
+
 fn choose(state: &State, head: &Head) -> Option<Fault> {
     let plan = &state.plan;
     if plan.fail_all_upload_puts && head.is_upload_put() {
@@ -331,7 +438,11 @@ async fn handle(mut client: TcpStream, state: Arc<State>) -> std::io::Result<()>
             .is_some_and(|v| v.to_ascii_lowercase().contains("chunked")),
         lines,
     };
-    let fault = choose(&state, &head);
+    let limited = rate_limit(&state, &head);
+    let fault = match limited {
+        Some(_) => Some(Fault::RetryAfter429),
+        None => choose(&state, &head),
+    };
     // Counted before it happens: the client may see the effect before this task goes on. A
     // truncation is counted once the body is known to be worth cutting (below).
     if let Some(f) = fault.filter(|f| !matches!(f, Fault::TruncatedBlob | Fault::TrickleBlob)) {
@@ -342,6 +453,14 @@ async fn handle(mut client: TcpStream, state: Arc<State>) -> std::io::Result<()>
         .lock()
         .unwrap()
         .push(format!("{} {} -> {fault:?}", head.method, head.path));
+    state.seen.lock().unwrap().push(Seen {
+        at: Instant::now(),
+        wall: SystemTime::now(),
+        method: head.method.clone(),
+        path: head.path.clone(),
+        fault,
+        retry_at: limited.as_ref().and_then(|(_, at)| *at),
+    });
 
     match fault {
         Some(Fault::Unavailable503) => {
@@ -351,6 +470,12 @@ async fn handle(mut client: TcpStream, state: Arc<State>) -> std::io::Result<()>
         Some(Fault::TooMany429) => {
             drain(&mut client, &head, rest.len()).await?;
             return respond(&mut client, "429 Too Many Requests", "Retry-After: 1\r\n").await;
+        }
+        Some(Fault::RetryAfter429) => {
+            let (value, _) = limited.unwrap_or_default();
+            drain(&mut client, &head, rest.len()).await?;
+            let extra = format!("Retry-After: {value}\r\n");
+            return respond(&mut client, "429 Too Many Requests", &extra).await;
         }
         Some(Fault::UploadPut500) => {
             drain(&mut client, &head, rest.len()).await?;
