@@ -149,11 +149,13 @@ pub enum RegistryError {
 
     /// A request kept failing in ways worth retrying until its retry budget was spent.
     #[error(
-        "{last} (gave up after {attempts} attempts over {seconds:.1}s: the registry kept failing; try again later, or allow more attempts with SHMOCKER_REGISTRY_ATTEMPTS)"
+        "{last} (gave up after {attempts} attempts over {seconds:.1}s: the registry kept failing; try again later, or {more})"
     )]
     GaveUp {
         attempts: u32,
         seconds: f64,
+        /// What would allow more retries: more attempts, or a larger budget for waits.
+        more: &'static str,
         /// The last attempt's error: it names the registry, the image, the blob and the status.
         last: Box<RegistryError>,
     },

@@ -150,7 +150,10 @@ impl RetryPolicy {
     /// `left` of the budget remains (`asked <= left`): `asked` plus upward jitter, within `left`.
     fn asked_delay(asked: Duration, left: Duration) -> Duration {
         let spread = (asked / 10).clamp(Duration::from_millis(100), Duration::from_secs(1));
-        (asked + spread.mul_f64(random_unit())).min(left).max(asked)
+        asked
+            .saturating_add(spread.mul_f64(random_unit()))
+            .min(left)
+            .max(asked)
     }
 }
 
@@ -286,13 +289,20 @@ where
             Some(asked) => RetryPolicy::asked_delay(asked, left),
             None => policy.delay(n, rate_limited),
         };
-        if n >= policy.attempts || waited + delay > policy.max_total_delay {
-            if n == 1 {
+        let out_of_attempts = n >= policy.attempts;
+        if out_of_attempts || waited + delay > policy.max_total_delay {
+            if n == 1 && out_of_attempts {
+                // SHMOCKER_REGISTRY_ATTEMPTS=1: no retries were asked for.
                 return Err(error);
             }
             return Err(RegistryError::GaveUp {
                 attempts: n,
                 seconds: started.elapsed().as_secs_f64(),
+                more: if out_of_attempts {
+                    "allow more attempts with SHMOCKER_REGISTRY_ATTEMPTS"
+                } else {
+                    "allow longer waits between attempts with SHMOCKER_REGISTRY_MAX_WAIT=SECONDS"
+                },
                 last: Box::new(error),
             });
         }
@@ -329,6 +339,12 @@ fn transient(e: &OciDistributionError) -> Option<bool> {
     use OciDistributionError as E;
     match e {
         E::ServerError { code, .. } => status_transient(*code),
+        // This error form does not carry the status; a `Retry-After` (sent with 429 and 503)
+        // says that the registry expects another attempt, whatever code its body names.
+        E::RegistryError {
+            retry_after: Some(_),
+            ..
+        } => Some(true),
         E::RegistryError { envelope, .. } => {
             let codes = || envelope.errors.iter().map(|e| &e.code);
             if codes().any(|c| matches!(c, OciErrorCode::Toomanyrequests)) {
@@ -494,7 +510,24 @@ mod tests {
         assert!(
             msg.contains("reg:5000/app:1")
                 && msg.contains("sha256:ab")
-                && msg.contains("attempt 4"),
+                && msg.contains("attempt 4")
+                && msg.contains("SHMOCKER_REGISTRY_ATTEMPTS"),
+            "{msg}"
+        );
+
+        // Ended by the budget of waits rather than the attempts: the message says which.
+        let tight = RetryPolicy {
+            max_total_delay: Duration::from_millis(3),
+            ..policy(6)
+        };
+        let e = run(&tight, None, "x", LIMIT, timed_out, || async {
+            Err::<(), _>(Failure::transient(err(1)))
+        })
+        .await
+        .unwrap_err();
+        let msg = e.to_string();
+        assert!(
+            msg.contains("SHMOCKER_REGISTRY_MAX_WAIT") && !msg.contains("ATTEMPTS"),
             "{msg}"
         );
     }
