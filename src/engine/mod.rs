@@ -840,9 +840,8 @@ impl<'a> Builder<'a> {
                 media_type: format.config().into(),
             };
             for tag in &self.opts.tags {
-                let reference: Reference = tag
-                    .parse()
-                    .map_err(|e| BuildError::Input(format!("invalid tag {tag:?}: {e}")))?;
+                let reference: Reference = crate::registry::reference::parse(tag)
+                    .map_err(|e| BuildError::Input(format!("--tag: {e}")))?;
                 self.opts
                     .reporter
                     .report(Event::Pushing { tag: tag.clone() });

@@ -14,7 +14,7 @@ use crate::dockerfile::Node;
 use crate::image::{self, ContainerConfig, History, ImageConfig};
 use crate::layer::{self, ApplyOptions, Compression, DiffOptions};
 use crate::progress::{Event, Location};
-use crate::registry::{BlobRef, Platform};
+use crate::registry::{BlobRef, Platform, reference};
 use crate::sandbox::{
     self, Action, CopyFrom, CopyItem, CopySpec, MountKind, Network, ProcessSpec, RunMount,
     SecretSource, StepSpec, StepStatus,
@@ -311,12 +311,8 @@ impl Builder<'_> {
                 stage_name: None,
             });
         }
-        let reference: Reference = image.parse().map_err(|e| {
-            self.err(
-                node,
-                format!("invalid image reference {image:?}: {e}; expected name[:tag][@digest]"),
-            )
-        })?;
+        let reference: Reference =
+            reference::parse(image).map_err(|e| self.err(node, e.to_string()))?;
         let reg_err = |source| BuildError::Registry {
             location: self.loc(node),
             error: Box::new(source),
@@ -786,7 +782,7 @@ impl Builder<'_> {
                 )
             }),
             FromRef::Image(image) => {
-                if image.parse::<Reference>().is_err() || !looks_like_image(&image) {
+                if reference::parse(&image).is_err() || !looks_like_image(&image) {
                     return Err(self.err(
                         node,
                         format!(

@@ -28,6 +28,7 @@
 
 mod auth;
 mod error;
+pub mod reference;
 mod retry;
 mod transport;
 
@@ -1261,10 +1262,10 @@ mod tests {
 
     #[test]
     fn names_are_normalised_like_docker() {
-        let r: Reference = "busybox".parse().unwrap();
+        let r = reference::parse("busybox").unwrap();
         assert_eq!(r.whole(), "docker.io/library/busybox:latest");
         assert_eq!(r.resolve_registry(), "index.docker.io");
-        let r: Reference = "127.0.0.1:5000/x/y:z".parse().unwrap();
+        let r = reference::parse("127.0.0.1:5000/x/y:z").unwrap();
         assert_eq!(
             (r.registry(), r.repository(), r.tag()),
             ("127.0.0.1:5000", "x/y", Some("z"))
