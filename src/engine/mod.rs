@@ -57,6 +57,8 @@ pub struct BuildOptions {
     pub target: Option<String>,
     /// Run every step, ignoring the cache (`--no-cache`); results still go into the cache.
     pub no_cache: bool,
+    /// When base images are asked of the registry (`--pull`).
+    pub pull: crate::registry::PullPolicy,
     /// The network of RUN steps that do not choose one (`--network`).
     pub network: crate::sandbox::Network,
     /// `--allow-host`: the only destinations of `private` RUN steps (empty: no filter).

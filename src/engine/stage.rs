@@ -14,7 +14,7 @@ use crate::dockerfile::Node;
 use crate::image::{self, ContainerConfig, History, ImageConfig};
 use crate::layer::{self, ApplyOptions, Compression, DiffOptions};
 use crate::progress::{Event, Location};
-use crate::registry::{BlobRef, Platform, reference};
+use crate::registry::{BlobRef, Platform, PullPolicy, RegistryError, reference};
 use crate::sandbox::{
     self, Action, CopyFrom, CopyItem, CopySpec, MountKind, Network, ProcessSpec, RunMount,
     SecretSource, StepSpec, StepStatus,
@@ -319,7 +319,7 @@ impl Builder<'_> {
         };
         let pulled = self
             .registry
-            .pull_manifest(&reference, &host)
+            .resolve_image(&reference, &host, &self.store, self.opts.pull)
             .await
             .map_err(reg_err)?;
         self.opts.reporter.report(Event::Pulled {
@@ -358,6 +358,12 @@ impl Builder<'_> {
                 .layer_dir(diff_id)
                 .map_err(|e| self.err(node, e.to_string()))?;
             if !self.store.has_blob(&blob.digest) || !snapshot.exists() {
+                if self.opts.pull == PullPolicy::Never {
+                    return Err(reg_err(RegistryError::NotStored {
+                        reference: pulled.reference.whole(),
+                        missing: format!("layer {} is not", blob.digest),
+                    }));
+                }
                 let path = self
                     .registry
                     .fetch_blob(&reference, &blob, &self.store)
