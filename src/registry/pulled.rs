@@ -183,7 +183,7 @@ impl Registry {
             }
             store.put_bytes(&pulled.manifest_raw).map_err(store_err)?;
             store.put_bytes(&pulled.config_raw).map_err(store_err)?;
-            if image.digest().is_none() {
+            if image.digest().is_none() && recorded_digest(store, image).as_deref() != Some(top) {
                 record_digest(store, image, top).map_err(|e| RegistryError::Store {
                     action: "recording the tag of".into(),
                     reference: shown.clone(),
