@@ -123,9 +123,9 @@ pub struct BuildArgs {
 
     /// When base images are asked of the registry: always (the default: resolve each tag on
     /// every build, as BuildKit), missing (use the image a tag was last pulled as, if the store
-    /// has it; buildah's default) or never (the store only). `--pull` alone is always; buildah's
-    /// true and false are always and missing. Images pinned by digest come from the store
-    /// whenever it has them.
+    /// has it; podman's default) or never (the store only). `--pull` alone is always; buildah's
+    /// true ("if newer") and false are always and missing here. Images pinned by digest come
+    /// from the store whenever it has them.
     #[arg(
         long,
         value_name = "always|missing|never",

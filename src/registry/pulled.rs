@@ -8,7 +8,8 @@
 //!
 //! - `always` (the default, as BuildKit): a reference by tag is resolved in the registry on every
 //!   build; the layers already in the store are not fetched again.
-//! - `missing` (buildah's and podman's default): a tag pulled before is taken from the store.
+//! - `missing` (podman's default; buildah's `--pull=missing` or `false`): a tag pulled before
+//!   is taken from the store.
 //! - `never`: only the store; an image (or layer) not in it is an error.
 //!
 //! A reference pinned by digest is taken from the store whenever its documents are there,
