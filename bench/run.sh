@@ -16,6 +16,10 @@
 #   --out FILE        the Markdown report (default WORK/results-STAMP.md)    [BENCH_OUT]
 #   --work DIR        contexts, stores, logs (default /var/tmp/shmocker-bench) [BENCH_WORK]
 #   --bin PATH        shmocker (default target/release/shmocker)             [SHMOCKER_BIN]
+#   --pull POLICY     base-image pull policy for both tools: always, missing  [BENCH_PULL]
+#                     or never, the same --pull=POLICY to both; empty
+#                     (the default) leaves each tool its own default (shmocker: always,
+#                     buildah 1.28: true, "if newer": it asks the registry too)
 #
 # Storage pairs, shmocker snapshotter against buildah's matching storage driver:
 #   overlay  --snapshotter overlayfs       vs  --storage-driver overlay (native kernel overlay)
@@ -48,6 +52,7 @@ MODES=${BENCH_MODES:-"cold warm incremental push"}
 WORK=${BENCH_WORK:-/var/tmp/shmocker-bench}
 SHMOCKER_SRC=${SHMOCKER_BIN:-$ROOT_DIR/target/release/shmocker}
 OUT=${BENCH_OUT:-}
+PULL=${BENCH_PULL:-}
 
 REG=127.0.0.1:5055
 TEST_USER=shmocker-test
@@ -66,6 +71,7 @@ while (($#)); do
         --out) OUT=$2; shift 2 ;;
         --work) WORK=$2; shift 2 ;;
         --bin) SHMOCKER_SRC=$2; shift 2 ;;
+        --pull) PULL=$2; shift 2 ;;
         -h|--help) sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
         *) die "unknown argument: $1 (see --help)" ;;
     esac
@@ -77,6 +83,12 @@ done
 for p in $PAIRS; do
     case $p in overlay|copy|fuse) ;; *) die "unknown pair '$p' (overlay, copy, fuse)" ;; esac
 done
+case $PULL in
+    '') SHMOCKER_PULL=(); BUILDAH_PULL=() ;;
+    always|never) SHMOCKER_PULL=(--pull="$PULL"); BUILDAH_PULL=(--pull="$PULL") ;;
+    missing) SHMOCKER_PULL=(--pull=missing); BUILDAH_PULL=(--pull=missing) ;;
+    *) die "--pull must be always, missing or never, not '$PULL'" ;;
+esac
 for m in $MODES; do
     case $m in cold|warm|incremental|push) ;; *) die "unknown mode '$m'" ;; esac
 done
@@ -208,7 +220,7 @@ build() {
     local repo=bench/$tool-$pair-$entry-r$run-$STAMP
     if [[ $tool == shmocker ]]; then
         local args=(build --root "$store" --snapshotter "$(shmocker_snapshotter "$pair")"
-            --progress plain)
+            --progress plain "${SHMOCKER_PULL[@]}")
         if [[ $mode == push ]]; then
             args+=(-t "$REG/$repo:1" --push)
         else
@@ -221,14 +233,15 @@ build() {
         if [[ $mode == push ]]; then
             # shellcheck disable=SC2016 # expanded by the inner sh
             timed "$tool" "$pair" "$entry" "$mode" "$run" sh -c \
-                'img=$1 dest=$2 ctx=$3; shift 3
+                'img=$1 dest=$2 ctx=$3 pull=$4; shift 4
                  buildah "$@" bud --layers --runtime runc --network host --tls-verify=false \
-                     -t "$img" "$ctx" >&2 \
+                     ${pull:+"$pull"} -t "$img" "$ctx" >&2 \
                  && exec buildah "$@" push --tls-verify=false "$img" "$dest"' \
-                sh "bench/$entry" "docker://$REG/$repo:1" "$ctx" "${gl[@]}"
+                sh "bench/$entry" "docker://$REG/$repo:1" "$ctx" "${BUILDAH_PULL[0]:-}" "${gl[@]}"
         else
             timed "$tool" "$pair" "$entry" "$mode" "$run" buildah "${gl[@]}" bud --layers \
-                --runtime runc --network host --tls-verify=false -t "bench/$entry" "$ctx"
+                --runtime runc --network host --tls-verify=false "${BUILDAH_PULL[@]}" \
+                -t "bench/$entry" "$ctx"
         fi
     fi
 }
@@ -296,8 +309,10 @@ for pair in $PAIRS; do for tool in shmocker buildah; do reset_store "$tool" "$pa
     machine
     printf -- '- load average (1, 5, 15 min) before: %s; after: %s\n' "$LOAD_BEFORE" "$LOAD_AFTER"
     # shellcheck disable=SC2016 # Markdown backquotes
-    printf -- '- `bench/run.sh --runs %s --entries "%s" --pairs "%s" --modes "%s"`\n\n' \
-        "$RUNS" "$ENTRIES" "$PAIRS" "$MODES"
+    printf -- '- `bench/run.sh --runs %s --entries "%s" --pairs "%s" --modes "%s" --pull "%s"`\n' \
+        "$RUNS" "$ENTRIES" "$PAIRS" "$MODES" "$PULL"
+    printf -- '- pull policy: shmocker %s, buildah %s\n\n' "${SHMOCKER_PULL[*]:-default (always)}" \
+        "${BUILDAH_PULL[*]:-default (--pull=true)}"
     python3 "$ROOT_DIR/bench/report.py" "$RESULTS"
 } >"$OUT"
 chown "$TEST_USER:$TGRP" "$OUT" 2>/dev/null || true

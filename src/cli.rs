@@ -121,6 +121,21 @@ pub struct BuildArgs {
     #[arg(long = "no-cache")]
     pub no_cache: bool,
 
+    /// When base images are asked of the registry: always (the default: resolve each tag on
+    /// every build, as BuildKit), missing (use the image a tag was last pulled as, if the store
+    /// has it; podman's default) or never (the store only). `--pull` alone is always; buildah's
+    /// true ("if newer") and false are always and missing here. Images pinned by digest come
+    /// from the store whenever it has them.
+    #[arg(
+        long,
+        value_name = "always|missing|never",
+        num_args = 0..=1,
+        require_equals = true,
+        default_value = "always",
+        default_missing_value = "always"
+    )]
+    pub pull: String,
+
     /// Do not use the cache for these stages (by name; repeatable or comma-separated).
     #[arg(long = "no-cache-filter", value_name = "STAGE", value_delimiter = ',')]
     pub no_cache_filter: Vec<String>,

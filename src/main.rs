@@ -487,6 +487,7 @@ fn build_options(args: cli::BuildArgs, root: PathBuf) -> Result<BuildOptions> {
         context: absolute(&args.context)?,
         target: args.target,
         no_cache: args.no_cache,
+        pull: args.pull.parse().map_err(|e: String| anyhow!(e))?,
         no_cache_filter: args.no_cache_filter,
         network: match args.network.as_str() {
             "host" | "default" => shmocker::sandbox::Network::Host,

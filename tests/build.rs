@@ -351,3 +351,214 @@ fn many_layers_mount_as_unprivileged_user() {
         );
     }
 }
+
+/// A TCP forwarder from a loopback port of its own to the test registry: the same registry
+/// under another name (`127.0.0.1:PORT/...`), which the test can make unreachable by stopping
+/// the forwarder (the port then refuses connections).
+struct Forwarder {
+    port: u16,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Forwarder {
+    fn start() -> Forwarder {
+        use std::sync::atomic::Ordering;
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.set_nonblocking(true).unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let target = env().registry().to_string();
+        let flag = stop.clone();
+        let thread = std::thread::spawn(move || {
+            while !flag.load(Ordering::SeqCst) {
+                match listener.accept() {
+                    Ok((client, _)) => {
+                        client.set_nonblocking(false).unwrap();
+                        let server = std::net::TcpStream::connect(&target).unwrap();
+                        for (mut from, mut to) in [
+                            (client.try_clone().unwrap(), server.try_clone().unwrap()),
+                            (server, client),
+                        ] {
+                            std::thread::spawn(move || {
+                                let _ = std::io::copy(&mut from, &mut to);
+                                let _ = to.shutdown(std::net::Shutdown::Write);
+                            });
+                        }
+                    }
+                    Err(_) => std::thread::sleep(std::time::Duration::from_millis(10)),
+                }
+            }
+            // The listener is dropped here: the port refuses connections from now on.
+        });
+        Forwarder {
+            port,
+            stop,
+            thread: Some(thread),
+        }
+    }
+
+    fn stop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        if let Some(t) = self.thread.take() {
+            t.join().unwrap();
+        }
+        assert!(
+            std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err(),
+            "the forwarder's port still accepts connections"
+        );
+    }
+}
+
+fn stderr_of(out: &std::process::Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+/// `--pull=missing` and `--pull=never` build from the store with the registry unreachable,
+/// once the tag was pulled; `always` (the default) then fails, since it asks the registry; a
+/// reference pinned by digest needs no registry whatever the policy; `never` fails clearly
+/// when the store lacks the image.
+#[test]
+fn pull_policies_with_the_registry_unreachable() {
+    let mut fwd = Forwarder::start();
+    // The base image under a name no store has seen: this registry, through the forwarder.
+    let base = env()
+        .busybox()
+        .replacen(env().registry(), &format!("127.0.0.1:{}", fwd.port), 1);
+    let dockerfile = format!("FROM {base}\nRUN echo built > /built\n");
+    let ctx = common::context(&[("Dockerfile", &dockerfile)]);
+    let store = scratch_dir(Who::User);
+    let build = |extra: &[&str]| {
+        let mut args = vec!["build", "--no-cache"];
+        args.extend_from_slice(extra);
+        args.push(ctx.path().to_str().unwrap());
+        common::shmocker(Who::User, store.path(), &args)
+    };
+
+    let out = build(&["--pull=never"]);
+    assert!(
+        !out.status.success(),
+        "--pull=never built from an empty store"
+    );
+    let err = stderr_of(&out);
+    assert!(
+        err.contains("is not in the local store") && err.contains("--pull=never"),
+        "{err}"
+    );
+    assert!(err.contains(&base) || err.contains("base/busybox"), "{err}");
+
+    let out = build(&["--pull=missing"]);
+    assert!(
+        out.status.success(),
+        "first --pull=missing build (registry reachable)"
+    );
+    let err = stderr_of(&out);
+    let digest = err
+        .split_whitespace()
+        .skip_while(|w| *w != "resolved")
+        .nth(3)
+        .filter(|d| d.starts_with("sha256:"))
+        .unwrap_or_else(|| panic!("no 'resolved IMAGE to DIGEST' line in:\n{err}"))
+        .to_string();
+
+    fwd.stop();
+
+    for policy in ["--pull=missing", "--pull=never"] {
+        let out = build(&[policy]);
+        assert!(
+            out.status.success(),
+            "{policy} with the registry unreachable: {}",
+            stderr_of(&out)
+        );
+    }
+    let out = build(&[]);
+    assert!(
+        !out.status.success(),
+        "the default policy built without its registry"
+    );
+    let err = stderr_of(&out);
+    assert!(err.contains("cannot reach registry"), "{err}");
+    let out = build(&["--pull"]);
+    assert!(
+        !out.status.success(),
+        "--pull (always) built without its registry"
+    );
+
+    // Pinned by digest: from the store, even with the default policy.
+    let repo = base.rsplit_once(':').unwrap().0;
+    let pinned = common::context(&[(
+        "Dockerfile",
+        &format!("FROM {repo}@{digest}\nRUN echo built > /built\n"),
+    )]);
+    let out = common::shmocker(
+        Who::User,
+        store.path(),
+        &["build", "--no-cache", pinned.path().to_str().unwrap()],
+    );
+    assert!(
+        out.status.success(),
+        "a digest-pinned base with its blobs stored: {}",
+        stderr_of(&out)
+    );
+}
+
+/// `always` (the default) sees a tag pushed again; `missing` keeps the image the store has.
+#[test]
+fn pull_always_sees_a_repushed_tag_and_missing_keeps_the_stored_one() {
+    let tag = unique_ref("pull-policy");
+    let push = |marker: &str| {
+        let ctx = common::context(&[
+            (
+                "Dockerfile",
+                &format!("FROM {}\nCOPY marker /marker\n", env().busybox()),
+            ),
+            ("marker", marker),
+        ]);
+        let store = scratch_dir(Who::Root);
+        shmocker_ok(
+            Who::Root,
+            store.path(),
+            &["build", "--push", "-t", &tag, ctx.path().to_str().unwrap()],
+        );
+    };
+    let ctx = common::context(&[("Dockerfile", &format!("FROM {tag}\nRUN cat /marker\n"))]);
+    let store = scratch_dir(Who::User);
+    let out = scratch_dir(Who::User);
+    let marker = |policy: &str| {
+        let dest = out.path().join(common::unique());
+        shmocker_ok(
+            Who::User,
+            store.path(),
+            &[
+                "build",
+                policy,
+                "--output",
+                &format!("type=local,dest={}", dest.display()),
+                ctx.path().to_str().unwrap(),
+            ],
+        );
+        std::fs::read_to_string(dest.join("marker")).unwrap()
+    };
+
+    push("first");
+    assert_eq!(marker("--pull=always"), "first");
+    push("second");
+    assert_eq!(
+        marker("--pull=missing"),
+        "first",
+        "missing asked the registry"
+    );
+    assert_eq!(marker("--pull=false"), "first", "--pull=false is missing");
+    assert_eq!(
+        marker("--pull=always"),
+        "second",
+        "always kept the old image"
+    );
+    push("third");
+    assert_eq!(marker("--pull"), "third", "--pull alone is always");
+    assert_eq!(
+        marker("--pull=missing"),
+        "third",
+        "missing: the tag's last pull"
+    );
+}

@@ -57,6 +57,8 @@ pub struct BuildOptions {
     pub target: Option<String>,
     /// Run every step, ignoring the cache (`--no-cache`); results still go into the cache.
     pub no_cache: bool,
+    /// When base images are asked of the registry (`--pull`).
+    pub pull: crate::registry::PullPolicy,
     /// The network of RUN steps that do not choose one (`--network`).
     pub network: crate::sandbox::Network,
     /// `--allow-host`: the only destinations of `private` RUN steps (empty: no filter).
@@ -829,7 +831,7 @@ impl<'a> Builder<'a> {
         }
         for image in images {
             // A name that does not parse fails where it is used, with its place in the file.
-            let Ok(r) = image.parse::<Reference>() else {
+            let Ok(r) = crate::registry::reference::parse(&image) else {
                 continue;
             };
             self.registry
@@ -1084,9 +1086,8 @@ impl<'a> Builder<'a> {
                 media_type: format.config().into(),
             };
             for tag in &self.opts.tags {
-                let reference: Reference = tag
-                    .parse()
-                    .map_err(|e| BuildError::Input(format!("invalid tag {tag:?}: {e}")))?;
+                let reference: Reference = crate::registry::reference::parse(tag)
+                    .map_err(|e| BuildError::Input(format!("--tag: {e}")))?;
                 self.opts
                     .reporter
                     .report(Event::Pushing { tag: tag.clone() });

@@ -109,7 +109,7 @@ pub async fn import(
             )
         }
         CacheRef::Registry { reference, .. } => {
-            let r: oci_client::Reference = reference.parse().map_err(|e| format!("{e}"))?;
+            let r = crate::registry::reference::parse(reference).map_err(|e| e.to_string())?;
             let pulled = registry
                 .pull_manifest(&r, &Platform::host())
                 .await
@@ -204,7 +204,7 @@ pub async fn export(
             fs::rename(&tmp, dir.join("records.json")).map_err(|e| e.to_string())
         }
         CacheRef::Registry { reference, .. } => {
-            let r: oci_client::Reference = reference.parse().map_err(|e| format!("{e}"))?;
+            let r = crate::registry::reference::parse(reference).map_err(|e| e.to_string())?;
             let config_digest = store.put_bytes(&config_raw).map_err(|e| e.to_string())?;
             let config = BlobRef {
                 digest: config_digest.clone(),

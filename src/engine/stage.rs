@@ -14,7 +14,7 @@ use crate::dockerfile::Node;
 use crate::image::{self, ContainerConfig, History, ImageConfig};
 use crate::layer::{self, ApplyOptions, Compression, DiffOptions};
 use crate::progress::{Event, Location};
-use crate::registry::{BlobRef, Platform};
+use crate::registry::{BlobRef, Platform, PullPolicy, RegistryError, reference};
 use crate::sandbox::{
     self, Action, CopyFrom, CopyItem, CopySpec, MountKind, Network, ProcessSpec, RunMount,
     SecretSource, StepSpec, StepStatus,
@@ -311,19 +311,15 @@ impl Builder<'_> {
                 stage_name: None,
             });
         }
-        let reference: Reference = image.parse().map_err(|e| {
-            self.err(
-                node,
-                format!("invalid image reference {image:?}: {e}; expected name[:tag][@digest]"),
-            )
-        })?;
+        let reference: Reference =
+            reference::parse(image).map_err(|e| self.err(node, e.to_string()))?;
         let reg_err = |source| BuildError::Registry {
             location: self.loc(node),
             error: Box::new(source),
         };
         let pulled = self
             .registry
-            .pull_manifest(&reference, &host)
+            .resolve_image(&reference, &host, &self.store, self.opts.pull)
             .await
             .map_err(reg_err)?;
         self.opts.reporter.report(Event::Pulled {
@@ -362,6 +358,12 @@ impl Builder<'_> {
                 .layer_dir(diff_id)
                 .map_err(|e| self.err(node, e.to_string()))?;
             if !self.store.has_blob(&blob.digest) || !snapshot.exists() {
+                if self.opts.pull == PullPolicy::Never {
+                    return Err(reg_err(RegistryError::NotStored {
+                        reference: pulled.reference.whole(),
+                        missing: format!("layer {} is not", blob.digest),
+                    }));
+                }
                 let path = self
                     .registry
                     .fetch_blob(&reference, &blob, &self.store)
@@ -786,7 +788,7 @@ impl Builder<'_> {
                 )
             }),
             FromRef::Image(image) => {
-                if image.parse::<Reference>().is_err() || !looks_like_image(&image) {
+                if reference::parse(&image).is_err() || !looks_like_image(&image) {
                     return Err(self.err(
                         node,
                         format!(

@@ -174,6 +174,12 @@ pub enum RegistryError {
         last: Box<RegistryError>,
     },
 
+    /// `--pull=never` and the image (or one of its layers) is not in the local store.
+    #[error(
+        "{reference} is not in the local store ({missing}) and --pull=never forbids asking the registry; build once with --pull=missing or --pull=always to store it"
+    )]
+    NotStored { reference: String, missing: String },
+
     /// The local blob store failed.
     #[error("local store failed while {action} {reference}: {source}")]
     Store {

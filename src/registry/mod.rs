@@ -28,6 +28,8 @@
 
 mod auth;
 mod error;
+mod pulled;
+pub mod reference;
 mod retry;
 mod transport;
 
@@ -53,6 +55,7 @@ use crate::store::{Store, StoreError, sha256_digest};
 
 pub use error::RegistryError;
 use error::{Ctx, Op, classify, classify_io};
+pub use pulled::PullPolicy;
 use retry::Failure;
 pub use retry::{ATTEMPTS_ENV, RetryNotice, RetryPolicy};
 
@@ -239,6 +242,8 @@ pub struct PulledImage {
     pub manifest_raw: Vec<u8>,
     /// The config blob exactly as served (its digest was checked).
     pub config_raw: Vec<u8>,
+    /// The index exactly as served (it hashes to `index_digest`), when the registry sent one.
+    pub index_raw: Option<Vec<u8>>,
 }
 
 /// A blob in the [`Store`], as a manifest describes it.
@@ -560,26 +565,27 @@ impl Registry {
         let host = self.host(image).await?;
         let (raw, digest) = host.manifest_raw(image, &shown).await?;
 
-        let (manifest, manifest_raw, manifest_digest, index_digest) = match read_document(
-            &raw, &digest, platform, &shown,
-        )? {
-            Document::Manifest(m) => (*m, raw, digest, None),
-            Document::Index { chosen } => {
-                let child = image.clone_with_digest(chosen);
-                let (child_raw, child_digest) = host.manifest_raw(&child, &shown).await?;
-                match read_document(&child_raw, &child_digest, platform, &shown)? {
-                    Document::Manifest(m) => (*m, child_raw, child_digest, Some(digest)),
-                    Document::Index { .. } => {
-                        return Err(RegistryError::InvalidManifest {
-                            reference: shown,
-                            detail: format!(
-                                "the index entry for {platform} ({child_digest}) is itself an index; nested indexes are not supported"
-                            ),
-                        });
+        let (manifest, manifest_raw, manifest_digest, index_digest, index_raw) =
+            match read_document(&raw, &digest, platform, &shown)? {
+                Document::Manifest(m) => (*m, raw, digest, None, None),
+                Document::Index { chosen } => {
+                    let child = image.clone_with_digest(chosen);
+                    let (child_raw, child_digest) = host.manifest_raw(&child, &shown).await?;
+                    match read_document(&child_raw, &child_digest, platform, &shown)? {
+                        Document::Manifest(m) => {
+                            (*m, child_raw, child_digest, Some(digest), Some(raw))
+                        }
+                        Document::Index { .. } => {
+                            return Err(RegistryError::InvalidManifest {
+                                reference: shown,
+                                detail: format!(
+                                    "the index entry for {platform} ({child_digest}) is itself an index; nested indexes are not supported"
+                                ),
+                            });
+                        }
                     }
                 }
-            }
-        };
+            };
 
         let config_digest = manifest.config.digest.clone();
         let config_size = u64::try_from(manifest.config.size).unwrap_or(u64::MAX);
@@ -634,6 +640,7 @@ impl Registry {
             manifest,
             manifest_raw,
             config_raw,
+            index_raw,
         })
     }
 
@@ -1276,10 +1283,10 @@ mod tests {
 
     #[test]
     fn names_are_normalised_like_docker() {
-        let r: Reference = "busybox".parse().unwrap();
+        let r = reference::parse("busybox").unwrap();
         assert_eq!(r.whole(), "docker.io/library/busybox:latest");
         assert_eq!(r.resolve_registry(), "index.docker.io");
-        let r: Reference = "127.0.0.1:5000/x/y:z".parse().unwrap();
+        let r = reference::parse("127.0.0.1:5000/x/y:z").unwrap();
         assert_eq!(
             (r.registry(), r.repository(), r.tag()),
             ("127.0.0.1:5000", "x/y", Some("z"))

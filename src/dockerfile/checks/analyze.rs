@@ -1087,24 +1087,5 @@ fn parse_platform(s: &str) -> Option<(String, String)> {
 
 /// Whether `name` parses as an image reference (distribution's `ParseNormalizedNamed`).
 fn valid_reference(name: &str) -> bool {
-    if name.is_empty() || name != name.trim() {
-        return false;
-    }
-    // Repository names are lower case; oci-client accepts the rest of the grammar as docker does.
-    let repo_end = name
-        .find('@')
-        .or_else(|| {
-            let last_slash = name.rfind('/').map_or(0, |i| i + 1);
-            name.get(last_slash..)?.find(':').map(|i| i + last_slash)
-        })
-        .unwrap_or(name.len());
-    let repo = name.get(..repo_end).unwrap_or(name);
-    let path = match repo.split_once('/') {
-        Some((host, rest)) if host.contains(['.', ':']) || host == "localhost" => rest,
-        _ => repo,
-    };
-    if path != path.to_lowercase() {
-        return false;
-    }
-    name.parse::<oci_client::Reference>().is_ok()
+    crate::registry::reference::parse(name).is_ok()
 }
