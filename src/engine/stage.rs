@@ -358,7 +358,8 @@ impl Builder<'_> {
                 .layer_dir(diff_id)
                 .map_err(|e| self.err(node, e.to_string()))?;
             if !self.store.has_blob(&blob.digest) || !snapshot.exists() {
-                if self.opts.pull == PullPolicy::Never {
+                // A stored blob is unpacked without asking the registry (fetch_blob returns it).
+                if self.opts.pull == PullPolicy::Never && !self.store.has_blob(&blob.digest) {
                     return Err(reg_err(RegistryError::NotStored {
                         reference: pulled.reference.whole(),
                         missing: format!("layer {} is not", blob.digest),

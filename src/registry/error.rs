@@ -176,7 +176,7 @@ pub enum RegistryError {
 
     /// `--pull=never` and the image (or one of its layers) is not in the local store.
     #[error(
-        "{reference} is not in the local store ({missing}) and --pull=never forbids asking the registry; build once with --pull=missing or --pull=always to store it"
+        "{reference} is not in the local store ({missing}) and --pull=never forbids asking the registry for base images; build once with --pull=missing or --pull=always to store it"
     )]
     NotStored { reference: String, missing: String },
 

@@ -80,6 +80,7 @@ fn record_digest(store: &Store, reference: &Reference, digest: &str) -> std::io:
     let tmp = store.temp_path("pulled");
     let mut f = fs::File::create(&tmp)?;
     writeln!(f, "{digest}\n{}", reference.whole())?;
+    f.sync_all()?;
     drop(f);
     fs::rename(&tmp, &path).inspect_err(|_| {
         let _ = fs::remove_file(&tmp);
@@ -95,10 +96,21 @@ fn stored_image(
     platform: &Platform,
 ) -> Result<PulledImage, String> {
     let shown = image.whole();
+    // Checked against its name: a stored document damaged on disk is removed, so that the
+    // next pull writes it again, and taken as missing.
     let read = |d: &str| {
-        store
+        let bytes = store
             .read_bytes(d)
-            .map_err(|_| format!("no document {d} in the store"))
+            .map_err(|_| format!("no document {d} in the store"))?;
+        if sha256_digest(&bytes) != d {
+            if let Ok(path) = store.blob_path(d) {
+                let _ = fs::remove_file(path);
+            }
+            return Err(format!(
+                "the stored document {d} does not match its digest (removed)"
+            ));
+        }
+        Ok(bytes)
     };
     let top = read(digest)?;
     let (manifest, manifest_raw, manifest_digest, index_digest) =
@@ -233,5 +245,38 @@ mod tests {
         assert_eq!(recorded_digest(&store, &b), None);
         record_digest(&store, &a, "sha256:11").unwrap();
         assert_eq!(recorded_digest(&store, &a).as_deref(), Some("sha256:11"));
+    }
+
+    #[test]
+    fn a_stored_document_that_does_not_match_its_digest_is_removed_and_missing() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let config =
+            br#"{"architecture":"amd64","os":"linux","rootfs":{"type":"layers","diff_ids":[]}}"#;
+        let config_digest = store.put_bytes(config).unwrap();
+        let manifest = format!(
+            r#"{{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json","config":{{"mediaType":"application/vnd.oci.image.config.v1+json","digest":"{config_digest}","size":{}}},"layers":[]}}"#,
+            config.len()
+        );
+        let manifest_digest = store.put_bytes(manifest.as_bytes()).unwrap();
+        let image = crate::registry::reference::parse("x.io/a:1").unwrap();
+        let platform = Platform::host();
+        assert!(stored_image(&store, &image, &manifest_digest, &platform).is_ok());
+
+        // A flipped byte inside a string still parses as JSON: only the digest shows it.
+        let path = store.blob_path(&config_digest).unwrap();
+        fs::set_permissions(&path, fs::Permissions::from_mode(0o644)).unwrap();
+        fs::write(
+            &path,
+            String::from_utf8_lossy(config).replace("amd64", "amd65"),
+        )
+        .unwrap();
+        let e = stored_image(&store, &image, &manifest_digest, &platform).unwrap_err();
+        assert!(e.contains("does not match its digest"), "{e}");
+        assert!(!path.exists(), "the damaged blob was left in place");
+        // The next pull's write is not skipped.
+        assert_eq!(store.put_bytes(config).unwrap(), config_digest);
+        assert!(stored_image(&store, &image, &manifest_digest, &platform).is_ok());
     }
 }
