@@ -711,7 +711,9 @@ impl<'a> Builder<'a> {
                         let done = built.lock().expect("stage map");
                         done.iter().map(|(k, v)| (*k, v.clone())).collect()
                     };
-                    let state = this.run_stage(stages, i, &deps_built).await?;
+                    let mut state = this.run_stage(stages, i, &deps_built).await?;
+                    // Other stages start from copies of this state, never from its tree.
+                    state.drop_warm();
                     this.opts.reporter.report(Event::StageDone { stage: i });
                     built.lock().expect("stage map").insert(i, Arc::new(state));
                     Ok::<(), BuildError>(())
@@ -1150,6 +1152,7 @@ impl<'a> Builder<'a> {
             snapshotter: self.opts.snapshotter,
             chroot: self.opts.chroot,
             in_place: self.in_place.as_ref().map(|(keep, _)| keep.clone()),
+            reuse: None,
             ignore_chown_errors: self.opts.ignore_chown_errors,
             action: crate::sandbox::Action::Export {
                 dest: dest.to_path_buf(),

@@ -48,6 +48,41 @@ pub(super) struct StageState {
     pub records: Vec<(String, Record)>,
     /// The stage's name (`AS name`), for `--no-cache-filter`.
     pub stage_name: Option<String>,
+    /// The copy snapshotter's tree of the last step, kept for the next one (see
+    /// [`WarmTree`]).
+    pub warm: Option<WarmTree>,
+}
+
+/// A step's rootfs as the copy snapshotter left it: exactly what `layers` stack to, so the next
+/// step of the stage can start from it instead of copying every layer again. It lives in the
+/// build's scratch directory (removed with it) and belongs to one stage.
+#[derive(Debug, Clone)]
+pub(super) struct WarmTree {
+    pub path: PathBuf,
+    /// The snapshots of the layers it shows, bottom first.
+    pub layers: Vec<PathBuf>,
+}
+
+impl StageState {
+    /// The warm tree if it still shows this stage's layers (no cached step came between);
+    /// otherwise it is removed.
+    fn take_warm(&mut self) -> Option<PathBuf> {
+        let warm = self.warm.take()?;
+        let current: Vec<&PathBuf> = self.layers.iter().map(|l| &l.snapshot).collect();
+        if warm.layers.iter().collect::<Vec<_>>() == current {
+            Some(warm.path)
+        } else {
+            crate::store::remove_tree(&warm.path);
+            None
+        }
+    }
+
+    /// Removes the warm tree (the stage is done, or its state is copied for another stage).
+    pub fn drop_warm(&mut self) {
+        if let Some(w) = self.warm.take() {
+            crate::store::remove_tree(&w.path);
+        }
+    }
 }
 
 impl StageState {
@@ -309,6 +344,7 @@ impl Builder<'_> {
                 last_created: self.now_or_epoch0(),
                 records: vec![],
                 stage_name: None,
+                warm: None,
             });
         }
         let reference: Reference =
@@ -405,6 +441,7 @@ impl Builder<'_> {
             last_created,
             records: vec![],
             stage_name: None,
+            warm: None,
         })
     }
 
@@ -1772,7 +1809,18 @@ impl Builder<'_> {
         }
         // COPY --link makes its layer on its own, independent of the layers below.
         let linked = matches!(&action, Action::Copy(c) if c.link);
+        // The copy snapshotter (not in place) starts from the last step's tree when it can.
+        let reuses = self.opts.snapshotter == crate::sandbox::Snapshotter::Copy
+            && self.in_place.is_none()
+            && !linked;
+        let reuse = if reuses {
+            state.take_warm()
+        } else {
+            state.drop_warm();
+            None
+        };
         let spec = StepSpec {
+            reuse,
             lower: if linked {
                 vec![]
             } else {
@@ -1881,6 +1929,9 @@ impl Builder<'_> {
         })
         .await
         .map_err(|e| internal("diff task")(e.to_string()))?;
+        // The step's tree is what the layers plus this step's make: the next step's rootfs.
+        let warm = self.scratch.join(format!("warm-{step}"));
+        let kept = made.is_ok() && reuses && fs::rename(dir.join("merged"), &warm).is_ok();
         cleanup(&dir);
         let made = made.map_err(|e| self.err(node, format!("making the layer: {e}")))?;
         let created = self.now();
@@ -1907,6 +1958,12 @@ impl Builder<'_> {
         if let Some(layer) = made {
             state.config.rootfs.diff_ids.push(layer.diff_id.clone());
             state.layers.push(layer);
+        }
+        if kept {
+            state.warm = Some(WarmTree {
+                path: warm,
+                layers: state.layers.iter().map(|l| l.snapshot.clone()).collect(),
+            });
         }
         Ok(StepOutcome::Step {
             created,

@@ -338,6 +338,28 @@ fn clear_except(dir: &Path, kept: &Kept) -> Result<(), LayerError> {
     Ok(())
 }
 
+/// The copy snapshotter's shortcut between steps: `dest` already is what the layers stack to
+/// (the tree the previous step of the stage left, whose changes became the topmost layer), so
+/// nothing is copied; only the inodes of its directories are noted (for filesystems without
+/// birth times) and the clock is read, as [`materialize`] does after its copy.
+pub fn adopt_tree(dest: &Path, clock_dir: &Path) -> Result<CopyMarks, LayerError> {
+    fn note_dirs(dir: &Path, marks: &mut CopyMarks) -> Result<(), LayerError> {
+        let m = fs::symlink_metadata(dir).map_err(io_err("lstat", dir))?;
+        marks.dirs.insert((m.dev(), m.ino()));
+        for e in fs::read_dir(dir).map_err(io_err("listing", dir))? {
+            let e = e.map_err(io_err("listing", dir))?;
+            if e.file_type().map_err(io_err("lstat", &e.path()))?.is_dir() {
+                note_dirs(&e.path(), marks)?;
+            }
+        }
+        Ok(())
+    }
+    let mut marks = CopyMarks::default();
+    note_dirs(dest, &mut marks)?;
+    marks.since = clock_after_now(clock_dir)?;
+    Ok(marks)
+}
+
 fn stack_into(
     lowers: &[PathBuf],
     dest: &Path,

@@ -556,6 +556,18 @@ fn normalize_upper(spec: &StepSpec) -> Result<(), SandboxError> {
 /// The image's layers stacked into `merged` as plain files (the copy snapshotter's rootfs, and
 /// the chroot isolation's).
 fn materialize_merged(spec: &StepSpec) -> Result<crate::layer::CopyMarks, SandboxError> {
+    if let Some(tree) = &spec.reuse {
+        // `merged` is still empty: the previous step's tree takes its place.
+        fs::remove_dir(&spec.merged)
+            .and_then(|()| fs::rename(tree, &spec.merged))
+            .map_err(|e| SandboxError::io(&spec.merged, e))?;
+        return crate::layer::adopt_tree(&spec.merged, &spec.work).map_err(|e| {
+            SandboxError::Setup(format!(
+                "reading the previous step's rootfs {}: {e}",
+                spec.merged.display()
+            ))
+        });
+    }
     crate::layer::materialize(&lower_dirs(spec), &spec.merged, &spec.work).map_err(|e| {
         SandboxError::Setup(format!(
             "copying the image's layers into {}: {e}",

@@ -98,6 +98,10 @@ pub struct StepSpec {
     /// and out of the layer (needs the copy snapshotter).
     #[serde(default)]
     pub in_place: Option<Vec<PathBuf>>,
+    /// The copy snapshotter: a tree that already is what `lower` stacks to (the one the
+    /// stage's previous step left), taken as the rootfs instead of copying the layers again.
+    #[serde(default)]
+    pub reuse: Option<PathBuf>,
     /// An owner (COPY --chown, USER, WORKDIR) the namespace does not map becomes 0 instead of an
     /// error (`--ignore-chown-errors`, for single-ID builds).
     #[serde(default)]
