@@ -261,7 +261,9 @@ struct Builder<'a> {
     file_hashes: Arc<cache::FileHashes>,
     /// In-place execution: every path left alone, and the lock that lets one step at a time
     /// have `/` (stages otherwise run at once).
-    in_place: Option<(Vec<PathBuf>, tokio::sync::Mutex<()>)>,
+    /// The lock also holds what `/` shows (the snapshots of its layers, bottom first) when a
+    /// step left it whole.
+    in_place: Option<(Vec<PathBuf>, tokio::sync::Mutex<Option<Vec<PathBuf>>>)>,
 }
 
 /// Everything an in-place build leaves alone besides the mount points (see
@@ -542,7 +544,7 @@ pub async fn build(opts: &BuildOptions) -> Result<BuildResult, BuildError> {
         in_place: opts
             .in_place
             .is_some()
-            .then(|| (in_place_keep(opts), tokio::sync::Mutex::new(()))),
+            .then(|| (in_place_keep(opts), tokio::sync::Mutex::new(None))),
     };
 
     for from in &opts.cache_from {

@@ -1813,12 +1813,28 @@ impl Builder<'_> {
         let reuses = self.opts.snapshotter == crate::sandbox::Snapshotter::Copy
             && self.in_place.is_none()
             && !linked;
-        let reuse = if reuses {
+        let mut reuse = if reuses {
             state.take_warm()
         } else {
             state.drop_warm();
             None
         };
+        // In place, `/` is every step's rootfs: one step at a time. It still shows the layers
+        // of the step that had it last; when those are this step's, it is taken as it is.
+        let layer_snapshots = |state: &StageState| -> Vec<PathBuf> {
+            state.layers.iter().map(|l| l.snapshot.clone()).collect()
+        };
+        let mut turn = match &self.in_place {
+            Some((_, lock)) => Some(lock.lock().await),
+            None => None,
+        };
+        if let Some(shows) = turn.as_deref_mut() {
+            if !linked && shows.as_ref() == Some(&layer_snapshots(state)) {
+                reuse = Some(PathBuf::from("/"));
+            }
+            // Unknown until the step is through.
+            *shows = None;
+        }
         let spec = StepSpec {
             reuse,
             lower: if linked {
@@ -1841,11 +1857,6 @@ impl Builder<'_> {
             in_place: self.in_place.as_ref().map(|(keep, _)| keep.clone()),
             ignore_chown_errors: self.opts.ignore_chown_errors,
             action,
-        };
-        // In place, `/` is every step's rootfs: one step at a time.
-        let _turn = match &self.in_place {
-            Some((_, lock)) => Some(lock.lock().await),
-            None => None,
         };
         let started = Instant::now();
         let reporter = self.opts.reporter.clone();
@@ -1962,9 +1973,15 @@ impl Builder<'_> {
         if kept {
             state.warm = Some(WarmTree {
                 path: warm,
-                layers: state.layers.iter().map(|l| l.snapshot.clone()).collect(),
+                layers: layer_snapshots(state),
             });
         }
+        if let Some(shows) = turn.as_deref_mut()
+            && !linked
+        {
+            *shows = Some(layer_snapshots(state));
+        }
+        drop(turn);
         Ok(StepOutcome::Step {
             created,
             layer: has_layer,

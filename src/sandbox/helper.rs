@@ -274,13 +274,13 @@ fn run_without_namespaces(
             refuse_kept_destination(&spec.action, &kept)?;
             // The change clock is read on `/` itself (its own filesystem's timestamps); the
             // stamp files there come and go before the step, and `/`'s own entry is never
-            // part of a layer.
-            let marks = crate::layer::materialize_in_place(
-                &lower_dirs(spec),
-                root,
-                crate::layer::Kept::new(kept),
-                root,
-            )
+            // part of a layer. `/` is taken as it is when the last step left it showing
+            // these very layers (`reuse`).
+            let kept = crate::layer::Kept::new(kept);
+            let marks = match &spec.reuse {
+                Some(_) => crate::layer::adopt_tree_in_place(root, kept, root),
+                None => crate::layer::materialize_in_place(&lower_dirs(spec), root, kept, root),
+            }
             .map_err(|e| {
                 SandboxError::Setup(format!(
                     "making / the image's filesystem (in-place execution): {e}; / is now partly replaced, so throw this container away"
