@@ -240,6 +240,10 @@ struct StageDef<'n> {
     nodes: Vec<&'n Node>,
 }
 
+/// The turn of in-place steps at `/`, with the layers (snapshots, bottom first) `/` shows when
+/// the last step left it whole.
+type InPlaceTurn = tokio::sync::Mutex<Option<Vec<PathBuf>>>;
+
 /// Everything a build shares across its stages.
 struct Builder<'a> {
     opts: &'a BuildOptions,
@@ -263,7 +267,7 @@ struct Builder<'a> {
     /// have `/` (stages otherwise run at once).
     /// The lock also holds what `/` shows (the snapshots of its layers, bottom first) when a
     /// step left it whole.
-    in_place: Option<(Vec<PathBuf>, tokio::sync::Mutex<Option<Vec<PathBuf>>>)>,
+    in_place: Option<(Vec<PathBuf>, InPlaceTurn)>,
 }
 
 /// Everything an in-place build leaves alone besides the mount points (see
