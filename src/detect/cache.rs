@@ -169,13 +169,24 @@ fn write(store: &Path, file: &Path, entry: &Entry) -> std::io::Result<()> {
     done
 }
 
-/// The first component that differs between two keys, for the build's mode line.
+/// The components that differ between two keys, for the build's mode line.
 fn changed(old: &Key, new: &Key) -> String {
-    new.iter()
-        .find(|(k, v)| old.get(*k) != Some(v))
-        .map(|(k, _)| k.clone())
-        .or_else(|| old.keys().find(|k| !new.contains_key(*k)).cloned())
-        .map_or_else(|| "the key".into(), |k| format!("{k} changed"))
+    let mut names: Vec<&str> = new
+        .iter()
+        .filter(|(k, v)| old.get(*k) != Some(v))
+        .map(|(k, _)| k.as_str())
+        .chain(
+            old.keys()
+                .filter(|k| !new.contains_key(*k))
+                .map(String::as_str),
+        )
+        .collect();
+    names.sort_unstable();
+    if names.is_empty() {
+        "the key changed".into()
+    } else {
+        format!("{} changed", names.join(", "))
+    }
 }
 
 /// A file's identity and version (or why it cannot be read): what replacing, editing,
@@ -469,9 +480,9 @@ mod tests {
         let mut b = a.clone();
         b.insert("kernel".into(), "6.8".into());
         assert_eq!(changed(&a, &b), "kernel changed");
-        let mut c = a.clone();
+        let mut c = b.clone();
         c.remove("boot");
-        assert_eq!(changed(&a, &c), "boot changed");
+        assert_eq!(changed(&a, &c), "boot, kernel changed");
     }
 
     #[test]
