@@ -113,6 +113,9 @@ fn build_in_userns(
         detect::cache::drop_entry(&store);
         (report, origin) = detect::cache::for_build(&store, &planned)?;
         chosen = detect::ladder::choose(&report, &planned, request);
+        if let detect::cache::Origin::Probed { why, .. } = &mut origin {
+            *why = format!("the cached results would have refused this build; {why}");
+        }
     }
     let choice = match chosen {
         Ok(c) => c,
@@ -170,7 +173,11 @@ fn build_in_userns(
     let mapping = choice.mapping;
     let entered = userns::enter(mapping).map_err(|e| {
         if cached {
-            anyhow!("{e}{}", stale_note(&opts.store_root))
+            anyhow!(
+                "{:#}{}",
+                anyhow::Error::from(e),
+                stale_note(&opts.store_root)
+            )
         } else {
             e.into()
         }

@@ -320,6 +320,11 @@ fn findings_that_refuse_the_build_are_checked_by_probing_first() {
     fs::write(&entry, serde_json::to_vec(&doc).unwrap()).unwrap();
     let out = shmocker_with(&path, &[], store.path(), &args);
     let err = stderr(&out);
-    assert!(err.contains(RAN) && !err.contains(CACHED), "{err}");
+    assert!(
+        err.contains(RAN)
+            && err.contains("the cached results would have refused this build")
+            && !err.contains(CACHED),
+        "{err}"
+    );
     assert_eq!(digest(&out), first);
 }
