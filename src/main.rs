@@ -105,8 +105,19 @@ fn build_in_userns(
     then: impl FnOnce(&BuildOptions, Result<BuildResult, engine::BuildError>) -> Result<ExitCode>,
 ) -> Result<ExitCode> {
     let planned = userns::plan_mapping();
-    let report = detect::run(&opts.store_root, &planned)?;
-    let choice = match detect::ladder::choose(&report, &planned, request) {
+    let store = opts.store_root.clone();
+    let (mut report, mut origin) = detect::cache::for_build(&store, &planned)?;
+    let mut chosen = detect::ladder::choose(&report, &planned, request);
+    if chosen.is_err() && origin.cached() {
+        // Never refuse on findings that may be stale: probe now, and decide on those.
+        detect::cache::drop_entry(&store);
+        (report, origin) = detect::cache::for_build(&store, &planned)?;
+        chosen = detect::ladder::choose(&report, &planned, request);
+        if let detect::cache::Origin::Probed { why, .. } = &mut origin {
+            *why = format!("the cached results would have refused this build; {why}");
+        }
+    }
+    let choice = match chosen {
         Ok(c) => c,
         Err(e) => {
             // Refused: the whole report, so the log alone says what to change.
@@ -114,7 +125,22 @@ fn build_in_userns(
             return Err(e.into());
         }
     };
-    eprint!("{}", choice.describe());
+    eprint!("{}{}", choice.describe(), origin.describe());
+    let cached = origin.cached();
+    // A step whose sandbox cannot be set up may be the cached findings gone stale in a way
+    // their key cannot see: drop them, so the next build probes afresh.
+    let then = move |opts: &BuildOptions, mut result: Result<BuildResult, engine::BuildError>| {
+        if cached
+            && let Err(engine::BuildError::StepFailed {
+                sandbox: true,
+                message,
+                ..
+            }) = &mut result
+        {
+            message.push_str(&stale_note(&store));
+        }
+        then(opts, result)
+    };
     opts.snapshotter = choice.snapshotter;
     let run = |opts: &BuildOptions| -> Result<Result<BuildResult, engine::BuildError>> {
         let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -145,7 +171,18 @@ fn build_in_userns(
         return then(&opts, result);
     }
     let mapping = choice.mapping;
-    match userns::enter(mapping)? {
+    let entered = userns::enter(mapping).map_err(|e| {
+        if cached {
+            anyhow!(
+                "{:#}{}",
+                anyhow::Error::from(e),
+                stale_note(&opts.store_root)
+            )
+        } else {
+            e.into()
+        }
+    })?;
+    match entered {
         userns::Entered::ParentDone(code) => Ok(code),
         userns::Entered::Inside(mapping) => {
             if let userns::IdMapping::Single { reason, .. } = &mapping {
@@ -156,6 +193,20 @@ fn build_in_userns(
             let result = run(&opts)?;
             then(&opts, result)
         }
+    }
+}
+
+/// Drops the cached probe findings of `store` and says so, for an error that stale findings may
+/// explain.
+fn stale_note(store: &Path) -> String {
+    if detect::cache::drop_entry(store) {
+        format!(
+            "\n  this build used cached probe results ({}); they were dropped, and the next build probes afresh (set {}=0 to probe on every build)",
+            detect::cache::path(store).display(),
+            detect::cache::ENV
+        )
+    } else {
+        String::new()
     }
 }
 

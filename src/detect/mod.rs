@@ -7,6 +7,7 @@
 //! environment — the matrix file's own words when it has them, a general fix otherwise. The
 //! caller must still be single-threaded. docs/detect.md documents the JSON form.
 
+pub mod cache;
 pub mod ladder;
 pub mod matrix;
 pub mod netstack;
@@ -256,6 +257,16 @@ fn probe_dir(store: &Path) -> PathBuf {
 /// while the process is single-threaded.
 pub fn run(store: &Path, mapping: &IdMapping) -> Result<Report, DetectError> {
     let started = Instant::now();
+    let (raws, network) = run_probes(store, mapping)?;
+    assemble(store, mapping, raws, network, started)
+}
+
+/// The probes that fork, write in the store or run a program (what [`cache`] keeps), and the
+/// in-place probe (which [`assemble`]'s callers may take afresh).
+fn run_probes(
+    store: &Path,
+    mapping: &IdMapping,
+) -> Result<(Vec<probes::Raw>, netstack::NetworkStack), DetectError> {
     let store_err = |source| DetectError::Store {
         path: store.to_path_buf(),
         source,
@@ -269,7 +280,18 @@ pub fn run(store: &Path, mapping: &IdMapping) -> Result<Report, DetectError> {
     raws.push(probes::reflink_probe(&work));
     // Overlayfs' mode-0 work dir included (see `store::remove_tree`).
     crate::store::remove_tree(&work);
+    Ok((raws, netstack::probe()))
+}
 
+/// The report from the probes' findings: host facts read now, the environment recognised now,
+/// and each failure mapped to its cause and fix.
+fn assemble(
+    store: &Path,
+    mapping: &IdMapping,
+    raws: Vec<probes::Raw>,
+    network: netstack::NetworkStack,
+    started: Instant,
+) -> Result<Report, DetectError> {
     let status = proc_status();
     let host = host_facts(store, &status);
     let envs = matrix::environments()?;
@@ -315,7 +337,7 @@ pub fn run(store: &Path, mapping: &IdMapping) -> Result<Report, DetectError> {
         environment: recognised,
         probes,
         elapsed_ms: started.elapsed().as_millis() as u64,
-        network: netstack::probe(),
+        network,
     })
 }
 

@@ -5,12 +5,12 @@
 use std::path::Path;
 use std::process::{Command, Stdio};
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::sandbox::net;
 
 /// A user-mode network stack found on PATH.
-#[derive(Debug, Clone, Default, Serialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct Tool {
     pub path: String,
     /// The first line of `--version`, e.g. `slirp4netns version 1.2.0`.
@@ -18,7 +18,7 @@ pub struct Tool {
 }
 
 /// The `network` key of `shmocker detect --format json`.
-#[derive(Debug, Clone, Default, Serialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct NetworkStack {
     /// Whether `--network private` without `--allow-host` can run.
     pub private: bool,
@@ -30,7 +30,7 @@ pub struct NetworkStack {
     pub fix: Option<String>,
 }
 
-#[derive(Debug, Clone, Default, Serialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct TunState {
     pub ok: bool,
     pub detail: String,

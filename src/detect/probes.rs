@@ -22,8 +22,9 @@ use nix::unistd::{ForkResult, fork, getegid, geteuid, pipe2};
 
 use crate::sandbox::userns::{self, IdMapping};
 
-/// What one probe found, before causes and fixes are attached.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// What one probe found, before causes and fixes are attached (and what [`super::cache`]
+/// keeps).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Raw {
     pub name: String,
     pub ok: Option<bool>,

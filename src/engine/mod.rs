@@ -205,6 +205,9 @@ pub enum BuildError {
         instruction: String,
         message: String,
         tail: Vec<String>,
+        /// The sandbox helper could not set up or run the step (its mounts, namespaces, ID
+        /// map, fuse-overlayfs...), as opposed to the step's own command failing.
+        sandbox: bool,
     },
     /// The registry error's text already holds its causes, so it is not also the `source`
     /// (an error chain would print them twice).

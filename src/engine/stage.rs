@@ -1900,6 +1900,7 @@ impl Builder<'_> {
                 instruction: display_instruction(node),
                 message,
                 tail: result.tail,
+                sandbox: matches!(result.status, StepStatus::Failed(_)),
             });
         }
         let store = self.store.clone();

@@ -561,16 +561,34 @@ impl Registry {
         image: &Reference,
         platform: &Platform,
     ) -> Result<PulledImage, RegistryError> {
+        self.pull_manifest_using(image, platform, None).await
+    }
+
+    /// [`pull_manifest`](Self::pull_manifest), taking the platform's manifest (under an index)
+    /// and the config from `stored` when it holds them (checked against their digests) rather
+    /// than asking the registry again: a tag resolved on every build costs one request.
+    pub(crate) async fn pull_manifest_using(
+        &self,
+        image: &Reference,
+        platform: &Platform,
+        stored: Option<&crate::store::Store>,
+    ) -> Result<PulledImage, RegistryError> {
         let shown = image.whole();
         let host = self.host(image).await?;
         let (raw, digest) = host.manifest_raw(image, &shown).await?;
+        let from_store = |d: &str| stored.and_then(|s| pulled::stored_document(s, d).ok());
 
         let (manifest, manifest_raw, manifest_digest, index_digest, index_raw) =
             match read_document(&raw, &digest, platform, &shown)? {
                 Document::Manifest(m) => (*m, raw, digest, None, None),
                 Document::Index { chosen } => {
-                    let child = image.clone_with_digest(chosen);
-                    let (child_raw, child_digest) = host.manifest_raw(&child, &shown).await?;
+                    let (child_raw, child_digest) = match from_store(&chosen) {
+                        Some(raw) => (raw, chosen),
+                        None => {
+                            let child = image.clone_with_digest(chosen);
+                            host.manifest_raw(&child, &shown).await?
+                        }
+                    };
                     match read_document(&child_raw, &child_digest, platform, &shown)? {
                         Document::Manifest(m) => {
                             (*m, child_raw, child_digest, Some(digest), Some(raw))
@@ -597,20 +615,24 @@ impl Registry {
         }
         let what = format!("pulling config {config_digest} of {shown}");
         let config_op = Op::PullBlob(&config_digest);
-        let config_raw = host
-            .retrying(&what, &shown, config_op, Some(config_size), || async {
-                let mut raw = Vec::with_capacity(config_size as usize);
-                host.client
-                    .pull_blob(image, &manifest.config, &mut raw)
-                    .await
-                    .map_err(|e| {
-                        Failure::from_oci(e, |e| {
-                            classify(e, &host.ctx(&shown, Op::PullBlob(&config_digest)))
-                        })
-                    })?;
-                Ok(raw)
-            })
-            .await?;
+        let config_raw = match from_store(&config_digest) {
+            Some(raw) => raw,
+            None => {
+                host.retrying(&what, &shown, config_op, Some(config_size), || async {
+                    let mut raw = Vec::with_capacity(config_size as usize);
+                    host.client
+                        .pull_blob(image, &manifest.config, &mut raw)
+                        .await
+                        .map_err(|e| {
+                            Failure::from_oci(e, |e| {
+                                classify(e, &host.ctx(&shown, Op::PullBlob(&config_digest)))
+                            })
+                        })?;
+                    Ok(raw)
+                })
+                .await?
+            }
+        };
         if config_raw.len() as u64 != config_size {
             return Err(RegistryError::SizeMismatch {
                 reference: shown,

@@ -87,6 +87,23 @@ fn record_digest(store: &Store, reference: &Reference, digest: &str) -> std::io:
     })
 }
 
+/// The stored document `d` (a manifest, index or config), checked against its digest: one
+/// damaged on disk is removed, so that the next pull writes it again, and taken as missing.
+pub(super) fn stored_document(store: &Store, d: &str) -> Result<Vec<u8>, String> {
+    let bytes = store
+        .read_bytes(d)
+        .map_err(|_| format!("no document {d} in the store"))?;
+    if sha256_digest(&bytes) != d {
+        if let Ok(path) = store.blob_path(d) {
+            let _ = fs::remove_file(path);
+        }
+        return Err(format!(
+            "the stored document {d} does not match its digest (removed)"
+        ));
+    }
+    Ok(bytes)
+}
+
 /// The image `digest` (of an index or a manifest) names, for `platform`, from the store alone;
 /// `Err` names what the store lacks.
 fn stored_image(
@@ -96,22 +113,7 @@ fn stored_image(
     platform: &Platform,
 ) -> Result<PulledImage, String> {
     let shown = image.whole();
-    // Checked against its name: a stored document damaged on disk is removed, so that the
-    // next pull writes it again, and taken as missing.
-    let read = |d: &str| {
-        let bytes = store
-            .read_bytes(d)
-            .map_err(|_| format!("no document {d} in the store"))?;
-        if sha256_digest(&bytes) != d {
-            if let Ok(path) = store.blob_path(d) {
-                let _ = fs::remove_file(path);
-            }
-            return Err(format!(
-                "the stored document {d} does not match its digest (removed)"
-            ));
-        }
-        Ok(bytes)
-    };
+    let read = |d: &str| stored_document(store, d);
     let top = read(digest)?;
     let (manifest, manifest_raw, manifest_digest, index_digest) =
         match read_document(&top, digest, platform, &shown).map_err(|e| e.to_string())? {
@@ -178,7 +180,9 @@ impl Registry {
                 missing,
             });
         }
-        let pulled = self.pull_manifest(image, platform).await?;
+        let pulled = self
+            .pull_manifest_using(image, platform, Some(store))
+            .await?;
         let shown = image.whole();
         let store_err = |source| RegistryError::Store {
             action: "recording the pull of".into(),

@@ -139,7 +139,7 @@ pub fn fixture(name: &str) -> tempfile::TempDir {
 }
 
 /// The shmocker binary, at a path the test user can execute. One copy per build of the binary
-/// (named by its size and mtime), shared by every test process, replaced atomically.
+/// (named by its size and mtime), shared by every test process, made once (atomically).
 /// scripts/test.sh removes copies older than an hour.
 pub fn binary() -> &'static Path {
     static BIN: OnceLock<PathBuf> = OnceLock::new();
@@ -160,7 +160,12 @@ pub fn binary() -> &'static Path {
             let tmp = dir.join(format!("{name}.{}.partial", std::process::id()));
             fs::copy(src, &tmp).unwrap();
             fs::set_permissions(&tmp, fs::Permissions::from_mode(0o755)).unwrap();
-            fs::rename(&tmp, &dest).unwrap();
+            // The first copy stays: a binary replaced under a running test would look like an
+            // upgrade to it (a new inode re-runs the build's probes, see src/detect/cache.rs).
+            if let Err(e) = fs::hard_link(&tmp, &dest) {
+                assert_eq!(e.kind(), std::io::ErrorKind::AlreadyExists, "{e}");
+            }
+            let _ = fs::remove_file(&tmp);
         }
         dest
     })
