@@ -49,6 +49,15 @@ fn run_user(store: &Path, args: &[&str], vars: &[(&str, &str)]) -> Output {
     out
 }
 
+/// `shmocker build --progress plain -t TAG --push CONTEXT` as the test user.
+fn push_build(store: &Path, tag: &str, context: &str, vars: &[(&str, &str)]) -> Output {
+    run_user(
+        store,
+        &["build", "--progress", "plain", "-t", tag, "--push", context],
+        vars,
+    )
+}
+
 fn stdout(out: &Output) -> String {
     String::from_utf8_lossy(&out.stdout).trim().to_string()
 }
@@ -136,17 +145,10 @@ fn push_and_pull_through_a_flaky_registry_succeed() {
         &noisy_dockerfile(&busybox_via(&proxy.host()), 2),
     )]);
     let store = scratch_dir(Who::User);
-    let out = run_user(
+    let out = push_build(
         store.path(),
-        &[
-            "build",
-            "--progress",
-            "plain",
-            "-t",
-            &via_proxy,
-            "--push",
-            &ctx.path().display().to_string(),
-        ],
+        &via_proxy,
+        &ctx.path().display().to_string(),
         &[],
     );
     eprintln!("proxy log:\n{}", proxy.log());
@@ -204,17 +206,10 @@ fn push_and_pull_through_a_flaky_registry_succeed() {
         env().registry(),
         common::unique()
     );
-    let out2 = run_user(
+    let out2 = push_build(
         store2.path(),
-        &[
-            "build",
-            "--progress",
-            "plain",
-            "-t",
-            &out2_ref,
-            "--push",
-            &ctx2.path().display().to_string(),
-        ],
+        &out2_ref,
+        &ctx2.path().display().to_string(),
         &[],
     );
     eprintln!("proxy log:\n{}", proxy2.log());
@@ -419,17 +414,10 @@ fn a_push_waits_as_long_as_retry_after_asks() {
     let direct = format!("{}/tests/{tag}", env().registry());
     let ctx = small_context();
     let store = scratch_dir(Who::User);
-    let out = run_user(
+    let out = push_build(
         store.path(),
-        &[
-            "build",
-            "--progress",
-            "plain",
-            "-t",
-            &via_proxy,
-            "--push",
-            &ctx.path().display().to_string(),
-        ],
+        &via_proxy,
+        &ctx.path().display().to_string(),
         &[],
     );
     eprintln!("proxy log:\n{}", proxy.log());
@@ -568,19 +556,7 @@ fn a_retry_after_beyond_the_budget_fails_the_push_at_once() {
             .map(|v| ("SHMOCKER_REGISTRY_MAX_WAIT", v))
             .into_iter()
             .collect();
-        let out = run_user(
-            store.path(),
-            &[
-                "build",
-                "--progress",
-                "plain",
-                "-t",
-                &via_proxy,
-                "--push",
-                &ctx_arg,
-            ],
-            &vars,
-        );
+        let out = push_build(store.path(), &via_proxy, &ctx_arg, &vars);
         eprintln!("proxy log:\n{}", proxy.log());
         assert!(
             !out.status.success(),

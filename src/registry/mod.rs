@@ -445,6 +445,23 @@ fn store_err(
     }
 }
 
+/// `image` (its tag kept, if it has one) pinned to the manifest `digest`.
+pub(crate) fn pinned(image: &Reference, digest: &str) -> Reference {
+    match image.tag() {
+        Some(tag) => Reference::with_tag_and_digest(
+            image.registry().to_string(),
+            image.repository().to_string(),
+            tag.to_string(),
+            digest.to_string(),
+        ),
+        None => Reference::with_digest(
+            image.registry().to_string(),
+            image.repository().to_string(),
+            digest.to_string(),
+        ),
+    }
+}
+
 /// The files and directories the registry settings are read from when no option names others
 /// (docker's and podman's credential files, the certs.d directories).
 pub fn settings_paths() -> Vec<PathBuf> {
@@ -642,21 +659,8 @@ impl Registry {
             });
         }
 
-        let reference = match image.tag() {
-            Some(tag) => Reference::with_tag_and_digest(
-                image.registry().to_string(),
-                image.repository().to_string(),
-                tag.to_string(),
-                manifest_digest.clone(),
-            ),
-            None => Reference::with_digest(
-                image.registry().to_string(),
-                image.repository().to_string(),
-                manifest_digest.clone(),
-            ),
-        };
         Ok(PulledImage {
-            reference,
+            reference: pinned(image, &manifest_digest),
             manifest_digest,
             index_digest,
             manifest,

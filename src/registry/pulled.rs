@@ -127,21 +127,8 @@ fn stored_image(
             }
         };
     let config_raw = read(&manifest.config.digest)?;
-    let reference = match image.tag() {
-        Some(tag) => Reference::with_tag_and_digest(
-            image.registry().into(),
-            image.repository().into(),
-            tag.into(),
-            manifest_digest.clone(),
-        ),
-        None => Reference::with_digest(
-            image.registry().into(),
-            image.repository().into(),
-            manifest_digest.clone(),
-        ),
-    };
     Ok(PulledImage {
-        reference,
+        reference: super::pinned(image, &manifest_digest),
         manifest_digest,
         index_digest,
         manifest,
