@@ -110,12 +110,8 @@ fn build_in_userns(
     let mut chosen = detect::ladder::choose(&report, &planned, request);
     if chosen.is_err() && origin.cached() {
         // Never refuse on findings that may be stale: probe now, and decide on those.
-        detect::cache::drop_entry(&store);
-        (report, origin) = detect::cache::for_build(&store, &planned)?;
+        (report, origin) = detect::cache::probe_for_build(&store, &planned)?;
         chosen = detect::ladder::choose(&report, &planned, request);
-        if let detect::cache::Origin::Probed { why, .. } = &mut origin {
-            *why = format!("the cached results would have refused this build; {why}");
-        }
     }
     let choice = match chosen {
         Ok(c) => c,

@@ -85,6 +85,20 @@ impl Origin {
 /// The report for a build in `store`: the cached findings when their key still holds, else the
 /// probes run now (and kept, when the cache is on). Call while single-threaded.
 pub fn for_build(store: &Path, mapping: &IdMapping) -> Result<(Report, Origin), DetectError> {
+    report_for_build(store, mapping, false)
+}
+
+/// [`for_build`] that runs the probes whatever the cache holds (and keeps their findings), for
+/// a build the cached findings would have refused.
+pub fn probe_for_build(store: &Path, mapping: &IdMapping) -> Result<(Report, Origin), DetectError> {
+    report_for_build(store, mapping, true)
+}
+
+fn report_for_build(
+    store: &Path,
+    mapping: &IdMapping,
+    force: bool,
+) -> Result<(Report, Origin), DetectError> {
     let started = Instant::now();
     if !enabled() {
         let report = super::run(store, mapping)?;
@@ -98,7 +112,12 @@ pub fn for_build(store: &Path, mapping: &IdMapping) -> Result<(Report, Origin), 
     })?;
     let key = current_key(store, mapping);
     let file = path(store);
-    let why = match read(&file) {
+    let cached = if force {
+        Err("the cached results would have refused this build".to_string())
+    } else {
+        read(&file)
+    };
+    let why = match cached {
         Ok(entry) if entry.key == key => {
             let mut raws = entry.raws;
             // Reads a few files and variables: always taken afresh.
@@ -125,28 +144,81 @@ pub fn for_build(store: &Path, mapping: &IdMapping) -> Result<(Report, Origin), 
         raws,
         network,
     };
-    let why = match write(store, &file, &entry) {
-        Ok(()) => format!("{why}; kept for the next builds"),
-        Err(e) => format!("{why}; not kept: writing {}: {e}", file.display()),
+    // A failure that may pass (a limit reached, memory or descriptors short, a busy mount) is
+    // not kept: it would hold later builds in a weaker mode until the key changed.
+    let why = match transient_failure(&entry.raws) {
+        Some(failure) => {
+            let _ = fs::remove_file(&file);
+            format!("{why}; not kept: {failure}, which may pass")
+        }
+        None => match write(store, &file, &entry) {
+            Ok(()) => format!("{why}; kept for the next builds"),
+            Err(e) => format!("{why}; not kept: writing {}: {e}", file.display()),
+        },
     };
     let report = super::assemble(store, mapping, entry.raws, entry.network, started)?;
     let elapsed_ms = report.elapsed_ms;
     Ok((report, Origin::Probed { why, elapsed_ms }))
 }
 
+/// The first probe failure that may pass by the next build, if any.
+fn transient_failure(raws: &[probes::Raw]) -> Option<String> {
+    raws.iter().find_map(|r| {
+        r.errno
+            .as_deref()
+            .filter(|e| TRANSIENT_ERRNOS.contains(e))
+            .map(|e| format!("probe {} failed with {e}", r.name))
+    })
+}
+
+/// Probe failures that say "not now" rather than "not here".
+const TRANSIENT_ERRNOS: [&str; 7] = [
+    "EAGAIN", "ENOMEM", "ENOSPC", "EMFILE", "ENFILE", "EINTR", "EBUSY",
+];
+
+/// The largest entry read back (a real one is a few KB).
+const MAX_ENTRY: u64 = 1 << 20;
+
 /// Removes the cached findings of `store`; true if there were some.
 pub fn drop_entry(store: &Path) -> bool {
     fs::remove_file(path(store)).is_ok()
 }
 
+/// Reads an entry only from a regular file (not through a symlink) that this user owns and no
+/// one else can write, of a sane size: findings decide how a build is isolated, so a store
+/// others can write to (`--root` on a shared directory) must not be able to choose them.
 fn read(file: &Path) -> Result<Entry, String> {
-    let bytes = match fs::read(file) {
-        Ok(b) => b,
+    use std::io::Read as _;
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let mut f = match fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(nix::libc::O_NOFOLLOW | nix::libc::O_NONBLOCK)
+        .open(file)
+    {
+        Ok(f) => f,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             return Err("no cached results".into());
         }
         Err(e) => return Err(format!("cannot read the cached results: {e}")),
     };
+    let m = f
+        .metadata()
+        .map_err(|e| format!("cannot read the cached results: {e}"))?;
+    if !m.file_type().is_file()
+        || m.uid() != nix::unistd::geteuid().as_raw()
+        || m.mode() & 0o022 != 0
+        || m.len() > MAX_ENTRY
+    {
+        return Err(format!(
+            "the cached results at {} are not a regular file of this user that only it can write",
+            file.display()
+        ));
+    }
+    let mut bytes = Vec::new();
+    f.by_ref()
+        .take(MAX_ENTRY)
+        .read_to_end(&mut bytes)
+        .map_err(|e| format!("cannot read the cached results: {e}"))?;
     match serde_json::from_slice::<Entry>(&bytes) {
         Ok(entry) if entry.format == FORMAT => Ok(entry),
         Ok(_) => Err("the cached results are from another version".into()),
@@ -194,7 +266,7 @@ fn changed(old: &Key, new: &Key) -> String {
 pub fn file_fact(path: &Path) -> String {
     match fs::metadata(path) {
         Ok(m) => format!(
-            "{} dev {} ino {} mode {:o} owner {}:{} size {} mtime {}.{} rdev {}",
+            "{} dev {} ino {} mode {:o} owner {}:{} size {} mtime {}.{} ctime {}.{} rdev {}",
             path.display(),
             m.dev(),
             m.ino(),
@@ -204,6 +276,9 @@ pub fn file_fact(path: &Path) -> String {
             m.size(),
             m.mtime(),
             m.mtime_nsec(),
+            // File capabilities (`setcap`, as Fedora gives newuidmap) change only the ctime.
+            m.ctime(),
+            m.ctime_nsec(),
             m.rdev()
         ),
         Err(e) => format!("{}: {}", path.display(), e.kind()),
@@ -245,7 +320,11 @@ pub fn store_fact(store: &Path) -> String {
     let kind = nix::sys::statfs::statfs(&path)
         .map(|s| format!("type {:#x}", s.filesystem_type().0))
         .unwrap_or_else(|e| format!("statfs: {e}"));
-    format!("{}; {kind} {fs}", node_fact(&path))
+    format!(
+        "{}; {kind} {fs}; mount {}",
+        node_fact(&path),
+        super::mountinfo_line(&path).unwrap_or_else(|| "(not in mountinfo)".into())
+    )
 }
 
 fn read_trimmed(path: &str) -> String {
@@ -366,6 +445,47 @@ mod tests {
             subuid: (100000, 65536),
             subgid: (100000, 65536),
         }
+    }
+
+    #[test]
+    fn only_safe_entries_are_read_and_passing_failures_are_not_kept() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let entry = Entry {
+            format: FORMAT,
+            key: Key::new(),
+            probed_at: 1,
+            raws: vec![],
+            network: Default::default(),
+        };
+        let file = dir.path().join("detect.json");
+        fs::write(&file, serde_json::to_vec(&entry).unwrap()).unwrap();
+        fs::set_permissions(&file, fs::Permissions::from_mode(0o644)).unwrap();
+        assert!(read(&file).is_ok());
+        // Writable by others: anyone could choose this build's isolation.
+        fs::set_permissions(&file, fs::Permissions::from_mode(0o666)).unwrap();
+        let e = read(&file).unwrap_err();
+        assert!(e.contains("not a regular file of this user"), "{e}");
+        fs::set_permissions(&file, fs::Permissions::from_mode(0o644)).unwrap();
+        // Not through a symlink.
+        let link = dir.path().join("link.json");
+        std::os::unix::fs::symlink(&file, &link).unwrap();
+        assert!(read(&link).is_err());
+
+        let raw = |name: &str, errno: Option<&str>| probes::Raw {
+            name: name.into(),
+            ok: Some(errno.is_none()),
+            errno: errno.map(str::to_string),
+            detail: String::new(),
+        };
+        assert_eq!(
+            transient_failure(&[raw("userns", None), raw("map-subordinate", Some("EPERM"))]),
+            None
+        );
+        assert_eq!(
+            transient_failure(&[raw("userns", Some("ENOSPC"))]).as_deref(),
+            Some("probe userns failed with ENOSPC")
+        );
     }
 
     #[test]

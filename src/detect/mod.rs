@@ -486,6 +486,26 @@ fn store_facts(store: &Path) -> Store {
 }
 
 /// The mount point holding `path` and its noexec/nodev/nosuid/ro flags, from mountinfo.
+/// The /proc/self/mountinfo line of the mount holding `path`, without its first field (the
+/// mount id changes with every mount; the rest names the filesystem, its device, its mount
+/// point and its options): a remount with other options, or another filesystem mounted there,
+/// shows as another line.
+pub(crate) fn mountinfo_line(path: &Path) -> Option<String> {
+    let text = fs::read_to_string("/proc/self/mountinfo").ok()?;
+    let mut best: Option<(usize, String)> = None;
+    for line in text.lines() {
+        let f: Vec<&str> = line.split(' ').collect();
+        if f.len() < 6 {
+            continue;
+        }
+        let mp = f[4].replace("\\040", " ");
+        if path.starts_with(&mp) && best.as_ref().is_none_or(|(len, _)| mp.len() >= *len) {
+            best = Some((mp.len(), f[2..].join(" ")));
+        }
+    }
+    best.map(|(_, l)| l)
+}
+
 fn mount_of(path: &Path) -> Option<(Option<String>, Vec<String>)> {
     let text = fs::read_to_string("/proc/self/mountinfo").ok()?;
     let mut best: Option<(usize, String, Vec<String>)> = None;

@@ -1891,7 +1891,7 @@ impl Builder<'_> {
                 "process {:?} was killed by signal {sig}",
                 display_instruction(node)
             )),
-            StepStatus::Failed(msg) => Some(msg.clone()),
+            StepStatus::Failed(msg) | StepStatus::Unavailable(msg) => Some(msg.clone()),
         };
         if let Some(message) = failure {
             cleanup(&dir);
@@ -1900,7 +1900,7 @@ impl Builder<'_> {
                 instruction: display_instruction(node),
                 message,
                 tail: result.tail,
-                sandbox: matches!(result.status, StepStatus::Failed(_)),
+                sandbox: matches!(result.status, StepStatus::Unavailable(_)),
             });
         }
         let store = self.store.clone();

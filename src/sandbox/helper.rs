@@ -44,6 +44,7 @@ pub fn main(spec_path: &Path, status_path: &Path) -> ExitCode {
     // still ran once it was set), and pid 1 and a chrooted command die with the helper in turn.
     let status = match read_spec(spec_path).and_then(|spec| run(&spec)) {
         Ok(status) => status,
+        Err(e) if e.is_unavailable() => StepStatus::Unavailable(e.to_string()),
         Err(e) => StepStatus::Failed(e.to_string()),
     };
     let json = serde_json::to_vec(&status).unwrap_or_default();

@@ -58,6 +58,16 @@ pub enum SandboxError {
 }
 
 impl SandboxError {
+    /// Whether the machine refused the sandbox itself (a namespace, mount, ID map or
+    /// fuse-overlayfs call), rather than the step's input being wrong.
+    pub fn is_unavailable(&self) -> bool {
+        match self {
+            SandboxError::Sys { .. } => true,
+            SandboxError::Setup(m) => m.contains("fuse-overlayfs"),
+            SandboxError::Io { .. } => false,
+        }
+    }
+
     pub(crate) fn sys(what: impl Into<String>, source: nix::errno::Errno) -> Self {
         SandboxError::Sys {
             what: what.into(),
@@ -285,7 +295,11 @@ pub struct CopyItem {
 pub enum StepStatus {
     Exited(i32),
     Signaled(i32),
+    /// The step could not run: its input or the sandbox's set-up failed (the message says why).
     Failed(String),
+    /// The machine refused the sandbox itself: a namespace, a mount, an ID map or fuse-overlayfs
+    /// (what the detection probes vouch for; see `detect::cache`).
+    Unavailable(String),
 }
 
 /// The outcome of [`run_step`].
@@ -401,6 +415,17 @@ pub fn run_step(
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn only_the_machine_refusing_the_sandbox_counts_as_unavailable() {
+        let sys = SandboxError::sys("mounting overlayfs", nix::errno::Errno::EPERM);
+        assert!(sys.is_unavailable());
+        assert!(SandboxError::Setup("fuse-overlayfs exited with 1".into()).is_unavailable());
+        assert!(!SandboxError::Setup("unknown user \"app\"".into()).is_unavailable());
+        let io = SandboxError::io("/etc/passwd", std::io::Error::other("x"));
+        assert!(!io.is_unavailable());
+    }
+
     use super::*;
     use std::os::unix::process::ExitStatusExt as _;
 

@@ -232,8 +232,12 @@ pub fn enter(mapping: IdMapping) -> Result<Entered, SandboxError> {
                         let _ = go.write_all(b"G");
                     }
                     Err(e) => {
-                        eprintln!("error: {e}");
+                        // The child gives up on "E"; the error is this call's, so the caller
+                        // can say what it means (e.g. drop cached probe findings).
                         let _ = go.write_all(b"E");
+                        drop(go);
+                        while let Err(nix::errno::Errno::EINTR) = waitpid(child, None) {}
+                        return Err(e);
                     }
                 }
             }
