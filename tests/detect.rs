@@ -759,6 +759,44 @@ fn every_snapshotter_gives_the_same_layers() {
     );
 }
 
+/// The copy snapshotter starts each step from the tree the step before ran in, except when
+/// that step's layer was already in the store (made by an earlier build with other sub-second
+/// times): a rebuild with `--no-cache` and `SOURCE_DATE_EPOCH` must give the same image.
+#[test]
+fn copy_snapshotter_rebuilds_with_no_cache_give_the_same_image() {
+    let ctx = context(&[(
+        "Dockerfile",
+        "ARG BASE\nFROM $BASE\nRUN mkdir -p /a/b && echo 1 > /a/b/f\nRUN echo 2 > /a/b/g\nRUN echo 3 > /c && echo 4 > /a/h\nRUN true\n",
+    )]);
+    let store = scratch_dir(Who::User);
+    let mut digests = Vec::new();
+    for _ in 0..2 {
+        let out = shmocker_as(
+            env().user(),
+            &[],
+            DEFAULT_PATH,
+            store.path(),
+            &[
+                "build",
+                "--no-cache",
+                "--snapshotter",
+                "copy",
+                "--build-arg",
+                &base_arg(),
+                "--build-arg",
+                "SOURCE_DATE_EPOCH=1700000000",
+                ctx.path().to_str().unwrap(),
+            ],
+        );
+        assert!(out.status.success(), "copy build failed");
+        digests.push(String::from_utf8_lossy(&out.stdout).trim().to_string());
+    }
+    assert_eq!(
+        digests[0], digests[1],
+        "a --no-cache rebuild changed the image"
+    );
+}
+
 #[test]
 fn as_root_under_dockers_seccomp_profile_steps_run_chrooted_with_the_same_layers() {
     let wrapper = seccomp_wrapper();

@@ -243,10 +243,6 @@ struct StageDef<'n> {
     nodes: Vec<&'n Node>,
 }
 
-/// The turn of in-place steps at `/`, with the layers (snapshots, bottom first) `/` shows when
-/// the last step left it whole.
-type InPlaceTurn = tokio::sync::Mutex<Option<Vec<PathBuf>>>;
-
 /// Everything a build shares across its stages.
 struct Builder<'a> {
     opts: &'a BuildOptions,
@@ -268,9 +264,7 @@ struct Builder<'a> {
     file_hashes: Arc<cache::FileHashes>,
     /// In-place execution: every path left alone, and the lock that lets one step at a time
     /// have `/` (stages otherwise run at once).
-    /// The lock also holds what `/` shows (the snapshots of its layers, bottom first) when a
-    /// step left it whole.
-    in_place: Option<(Vec<PathBuf>, InPlaceTurn)>,
+    in_place: Option<(Vec<PathBuf>, tokio::sync::Mutex<()>)>,
 }
 
 /// Everything an in-place build leaves alone besides the mount points (see
@@ -551,7 +545,7 @@ pub async fn build(opts: &BuildOptions) -> Result<BuildResult, BuildError> {
         in_place: opts
             .in_place
             .is_some()
-            .then(|| (in_place_keep(opts), tokio::sync::Mutex::new(None))),
+            .then(|| (in_place_keep(opts), tokio::sync::Mutex::new(()))),
     };
 
     for from in &opts.cache_from {

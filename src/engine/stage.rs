@@ -64,25 +64,32 @@ pub(super) struct WarmTree {
 }
 
 impl StageState {
-    /// The warm tree if it still shows this stage's layers (no cached step came between);
-    /// otherwise it is removed.
-    fn take_warm(&mut self) -> Option<PathBuf> {
-        let warm = self.warm.take()?;
+    /// The warm tree if it still shows this stage's layers (no cached step came between), or
+    /// the tree to discard.
+    fn take_warm(&mut self) -> (Option<PathBuf>, Option<PathBuf>) {
+        let Some(warm) = self.warm.take() else {
+            return (None, None);
+        };
         let current: Vec<&PathBuf> = self.layers.iter().map(|l| &l.snapshot).collect();
         if warm.layers.iter().collect::<Vec<_>>() == current {
-            Some(warm.path)
+            (Some(warm.path), None)
         } else {
-            crate::store::remove_tree(&warm.path);
-            None
+            (None, Some(warm.path))
         }
     }
 
     /// Removes the warm tree (the stage is done, or its state is copied for another stage).
     pub fn drop_warm(&mut self) {
         if let Some(w) = self.warm.take() {
-            crate::store::remove_tree(&w.path);
+            discard_tree(w.path);
         }
     }
+}
+
+/// Removes a warm tree in the background (it is no one's any more; the build's scratch
+/// directory, removed at the end, holds it meanwhile).
+fn discard_tree(path: PathBuf) {
+    tokio::task::spawn_blocking(move || crate::store::remove_tree(&path));
 }
 
 impl StageState {
@@ -1809,31 +1816,20 @@ impl Builder<'_> {
         }
         // COPY --link makes its layer on its own, independent of the layers below.
         let linked = matches!(&action, Action::Copy(c) if c.link);
-        // The copy snapshotter (not in place) starts from the last step's tree when it can.
+        // The copy snapshotter starts from the last step's tree when it can: in the user
+        // namespace only, where every process of a step dies with its pid namespace (chrooted
+        // or in-place steps can leave a daemon writing on into the tree).
         let reuses = self.opts.snapshotter == crate::sandbox::Snapshotter::Copy
             && self.in_place.is_none()
+            && !self.opts.chroot
             && !linked;
-        let mut reuse = if reuses {
+        let (reuse, stale) = if reuses {
             state.take_warm()
         } else {
-            state.drop_warm();
-            None
+            (None, state.warm.take().map(|w| w.path))
         };
-        // In place, `/` is every step's rootfs: one step at a time. It still shows the layers
-        // of the step that had it last; when those are this step's, it is taken as it is.
-        let layer_snapshots = |state: &StageState| -> Vec<PathBuf> {
-            state.layers.iter().map(|l| l.snapshot.clone()).collect()
-        };
-        let mut turn = match &self.in_place {
-            Some((_, lock)) => Some(lock.lock().await),
-            None => None,
-        };
-        if let Some(shows) = turn.as_deref_mut() {
-            if !linked && shows.as_ref() == Some(&layer_snapshots(state)) {
-                reuse = Some(PathBuf::from("/"));
-            }
-            // Unknown until the step is through.
-            *shows = None;
+        if let Some(stale) = stale {
+            discard_tree(stale);
         }
         let spec = StepSpec {
             reuse,
@@ -1857,6 +1853,11 @@ impl Builder<'_> {
             in_place: self.in_place.as_ref().map(|(keep, _)| keep.clone()),
             ignore_chown_errors: self.opts.ignore_chown_errors,
             action,
+        };
+        // In place, `/` is every step's rootfs: one step at a time.
+        let _turn = match &self.in_place {
+            Some((_, lock)) => Some(lock.lock().await),
+            None => None,
         };
         let started = Instant::now();
         let reporter = self.opts.reporter.clone();
@@ -1911,7 +1912,7 @@ impl Builder<'_> {
             threads: None,
             recorded_owners: !self.opts.mapping.has_many_ids(),
         };
-        let made = tokio::task::spawn_blocking(move || -> Result<Option<Layer>, String> {
+        let made = tokio::task::spawn_blocking(move || -> Result<Option<(Layer, bool)>, String> {
             if layer::is_empty_upper(&upper).map_err(|e| e.to_string())? {
                 return Ok(None);
             }
@@ -1920,32 +1921,43 @@ impl Builder<'_> {
             let snapshot = snapshots
                 .layer_dir(&blob.diff_id)
                 .map_err(|e| e.to_string())?;
-            if !snapshot.exists()
-                && let Err(e) = fs::rename(&upper, &snapshot)
-                && !snapshot.exists()
-            {
-                // Otherwise another build sharing the store committed the same layer (same
-                // diff ID, same files) first, and that one is used.
-                return Err(e.to_string());
+            // Whether the snapshot is this step's own files (else one made before, with the
+            // same diff ID but maybe other sub-second times, is used).
+            let ours = !snapshot.exists() && fs::rename(&upper, &snapshot).is_ok();
+            if !ours && !snapshot.exists() {
+                return Err(format!("committing the layer to {}", snapshot.display()));
             }
-            Ok(Some(Layer {
-                blob: BlobRef {
-                    digest: blob.digest,
-                    size: blob.size,
-                    media_type: blob.media_type,
+            Ok(Some((
+                Layer {
+                    blob: BlobRef {
+                        digest: blob.digest,
+                        size: blob.size,
+                        media_type: blob.media_type,
+                    },
+                    diff_id: blob.diff_id,
+                    snapshot,
+                    base: false,
                 },
-                diff_id: blob.diff_id,
-                snapshot,
-                base: false,
-            }))
+                ours,
+            )))
         })
         .await
         .map_err(|e| internal("diff task")(e.to_string()))?;
-        // The step's tree is what the layers plus this step's make: the next step's rootfs.
+        // The step's tree is what the layers plus this step's changes make, the next step's
+        // rootfs: unless the layer is a snapshot made before, or the diff left something of the
+        // tree out of the layer (the helper then leaves a mark).
         let warm = self.scratch.join(format!("warm-{step}"));
-        let kept = made.is_ok() && reuses && fs::rename(dir.join("merged"), &warm).is_ok();
+        let kept = reuses
+            && matches!(&made, Ok(None) | Ok(Some((_, true))))
+            && !dir
+                .join("scratch")
+                .join(crate::sandbox::TREE_DIFFERS)
+                .exists()
+            && fs::rename(dir.join("merged"), &warm).is_ok();
         cleanup(&dir);
-        let made = made.map_err(|e| self.err(node, format!("making the layer: {e}")))?;
+        let made = made
+            .map(|m| m.map(|(layer, _)| layer))
+            .map_err(|e| self.err(node, format!("making the layer: {e}")))?;
         let created = self.now();
         let record = Record {
             created: created.clone(),
@@ -1974,15 +1986,9 @@ impl Builder<'_> {
         if kept {
             state.warm = Some(WarmTree {
                 path: warm,
-                layers: layer_snapshots(state),
+                layers: state.layers.iter().map(|l| l.snapshot.clone()).collect(),
             });
         }
-        if let Some(shows) = turn.as_deref_mut()
-            && !linked
-        {
-            *shows = Some(layer_snapshots(state));
-        }
-        drop(turn);
         Ok(StepOutcome::Step {
             created,
             layer: has_layer,

@@ -97,8 +97,8 @@ pub use pargz::{
     BLOCK_SIZE as GZIP_BLOCK_SIZE, ParGzEncoder, default_threads as default_compression_threads,
 };
 pub use treediff::{
-    CopyMarks, Kept, adopt_tree, adopt_tree_in_place, diff_tree_to_upper, materialize,
-    materialize_in_place, normalize_fuse_upper,
+    CopyMarks, Kept, adopt_tree, diff_tree_to_upper, materialize, materialize_in_place,
+    normalize_fuse_upper,
 };
 
 use crate::store::StoreError;

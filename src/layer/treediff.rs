@@ -343,33 +343,19 @@ fn clear_except(dir: &Path, kept: &Kept) -> Result<(), LayerError> {
 /// nothing is copied; only the inodes of its directories are noted (for filesystems without
 /// birth times) and the clock is read, as [`materialize`] does after its copy.
 pub fn adopt_tree(dest: &Path, clock_dir: &Path) -> Result<CopyMarks, LayerError> {
-    adopt_tree_in_place(dest, Kept::default(), clock_dir)
-}
-
-/// [`adopt_tree`] for in-place execution: `root` (`/`) still shows the layers, as the last
-/// step left it, and `kept` is left out as [`materialize_in_place`] leaves it out.
-pub fn adopt_tree_in_place(
-    root: &Path,
-    kept: Kept,
-    clock_dir: &Path,
-) -> Result<CopyMarks, LayerError> {
     fn note_dirs(dir: &Path, marks: &mut CopyMarks) -> Result<(), LayerError> {
         let m = fs::symlink_metadata(dir).map_err(io_err("lstat", dir))?;
         marks.dirs.insert((m.dev(), m.ino()));
         for e in fs::read_dir(dir).map_err(io_err("listing", dir))? {
             let e = e.map_err(io_err("listing", dir))?;
-            let p = e.path();
-            if !marks.kept.is_kept(&p) && e.file_type().map_err(io_err("lstat", &p))?.is_dir() {
-                note_dirs(&p, marks)?;
+            if e.file_type().map_err(io_err("lstat", &e.path()))?.is_dir() {
+                note_dirs(&e.path(), marks)?;
             }
         }
         Ok(())
     }
-    let mut marks = CopyMarks {
-        kept,
-        ..Default::default()
-    };
-    note_dirs(root, &mut marks)?;
+    let mut marks = CopyMarks::default();
+    note_dirs(dest, &mut marks)?;
     marks.since = clock_after_now(clock_dir)?;
     Ok(marks)
 }

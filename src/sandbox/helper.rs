@@ -275,13 +275,13 @@ fn run_without_namespaces(
             refuse_kept_destination(&spec.action, &kept)?;
             // The change clock is read on `/` itself (its own filesystem's timestamps); the
             // stamp files there come and go before the step, and `/`'s own entry is never
-            // part of a layer. `/` is taken as it is when the last step left it showing
-            // these very layers (`reuse`).
-            let kept = crate::layer::Kept::new(kept);
-            let marks = match &spec.reuse {
-                Some(_) => crate::layer::adopt_tree_in_place(root, kept, root),
-                None => crate::layer::materialize_in_place(&lower_dirs(spec), root, kept, root),
-            }
+            // part of a layer.
+            let marks = crate::layer::materialize_in_place(
+                &lower_dirs(spec),
+                root,
+                crate::layer::Kept::new(kept),
+                root,
+            )
             .map_err(|e| {
                 SandboxError::Setup(format!(
                     "making / the image's filesystem (in-place execution): {e}; / is now partly replaced, so throw this container away"
@@ -558,16 +558,16 @@ fn normalize_upper(spec: &StepSpec) -> Result<(), SandboxError> {
 /// the chroot isolation's).
 fn materialize_merged(spec: &StepSpec) -> Result<crate::layer::CopyMarks, SandboxError> {
     if let Some(tree) = &spec.reuse {
-        // `merged` is still empty: the previous step's tree takes its place.
-        fs::remove_dir(&spec.merged)
-            .and_then(|()| fs::rename(tree, &spec.merged))
-            .map_err(|e| SandboxError::io(&spec.merged, e))?;
-        return crate::layer::adopt_tree(&spec.merged, &spec.work).map_err(|e| {
-            SandboxError::Setup(format!(
-                "reading the previous step's rootfs {}: {e}",
-                spec.merged.display()
-            ))
-        });
+        // `merged` is still empty: the previous step's tree takes its place (or, if that
+        // cannot be, the layers are copied as usual).
+        if fs::rename(tree, &spec.merged).is_ok() {
+            return crate::layer::adopt_tree(&spec.merged, &spec.work).map_err(|e| {
+                SandboxError::Setup(format!(
+                    "reading the previous step's rootfs {}: {e}",
+                    spec.merged.display()
+                ))
+            });
+        }
     }
     crate::layer::materialize(&lower_dirs(spec), &spec.merged, &spec.work).map_err(|e| {
         SandboxError::Setup(format!(
@@ -598,6 +598,10 @@ fn diff_tree(
                 root.display()
             ))
         })?;
+    if !warnings.is_empty() {
+        let mark = spec.scratch.join(super::TREE_DIFFERS);
+        fs::write(&mark, b"").map_err(|e| SandboxError::io(&mark, e))?;
+    }
     for w in marks.warnings.iter().chain(&warnings) {
         eprintln!("warning: {w}");
     }

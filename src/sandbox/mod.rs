@@ -82,6 +82,11 @@ impl SandboxError {
     }
 }
 
+/// The mark the helper leaves in a step's `scratch` when the layer leaves out part of the tree
+/// the step ran in (a socket, a device that cannot be made): that tree then is not what the
+/// layers stack to, and the next step must not start from it.
+pub const TREE_DIFFERS: &str = "tree-differs";
+
 /// One filesystem-changing step, as the helper process receives it.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct StepSpec {
