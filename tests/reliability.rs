@@ -58,6 +58,27 @@ fn push_build(store: &Path, tag: &str, context: &str, vars: &[(&str, &str)]) -> 
     )
 }
 
+/// The request `after_seconds` (method, path part) was refused with `Retry-After: 2` and
+/// retried no sooner; the request `after_date` was refused with an HTTP-date and retried no
+/// sooner than that date.
+fn assert_retried_as_asked(
+    proxy: &FaultProxy,
+    after_seconds: (&str, &str),
+    after_date: (&str, &str),
+) {
+    let seen = proxy.seen();
+    let (refused, retry) = refused_and_retry(&seen, after_seconds.0, after_seconds.1);
+    let gap = retry.at - refused.at;
+    assert!(gap >= Duration::from_secs(2), "retried after {gap:?}");
+    let (refused, retry) = refused_and_retry(&seen, after_date.0, after_date.1);
+    let date = refused.retry_at.expect("an HTTP-date");
+    assert!(
+        retry.wall >= date,
+        "retried at {:?}, before the date asked for ({date:?})",
+        retry.wall
+    );
+}
+
 fn stdout(out: &Output) -> String {
     String::from_utf8_lossy(&out.stdout).trim().to_string()
 }
@@ -446,17 +467,7 @@ fn a_push_waits_as_long_as_retry_after_asks() {
     );
 
     // And each retry came no sooner than asked.
-    let seen = proxy.seen();
-    let (refused, retry) = refused_and_retry(&seen, "PUT", "/manifests/");
-    let gap = retry.at - refused.at;
-    assert!(gap >= Duration::from_secs(2), "retried after {gap:?}");
-    let (refused, retry) = refused_and_retry(&seen, "HEAD", "/blobs/");
-    let date = refused.retry_at.expect("an HTTP-date");
-    assert!(
-        retry.wall >= date,
-        "retried at {:?}, before the date asked for ({date:?})",
-        retry.wall
-    );
+    assert_retried_as_asked(&proxy, ("PUT", "/manifests/"), ("HEAD", "/blobs/"));
 
     let digest = printed_digest(&out);
     let raw = run_ok_raw(&direct);
@@ -516,17 +527,7 @@ async fn a_pull_waits_as_long_as_retry_after_asks() {
         "{}",
         notices[1]
     );
-    let seen = proxy.seen();
-    let (refused, retry) = refused_and_retry(&seen, "GET", "/manifests/");
-    let gap = retry.at - refused.at;
-    assert!(gap >= Duration::from_secs(2), "retried after {gap:?}");
-    let (refused, retry) = refused_and_retry(&seen, "GET", "/blobs/");
-    let date = refused.retry_at.expect("an HTTP-date");
-    assert!(
-        retry.wall >= date,
-        "retried at {:?}, before the date asked for ({date:?})",
-        retry.wall
-    );
+    assert_retried_as_asked(&proxy, ("GET", "/manifests/"), ("GET", "/blobs/"));
     let data = fs::read(&path).unwrap();
     assert_eq!(shmocker::store::sha256_digest(&data), blob.digest);
 }

@@ -266,20 +266,14 @@ fn changed(old: &Key, new: &Key) -> String {
 pub fn file_fact(path: &Path) -> String {
     match fs::metadata(path) {
         Ok(m) => format!(
-            "{} dev {} ino {} mode {:o} owner {}:{} size {} mtime {}.{} ctime {}.{} rdev {}",
-            path.display(),
-            m.dev(),
-            m.ino(),
-            m.mode(),
-            m.uid(),
-            m.gid(),
+            "{} size {} mtime {}.{} ctime {}.{}",
+            node_fact(path),
             m.size(),
             m.mtime(),
             m.mtime_nsec(),
             // File capabilities (`setcap`, as Fedora gives newuidmap) change only the ctime.
             m.ctime(),
             m.ctime_nsec(),
-            m.rdev()
         ),
         Err(e) => format!("{}: {}", path.display(), e.kind()),
     }
