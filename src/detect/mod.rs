@@ -485,50 +485,42 @@ fn store_facts(store: &Path) -> Store {
     }
 }
 
-/// The mount point holding `path` and its noexec/nodev/nosuid/ro flags, from mountinfo.
-/// The /proc/self/mountinfo line of the mount holding `path`, without its first field (the
-/// mount id changes with every mount; the rest names the filesystem, its device, its mount
+/// The /proc/self/mountinfo line of the mount holding `path`, without its first two fields (the
+/// mount ids change with every mount; the rest names the filesystem, its device, its mount
 /// point and its options): a remount with other options, or another filesystem mounted there,
 /// shows as another line.
 pub(crate) fn mountinfo_line(path: &Path) -> Option<String> {
-    let text = fs::read_to_string("/proc/self/mountinfo").ok()?;
-    let mut best: Option<(usize, String)> = None;
-    for line in text.lines() {
-        let f: Vec<&str> = line.split(' ').collect();
-        if f.len() < 6 {
-            continue;
-        }
-        let mp = f[4].replace("\\040", " ");
-        if path.starts_with(&mp) && best.as_ref().is_none_or(|(len, _)| mp.len() >= *len) {
-            best = Some((mp.len(), f[2..].join(" ")));
-        }
-    }
-    best.map(|(_, l)| l)
+    mount_fields(path).map(|(_, f)| f[2..].join(" "))
 }
 
+/// The mount point holding `path` and its noexec/nodev/nosuid/ro flags, from mountinfo.
 fn mount_of(path: &Path) -> Option<(Option<String>, Vec<String>)> {
+    let (mp, f) = mount_fields(path)?;
+    let flags: Vec<String> = f[5]
+        .split(',')
+        .filter(|o| ["noexec", "nodev", "nosuid", "ro"].contains(o))
+        .map(str::to_string)
+        .collect();
+    Some((Some(mp), flags))
+}
+
+/// The mount point holding `path` and the fields of its /proc/self/mountinfo line (at least
+/// six): the longest mount point above `path`, and of those the last line, which is mounted
+/// over the earlier ones.
+fn mount_fields(path: &Path) -> Option<(String, Vec<String>)> {
     let text = fs::read_to_string("/proc/self/mountinfo").ok()?;
-    let mut best: Option<(usize, String, Vec<String>)> = None;
+    let mut best: Option<(String, Vec<String>)> = None;
     for line in text.lines() {
         let f: Vec<&str> = line.split(' ').collect();
         if f.len() < 6 {
             continue;
         }
         let mp = f[4].replace("\\040", " ");
-        if !path.starts_with(&mp) {
-            continue;
-        }
-        let flags: Vec<String> = f[5]
-            .split(',')
-            .filter(|o| ["noexec", "nodev", "nosuid", "ro"].contains(o))
-            .map(str::to_string)
-            .collect();
-        // Later lines are mounted over earlier ones at the same point.
-        if best.as_ref().is_none_or(|(len, ..)| mp.len() >= *len) {
-            best = Some((mp.len(), mp, flags));
+        if path.starts_with(&mp) && best.as_ref().is_none_or(|(b, _)| mp.len() >= b.len()) {
+            best = Some((mp, f.iter().map(|s| s.to_string()).collect()));
         }
     }
-    best.map(|(_, mp, flags)| (Some(mp), flags))
+    best
 }
 
 /// The report as a table for people.
