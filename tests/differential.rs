@@ -34,7 +34,14 @@ fn buildah(who: Who) -> Command {
 }
 
 fn differential(name: &str, who: Who) {
+    differential_with(name, who, |_| {});
+}
+
+/// [`differential`] on a fixture that `prepare` completes first (files too many to keep in git).
+fn differential_with(name: &str, who: Who, prepare: impl Fn(&std::path::Path)) {
     let ctx = fixture(name);
+    prepare(ctx.path());
+    run_ok(Command::new("chmod").arg("-R").arg("a+rX").arg(ctx.path()));
     let ctx_path = ctx.path().to_str().unwrap();
     let base = format!("BASE={}", env().busybox());
     let out = scratch_dir(who);
@@ -180,4 +187,49 @@ fn copy_config_matches_buildah_as_root() {
 #[test]
 fn copy_config_matches_buildah_as_unprivileged_user() {
     differential("copy-config", Who::User);
+}
+
+/// Enough files that the COPY helper copies them on several threads (sandbox/rootfs.rs
+/// `FileQueue`), with names that two sources share (the later source's file, symlink or
+/// directory must win, as when the files are copied one after the other), symlinks, modes and sizes from empty to 5 MB.
+fn many_files(ctx: &std::path::Path) {
+    use std::os::unix::fs::PermissionsExt;
+    for (src, dirs) in [("src1", 12), ("src2", 4)] {
+        for d in 0..dirs {
+            let dir = ctx.join(src).join(format!("d{d}"));
+            std::fs::create_dir_all(&dir).unwrap();
+            for f in 0..40 {
+                let path = dir.join(format!("f{f}"));
+                let len = if f == 7 && d == 1 {
+                    5 << 20
+                } else {
+                    (d * 40 + f) * 97 % 6000
+                };
+                let body: Vec<u8> = (0..len)
+                    .map(|i| (i * 31 + f + d + src.len()) as u8)
+                    .collect();
+                std::fs::write(&path, body).unwrap();
+                let mode = [0o644, 0o755, 0o600, 0o640][f % 4];
+                std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode)).unwrap();
+            }
+            std::os::unix::fs::symlink("f3", dir.join("link-to-f3")).unwrap();
+        }
+    }
+    // Where src1 has files, src2 has a symlink and a directory: they replace the files.
+    let d0 = ctx.join("src2/d0");
+    std::fs::remove_file(d0.join("f5")).unwrap();
+    std::os::unix::fs::symlink("f3", d0.join("f5")).unwrap();
+    std::fs::remove_file(d0.join("f6")).unwrap();
+    std::fs::create_dir(d0.join("f6")).unwrap();
+    std::fs::write(d0.join("f6/inner"), "inner").unwrap();
+}
+
+#[test]
+fn copy_of_many_files_matches_buildah_as_root() {
+    differential_with("copy-many", Who::Root, many_files);
+}
+
+#[test]
+fn copy_of_many_files_matches_buildah_as_unprivileged_user() {
+    differential_with("copy-many", Who::User, many_files);
 }

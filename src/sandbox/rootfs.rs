@@ -287,6 +287,12 @@ pub fn copy_into(root: &Path, spec: &CopySpec) -> Result<(), SandboxError> {
     };
     // Directory mtimes are set last, deepest first, since writing into a directory changes it.
     let mut dir_times = Vec::new();
+    // Regular files are copied by a few threads at once (creating inodes is most of a big
+    // COPY's time, and a filesystem creates them in parallel across directories); everything
+    // else happens in order here. A queued file's target does not exist yet, so before an item
+    // touches a queued target, or a path below one, the queue is emptied: the result is the
+    // same as copying one item after the other.
+    let mut queue = FileQueue::default();
     for item in &spec.items {
         let target = if !dest_is_dir || item.rel.as_os_str().is_empty() {
             base.clone()
@@ -294,7 +300,11 @@ pub fn copy_into(root: &Path, spec: &CopySpec) -> Result<(), SandboxError> {
             // `rel` comes from our own walk of the context: plain components only.
             let parent = match item.rel.parent() {
                 Some(p) if !p.as_os_str().is_empty() => {
-                    let dir = resolve_in_root(&base, &p.to_string_lossy(), true)?;
+                    let mut dir = resolve_in_root(&base, &p.to_string_lossy(), true)?;
+                    if queue.touches(&dir, root) {
+                        queue.run(spec, owner)?;
+                        dir = resolve_in_root(&base, &p.to_string_lossy(), true)?;
+                    }
                     if !dir.exists() {
                         // `COPY --parents` names files whose directories are not items.
                         let rel = dir.strip_prefix(root).unwrap_or(&dir);
@@ -312,6 +322,9 @@ pub fn copy_into(root: &Path, spec: &CopySpec) -> Result<(), SandboxError> {
             };
             parent.join(item.rel.file_name().unwrap_or(OsStr::new("")))
         };
+        if queue.touches(&target, root) {
+            queue.run(spec, owner)?;
+        }
         let meta = fs::symlink_metadata(&item.src).map_err(|e| SandboxError::io(&item.src, e))?;
         let existing = fs::symlink_metadata(&target).ok();
         if meta.is_dir() {
@@ -352,14 +365,8 @@ pub fn copy_into(root: &Path, spec: &CopySpec) -> Result<(), SandboxError> {
             std::os::unix::fs::symlink(&link, &target).map_err(|e| SandboxError::io(&target, e))?;
             chown(&target, owner)?;
         } else if meta.is_file() {
-            fs::copy(&item.src, &target).map_err(|e| SandboxError::io(&target, e))?;
-            chown(&target, owner)?;
-            let mode = match &spec.chmod {
-                Some(c) => chmod_mode(c, meta.mode() & 0o7777, meta.is_dir())?,
-                None => meta.mode() & 0o7777,
-            };
-            fs::set_permissions(&target, fs::Permissions::from_mode(mode))
-                .map_err(|e| SandboxError::io(&target, e))?;
+            queue.push(&item.src, target, meta);
+            continue;
         } else {
             return Err(SandboxError::Setup(format!(
                 "COPY source {} is not a regular file, directory or symlink",
@@ -368,10 +375,115 @@ pub fn copy_into(root: &Path, spec: &CopySpec) -> Result<(), SandboxError> {
         }
         set_mtime(&target, &meta)?;
     }
+    queue.run(spec, owner)?;
     for (dir, meta) in dir_times.iter().rev() {
         set_mtime(dir, meta)?;
     }
     Ok(())
+}
+
+/// Regular files of a COPY waiting to be copied, in the order of the items.
+#[derive(Default)]
+struct FileQueue<'a> {
+    files: Vec<(&'a Path, PathBuf, fs::Metadata)>,
+    targets: std::collections::HashSet<PathBuf>,
+    bytes: u64,
+}
+
+/// Below this many files or bytes, a queue is copied by this thread alone.
+const PARALLEL_MIN_FILES: usize = 64;
+const PARALLEL_MIN_BYTES: u64 = 4 << 20;
+
+impl<'a> FileQueue<'a> {
+    fn push(&mut self, src: &'a Path, target: PathBuf, meta: fs::Metadata) {
+        self.bytes += meta.len();
+        self.targets.insert(target.clone());
+        self.files.push((src, target, meta));
+    }
+
+    /// Whether `target` is a queued file or lies below one (up to `root`).
+    fn touches(&self, target: &Path, root: &Path) -> bool {
+        !self.targets.is_empty()
+            && target
+                .ancestors()
+                .take_while(|a| a.starts_with(root))
+                .any(|a| self.targets.contains(a))
+    }
+
+    /// Copies every queued file, on up to four threads; the first failure in item order is
+    /// the one reported.
+    fn run(&mut self, spec: &CopySpec, owner: (u32, u32)) -> Result<(), SandboxError> {
+        let files = std::mem::take(&mut self.files);
+        self.targets.clear();
+        let bytes = std::mem::take(&mut self.bytes);
+        let threads = std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1)
+            .min(4);
+        if threads < 2 || (files.len() < PARALLEL_MIN_FILES && bytes < PARALLEL_MIN_BYTES) {
+            for (src, target, meta) in &files {
+                copy_file(src, target, meta, spec, owner)?;
+            }
+            return Ok(());
+        }
+        let next = std::sync::atomic::AtomicUsize::new(0);
+        let failed = std::sync::atomic::AtomicBool::new(false);
+        let errors = std::thread::scope(|scope| {
+            let workers: Vec<_> = (0..threads)
+                .map(|_| {
+                    scope.spawn(|| {
+                        let mut first = None;
+                        while !failed.load(std::sync::atomic::Ordering::Relaxed) {
+                            let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                            let Some((src, target, meta)) = files.get(i) else {
+                                break;
+                            };
+                            if let Err(e) = copy_file(src, target, meta, spec, owner) {
+                                failed.store(true, std::sync::atomic::Ordering::Relaxed);
+                                first = Some((i, e));
+                                break;
+                            }
+                        }
+                        first
+                    })
+                })
+                .collect();
+            workers
+                .into_iter()
+                .filter_map(|w| match w.join() {
+                    Ok(e) => e,
+                    Err(_) => Some((
+                        usize::MAX,
+                        SandboxError::Setup("a COPY worker thread panicked".into()),
+                    )),
+                })
+                .collect::<Vec<_>>()
+        });
+        match errors.into_iter().min_by_key(|(i, _)| *i) {
+            Some((_, e)) => Err(e),
+            None => Ok(()),
+        }
+    }
+}
+
+/// Copies one regular file of a COPY to `target` (which does not exist) with its owner, mode
+/// and modification time.
+fn copy_file(
+    src: &Path,
+    target: &Path,
+    meta: &fs::Metadata,
+    spec: &CopySpec,
+    owner: (u32, u32),
+) -> Result<(), SandboxError> {
+    fs::copy(src, target).map_err(|e| SandboxError::io(target, e))?;
+    chown(target, owner)?;
+    let mode = match &spec.chmod {
+        Some(c) => chmod_mode(c, meta.mode() & 0o7777, false)?,
+        None => meta.mode() & 0o7777,
+    };
+    fs::set_permissions(target, fs::Permissions::from_mode(mode))
+        .map_err(|e| SandboxError::io(target, e))?;
+    set_mtime(target, meta)
 }
 
 /// The mode `--chmod` gives a file whose mode is `current`: octal (`0755`) or symbolic as
