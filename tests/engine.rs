@@ -5,7 +5,9 @@ mod common;
 
 use std::process::Command;
 
-use common::{Who, context, env, scratch_dir, shmocker, shmocker_ok, tree, unique_ref, unpack};
+use common::{
+    Who, context, env, scratch_dir, shmocker, shmocker_env, shmocker_ok, tree, unique_ref, unpack,
+};
 
 fn stderr(out: &std::process::Output) -> String {
     String::from_utf8_lossy(&out.stderr).into_owned()
@@ -1359,4 +1361,129 @@ fn a_step_printing_megabytes_is_clipped_in_the_log_as_buildkit_does() {
     let full = run(Some("-1"));
     assert!(!full.contains("output clipped"));
     assert_eq!(output_lines(&full), 40_000);
+}
+
+/// The snapshots (unpacked layers) a store holds.
+fn snapshot_count(store: &std::path::Path) -> usize {
+    std::fs::read_dir(store.join("snapshots"))
+        .unwrap()
+        .filter(|e| e.as_ref().unwrap().file_name() != "empty")
+        .count()
+}
+
+/// A context for the direct COPY tests: directories, modes, a symlink, an empty directory and
+/// a file of some megabytes.
+fn direct_copy_context(dockerfile: &str) -> tempfile::TempDir {
+    use std::os::unix::fs::PermissionsExt;
+    let big: String = (0..200_000).map(|i| format!("{i:09}\n")).collect();
+    let ctx = context(&[
+        ("Dockerfile", dockerfile),
+        ("tree/a.txt", "a\n"),
+        ("tree/sub/b.sh", "#!/bin/sh\necho b\n"),
+        ("tree/sub/deeper/big.txt", &big),
+        ("src2/other.txt", "other\n"),
+    ]);
+    let t = ctx.path().join("tree");
+    std::fs::set_permissions(t.join("sub/b.sh"), std::fs::Permissions::from_mode(0o755)).unwrap();
+    std::fs::set_permissions(t.join("sub"), std::fs::Permissions::from_mode(0o775)).unwrap();
+    std::os::unix::fs::symlink("sub/b.sh", t.join("link")).unwrap();
+    std::fs::create_dir(t.join("empty")).unwrap();
+    run_cmd(Command::new("chmod").args(["-R", "a+r"]).arg(ctx.path()));
+    ctx
+}
+
+fn run_cmd(cmd: &mut Command) {
+    assert!(cmd.status().unwrap().success(), "{cmd:?}");
+}
+
+/// Builds `ctx` as `who` in a fresh store with SOURCE_DATE_EPOCH, with the direct COPY on or
+/// off; returns the image digest and the store's snapshot count.
+fn build_direct_or_not(who: Who, ctx: &std::path::Path, direct: bool) -> (String, usize) {
+    let store = scratch_dir(who);
+    let base = format!("BASE={}", env().busybox());
+    let out = shmocker_env(
+        who,
+        store.path(),
+        &[
+            "build",
+            "--build-arg",
+            &base,
+            "--build-arg",
+            "SOURCE_DATE_EPOCH=1700000000",
+            ctx.to_str().unwrap(),
+        ],
+        &[("SHMOCKER_DIRECT_COPY", if direct { "1" } else { "0" })],
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    (digest(&out), snapshot_count(store.path()))
+}
+
+#[test]
+fn a_last_copy_is_written_straight_from_the_context_and_gives_the_same_image() {
+    // As the test user: the COPY is the target stage's last step that touches files.
+    let dockerfile = "ARG BASE\nFROM ${BASE}\nRUN echo hi > /hi\nCOPY --chown=1000:1000 tree/ src2/ /data/sub/\nENV X=1\nCMD [\"sh\"]\n";
+    let ctx = direct_copy_context(dockerfile);
+    let (direct, direct_snapshots) = build_direct_or_not(Who::User, ctx.path(), true);
+    let (sandboxed, sandboxed_snapshots) = build_direct_or_not(Who::User, ctx.path(), false);
+    assert_eq!(
+        direct, sandboxed,
+        "the layer written from the context is the one the sandbox's copy gives"
+    );
+    assert_eq!(
+        direct_snapshots + 1,
+        sandboxed_snapshots,
+        "the direct COPY left no snapshot (its files were never copied)"
+    );
+
+    // As root, COPY --link into a directory the image has: --link needs nothing below.
+    let linked = "ARG BASE\nFROM ${BASE}\nCOPY --link --chmod=0640 tree/ /etc/linked/\nLABEL x=y\n";
+    let ctx = direct_copy_context(linked);
+    let (direct, direct_snapshots) = build_direct_or_not(Who::Root, ctx.path(), true);
+    let (sandboxed, sandboxed_snapshots) = build_direct_or_not(Who::Root, ctx.path(), false);
+    assert_eq!(direct, sandboxed, "COPY --link: the same image either way");
+    assert_eq!(direct_snapshots + 1, sandboxed_snapshots);
+
+    // Into a directory a layer below has, the COPY runs in the sandbox (same count).
+    let existing = "ARG BASE\nFROM ${BASE}\nCOPY tree/ /etc/app/\n";
+    let ctx = direct_copy_context(existing);
+    let (direct, direct_snapshots) = build_direct_or_not(Who::Root, ctx.path(), true);
+    let (sandboxed, sandboxed_snapshots) = build_direct_or_not(Who::Root, ctx.path(), false);
+    assert_eq!(direct, sandboxed);
+    assert_eq!(direct_snapshots, sandboxed_snapshots);
+}
+
+#[test]
+fn a_step_after_a_cached_direct_copy_sees_its_files() {
+    // The first build writes the COPY's layer without a snapshot; the second has a RUN after
+    // the (cached) COPY, which needs the files: they are unpacked from the layer.
+    let first = "ARG BASE\nFROM ${BASE}\nCOPY tree/ /data/\n";
+    let ctx = direct_copy_context(first);
+    let store = scratch_dir(Who::User);
+    let base = format!("BASE={}", env().busybox());
+    shmocker_ok(
+        Who::User,
+        store.path(),
+        &["build", "--build-arg", &base, ctx.path().to_str().unwrap()],
+    );
+    let before = snapshot_count(store.path());
+    std::fs::write(
+        ctx.path().join("Dockerfile"),
+        format!("{first}RUN wc -c < /data/sub/deeper/big.txt > /size && /data/link > /ran\n"),
+    )
+    .unwrap();
+    let (_w, rootfs, err) = build_dir_and_unpack(Who::User, store.path(), ctx.path(), &[]);
+    assert!(
+        err.contains("CACHED"),
+        "the COPY came from the cache:\n{err}"
+    );
+    assert_eq!(
+        std::fs::read_to_string(rootfs.join("size")).unwrap().trim(),
+        "2000000"
+    );
+    assert_eq!(std::fs::read_to_string(rootfs.join("ran")).unwrap(), "b\n");
+    assert_eq!(
+        snapshot_count(store.path()),
+        before + 2,
+        "the COPY's snapshot was unpacked for the RUN, which made one of its own"
+    );
 }

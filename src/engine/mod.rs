@@ -13,6 +13,7 @@
 
 pub mod cache;
 pub mod context;
+mod direct_copy;
 pub mod remote_cache;
 mod stage;
 
@@ -714,7 +715,7 @@ impl<'a> Builder<'a> {
                         let done = built.lock().expect("stage map");
                         done.iter().map(|(k, v)| (*k, v.clone())).collect()
                     };
-                    let mut state = this.run_stage(stages, i, &deps_built).await?;
+                    let mut state = this.run_stage(stages, i, &deps_built, i == target).await?;
                     // Other stages start from copies of this state, never from its tree.
                     state.drop_warm();
                     this.opts.reporter.report(Event::StageDone { stage: i });
@@ -1127,6 +1128,7 @@ impl<'a> Builder<'a> {
 
     /// Copies the image's filesystem into `dest` (created if missing), owners and modes kept.
     async fn export_local(&self, state: &StageState, dest: &Path) -> Result<(), BuildError> {
+        self.ensure_trees(None, &state.layers).await?;
         let dir = self.store.temp_path("export");
         let scratch = dir.join("scratch");
         for d in [

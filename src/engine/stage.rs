@@ -51,6 +51,9 @@ pub(super) struct StageState {
     /// The copy snapshotter's tree of the last step, kept for the next one (see
     /// [`WarmTree`]).
     pub warm: Option<WarmTree>,
+    /// Set while the step being run is the last one of the target stage to touch its files
+    /// (only config instructions follow): nothing reads the step's files afterwards.
+    pub tree_unused_after: bool,
 }
 
 /// A step's rootfs as the copy snapshotter left it: exactly what `layers` stack to, so the next
@@ -224,6 +227,7 @@ impl Builder<'_> {
         stages: &[StageDef<'_>],
         idx: usize,
         built: &BTreeMap<usize, Arc<StageState>>,
+        target: bool,
     ) -> Result<StageState, BuildError> {
         let nodes = &stages[idx].nodes;
         let from = nodes[0];
@@ -295,6 +299,27 @@ impl Builder<'_> {
             }
         }
         for (i, node) in nodes[1..].iter().enumerate() {
+            // Whether anything after this step reads the stage's files: another stage can
+            // (not the target's), and so can every instruction but the config-only ones.
+            state.tree_unused_after = target
+                && nodes[i + 2..].iter().all(|n| {
+                    matches!(
+                        n.keyword.as_str(),
+                        "env"
+                            | "label"
+                            | "cmd"
+                            | "entrypoint"
+                            | "expose"
+                            | "user"
+                            | "stopsignal"
+                            | "healthcheck"
+                            | "arg"
+                            | "shell"
+                            | "volume"
+                            | "onbuild"
+                            | "maintainer"
+                    )
+                });
             let step = self.next_step();
             self.announce(node, step, &label, i + 2, n, &display_instruction(node));
             let started = Instant::now();
@@ -352,6 +377,7 @@ impl Builder<'_> {
                 records: vec![],
                 stage_name: None,
                 warm: None,
+                tree_unused_after: false,
             });
         }
         let reference: Reference =
@@ -414,7 +440,8 @@ impl Builder<'_> {
                     .await
                     .map_err(reg_err)?;
                 if !snapshot.exists() {
-                    self.unpack(node, &path, &blob, diff_id, &snapshot).await?;
+                    self.unpack(Some(node), &path, &blob, diff_id, &snapshot)
+                        .await?;
                 }
             }
             layers.push(Layer {
@@ -449,6 +476,7 @@ impl Builder<'_> {
             records: vec![],
             stage_name: None,
             warm: None,
+            tree_unused_after: false,
         })
     }
 
@@ -458,14 +486,18 @@ impl Builder<'_> {
 
     async fn unpack(
         &self,
-        node: &Node,
+        node: Option<&Node>,
         blob_path: &Path,
         blob: &BlobRef,
         diff_id: &str,
         snapshot: &Path,
     ) -> Result<(), BuildError> {
+        let at = |message: String| match node {
+            Some(node) => self.err(node, message),
+            None => BuildError::Input(message),
+        };
         let compression = Compression::from_media_type(&blob.media_type)
-            .map_err(|e| self.err(node, format!("layer {}: {e}", blob.digest)))?;
+            .map_err(|e| at(format!("layer {}: {e}", blob.digest)))?;
         let tmp = self.store.temp_path("unpack");
         let blob_path = blob_path.to_path_buf();
         let snapshot = snapshot.to_path_buf();
@@ -507,7 +539,7 @@ impl Builder<'_> {
                 }
                 Ok(())
             }
-            Err(e) => Err(self.err(node, format!("unpacking layer {digest}: {e}"))),
+            Err(e) => Err(at(format!("unpacking layer {digest}: {e}"))),
         }
     }
 
@@ -1205,6 +1237,7 @@ impl Builder<'_> {
                         let other = self
                             .state_of_from(node, state, from, stages, built, step)
                             .await?;
+                        self.ensure_trees(Some(node), &other.layers).await?;
                         let lower: Vec<PathBuf> = other
                             .layers
                             .iter()
@@ -1591,6 +1624,7 @@ impl Builder<'_> {
             let other = self
                 .state_of_from(node, state, &from, stages, built, step)
                 .await?;
+            self.ensure_trees(Some(node), &other.layers).await?;
             let lower: Vec<PathBuf> = other
                 .layers
                 .iter()
@@ -1804,6 +1838,16 @@ impl Builder<'_> {
         {
             return Ok(outcome);
         }
+        // COPY --link makes its layer on its own, independent of the layers below.
+        let linked = matches!(&action, Action::Copy(c) if c.link);
+        if !linked {
+            self.ensure_trees(Some(node), &state.layers).await?;
+        }
+        if let Action::Copy(copy) = &action
+            && let Some(outcome) = self.direct_copy(node, state, &key, copy, linked).await?
+        {
+            return Ok(outcome);
+        }
         let dir = self.store.temp_path("step");
         let (upper, work, merged, scratch) = (
             dir.join("upper"),
@@ -1814,8 +1858,6 @@ impl Builder<'_> {
         for d in [&upper, &work, &merged, &scratch] {
             fs::create_dir_all(d).map_err(|e| internal("step dir")(e.to_string()))?;
         }
-        // COPY --link makes its layer on its own, independent of the layers below.
-        let linked = matches!(&action, Action::Copy(c) if c.link);
         // The copy snapshotter starts from the last step's tree when it can: in the user
         // namespace only, where every process of a step dies with its pid namespace (chrooted
         // or in-place steps can leave a daemon writing on into the tree).
@@ -1906,12 +1948,7 @@ impl Builder<'_> {
         }
         let store = self.store.clone();
         let snapshots = self.snapshots.clone();
-        let diff_opts = DiffOptions {
-            source_date_epoch: self.opts.source_date_epoch,
-            compression: self.opts.compression,
-            threads: None,
-            recorded_owners: !self.opts.mapping.has_many_ids(),
-        };
+        let diff_opts = self.diff_options();
         let made = tokio::task::spawn_blocking(move || -> Result<Option<(Layer, bool)>, String> {
             if layer::is_empty_upper(&upper).map_err(|e| e.to_string())? {
                 return Ok(None);
@@ -1955,9 +1992,21 @@ impl Builder<'_> {
                 .exists()
             && fs::rename(dir.join("merged"), &warm).is_ok();
         cleanup(&dir);
-        let made = made
-            .map(|m| m.map(|(layer, _)| layer))
-            .map_err(|e| self.err(node, format!("making the layer: {e}")))?;
+        let made = made.map(|m| m.map(|(layer, _)| layer));
+        self.commit_step(node, state, key, made, kept.then_some(warm))
+    }
+
+    /// Records a step's outcome (its layer, if it made one) in the build cache and the stage.
+    /// `warm`: the step's tree, kept for the next step (copy snapshotter).
+    fn commit_step(
+        &self,
+        node: &Node,
+        state: &mut StageState,
+        key: String,
+        made: Result<Option<Layer>, String>,
+        warm: Option<PathBuf>,
+    ) -> Result<StepOutcome, BuildError> {
+        let made = made.map_err(|e| self.err(node, format!("making the layer: {e}")))?;
         let created = self.now();
         let record = Record {
             created: created.clone(),
@@ -1983,9 +2032,9 @@ impl Builder<'_> {
             state.config.rootfs.diff_ids.push(layer.diff_id.clone());
             state.layers.push(layer);
         }
-        if kept {
+        if let Some(path) = warm {
             state.warm = Some(WarmTree {
-                path: warm,
+                path,
                 layers: state.layers.iter().map(|l| l.snapshot.clone()).collect(),
             });
         }
@@ -1994,6 +2043,117 @@ impl Builder<'_> {
             layer: has_layer,
             cached: false,
         })
+    }
+
+    fn diff_options(&self) -> DiffOptions {
+        DiffOptions {
+            source_date_epoch: self.opts.source_date_epoch,
+            compression: self.opts.compression,
+            threads: None,
+            recorded_owners: !self.opts.mapping.has_many_ids(),
+        }
+    }
+
+    /// Unpacks the snapshot of every layer in `layers` that has none yet: a cached step's
+    /// layer, or a COPY's made without its files (see [`Self::direct_copy`]), once a step
+    /// needs its files after all.
+    /// `node`: the instruction whose step needs them, for messages (none for an export).
+    pub(super) async fn ensure_trees(
+        &self,
+        node: Option<&Node>,
+        layers: &[Layer],
+    ) -> Result<(), BuildError> {
+        for l in layers.iter().filter(|l| !l.snapshot.exists()) {
+            if !self.store.has_blob(&l.blob.digest) {
+                let message = format!(
+                    "layer {} is neither unpacked nor stored in {}; build again with --no-cache",
+                    l.blob.digest,
+                    self.store.root().display()
+                );
+                return Err(match node {
+                    Some(node) => self.err(node, message),
+                    None => BuildError::Input(message),
+                });
+            }
+            let path = self
+                .store
+                .blob_path(&l.blob.digest)
+                .map_err(|e| match node {
+                    Some(node) => self.err(node, e.to_string()),
+                    None => BuildError::Input(e.to_string()),
+                })?;
+            self.unpack(node, &path, &l.blob, &l.diff_id, &l.snapshot)
+                .await?;
+        }
+        Ok(())
+    }
+
+    /// A COPY from the build context as the last step of the target stage that touches its
+    /// files (only config instructions follow): its layer is written straight from the
+    /// context, without copying the files into a snapshot first, since nothing reads them.
+    /// The snapshot is unpacked from the layer later if a build does need it
+    /// ([`Self::ensure_trees`]). `None` when the COPY is not of the simple kind
+    /// [`direct_copy::plan`] takes: it then runs in the sandbox as usual.
+    /// `SHMOCKER_DIRECT_COPY=0` turns this off.
+    async fn direct_copy(
+        &self,
+        node: &Node,
+        state: &mut StageState,
+        key: &str,
+        copy: &CopySpec,
+        linked: bool,
+    ) -> Result<Option<StepOutcome>, BuildError> {
+        if !state.tree_unused_after
+            || self.opts.chroot
+            || self.in_place.is_some()
+            || std::env::var_os("SHMOCKER_DIRECT_COPY").is_some_and(|v| v == "0")
+        {
+            return Ok(None);
+        }
+        let lowers: Vec<PathBuf> = if linked {
+            vec![]
+        } else {
+            state.layers.iter().map(|l| l.snapshot.clone()).collect()
+        };
+        let copy = copy.clone();
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs() as i64)
+            .unwrap_or(0);
+        let Some(mut entries) =
+            tokio::task::spawn_blocking(move || super::direct_copy::plan(&copy, &lowers, now))
+                .await
+                .map_err(|e| internal("copy task")(e.to_string()))?
+        else {
+            return Ok(None);
+        };
+        if let Some(stale) = state.warm.take() {
+            discard_tree(stale.path);
+        }
+        let store = self.store.clone();
+        let snapshots = self.snapshots.clone();
+        let diff_opts = self.diff_options();
+        let made = tokio::task::spawn_blocking(move || -> Result<Option<Layer>, String> {
+            let blob = layer::entries_to_blob(&mut entries, &store, &diff_opts)
+                .map_err(|e| e.to_string())?;
+            let snapshot = snapshots
+                .layer_dir(&blob.diff_id)
+                .map_err(|e| e.to_string())?;
+            Ok(Some(Layer {
+                blob: BlobRef {
+                    digest: blob.digest,
+                    size: blob.size,
+                    media_type: blob.media_type,
+                },
+                diff_id: blob.diff_id,
+                snapshot,
+                base: false,
+            }))
+        })
+        .await
+        .map_err(|e| internal("copy task")(e.to_string()))?;
+        self.commit_step(node, state, key.to_string(), made, None)
+            .map(Some)
     }
 
     /// Applies a cache record, if what it names is still in the store (re-unpacking a snapshot
@@ -2018,14 +2178,7 @@ impl Builder<'_> {
                 size: l.size,
                 media_type: l.media_type.clone(),
             };
-            if !snapshot.exists() {
-                let path = self
-                    .store
-                    .blob_path(&l.digest)
-                    .map_err(|e| self.err(node, e.to_string()))?;
-                self.unpack(node, &path, &blob, &l.diff_id, &snapshot)
-                    .await?;
-            }
+            // The snapshot is unpacked when a step needs it (ensure_trees), if ever.
             state.config.rootfs.diff_ids.push(l.diff_id.clone());
             state.layers.push(Layer {
                 blob,

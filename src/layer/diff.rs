@@ -7,7 +7,7 @@ use std::fs::{self, File, Metadata};
 use std::io::{self, BufWriter, Read, Write};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use sha2::{Digest as _, Sha256};
 
@@ -82,23 +82,7 @@ fn write_blob(
     opts: &DiffOptions,
     mode: Mode,
 ) -> Result<LayerBlob, LayerError> {
-    let blob = store.blob_writer()?;
-    let threads = opts.threads.unwrap_or_else(super::pargz::default_threads);
-    let enc = Encoder::new(blob, opts.compression, threads).map_err(write_err)?;
-    let sink: Sink = BufWriter::with_capacity(
-        128 * 1024,
-        HashWriter {
-            inner: enc,
-            hasher: Sha256::new(),
-        },
-    );
-    let mut walker = Walker {
-        mode,
-        opts,
-        tar: TarWriter::new(sink),
-        links: HashMap::new(),
-        warnings: Vec::new(),
-    };
+    let mut walker = Walker::start(store, opts, mode)?;
     let md = fs::symlink_metadata(root).map_err(|e| LayerError::Io {
         op: "lstat",
         path: root.to_path_buf(),
@@ -113,19 +97,93 @@ fn write_blob(
     }
     walker.walk_dir(root, b"")?;
 
-    let Walker { tar, warnings, .. } = walker;
-    let sink = tar.finish().map_err(write_err)?;
-    let hashing = sink.into_inner().map_err(|e| write_err(e.into_error()))?;
-    let diff_id = format!("sha256:{}", hex::encode(hashing.hasher.finalize()));
-    let blob = hashing.inner.finish().map_err(write_err)?;
-    let (digest, size) = blob.commit(None)?;
-    Ok(LayerBlob {
-        digest,
-        diff_id,
-        size,
-        media_type: opts.compression.media_type().to_string(),
-        warnings,
-    })
+    walker.finish()
+}
+
+/// One entry of a layer written from a list rather than from a directory: see
+/// [`entries_to_blob`].
+#[derive(Debug, Clone)]
+pub struct ListedEntry {
+    /// The path in the layer, relative (`data/d0/f1`), plain components only.
+    pub path: PathBuf,
+    pub kind: ListedKind,
+    pub mode: u32,
+    pub uid: u32,
+    pub gid: u32,
+    /// Seconds since the epoch (clamped like every other mtime).
+    pub mtime: i64,
+}
+
+#[derive(Debug, Clone)]
+pub enum ListedKind {
+    Dir,
+    /// A regular file whose bytes are read from `src` (opened without following a symlink),
+    /// which must still be `size` bytes long.
+    File {
+        src: PathBuf,
+        size: u64,
+    },
+    Symlink {
+        target: PathBuf,
+    },
+}
+
+/// Writes a layer holding exactly `entries`, in the layer format's order (depth first, names
+/// sorted by their bytes, whatever order they come in), streamed like [`diff_upper_to_blob`].
+/// A COPY whose files nothing reads afterwards becomes its layer this way, without writing
+/// the files anywhere first (engine `direct_copy`).
+pub fn entries_to_blob(
+    entries: &mut [ListedEntry],
+    store: &Store,
+    opts: &DiffOptions,
+) -> Result<LayerBlob, LayerError> {
+    // Path's order compares component by component: a directory's entries follow it at once.
+    entries.sort_by(|a, b| a.path.cmp(&b.path));
+    let mut walker = Walker::start(store, opts, Mode::Plain)?;
+    for e in entries.iter() {
+        let mut name = e.path.as_os_str().as_bytes().to_vec();
+        let mut h = EntryHeader {
+            typeflag: tarfmt::TYPE_REG,
+            mode: e.mode & 0o7777,
+            uid: u64::from(e.uid),
+            gid: u64::from(e.gid),
+            mtime: walker.clamp(e.mtime),
+            ..Default::default()
+        };
+        match &e.kind {
+            ListedKind::Dir => {
+                name.push(b'/');
+                h.name = name;
+                h.typeflag = tarfmt::TYPE_DIR;
+                walker.append(&e.path, &h, None)?;
+            }
+            ListedKind::Symlink { target } => {
+                h.name = name;
+                h.typeflag = tarfmt::TYPE_SYMLINK;
+                h.linkname = target.as_os_str().as_bytes().to_vec();
+                walker.append(&e.path, &h, None)?;
+            }
+            ListedKind::File { src, size } => {
+                h.name = name;
+                h.size = *size;
+                let mut file = File::options()
+                    .read(true)
+                    .custom_flags(nix::fcntl::OFlag::O_NOFOLLOW.bits())
+                    .open(src)
+                    .map_err(io_err("opening", src))?;
+                walker.append(src, &h, Some(&mut file))?;
+                let mut extra = [0u8; 1];
+                if file.read(&mut extra).map_err(io_err("reading", src))? != 0 {
+                    return Err(LayerError::FileChanged {
+                        path: src.clone(),
+                        expected: *size,
+                        actual: *size + 1,
+                    });
+                }
+            }
+        }
+    }
+    walker.finish()
 }
 
 /// Writes the same layer again in another compression: the blob at `src` (compressed with
@@ -232,7 +290,46 @@ fn join(parent: &[u8], name: &[u8]) -> Vec<u8> {
     v
 }
 
-impl Walker<'_> {
+impl<'a> Walker<'a> {
+    /// A walker writing into a new blob of `store`: tar -> sha256 -> compressor -> blob.
+    fn start(store: &Store, opts: &'a DiffOptions, mode: Mode) -> Result<Self, LayerError> {
+        let blob = store.blob_writer()?;
+        let threads = opts.threads.unwrap_or_else(super::pargz::default_threads);
+        let enc = Encoder::new(blob, opts.compression, threads).map_err(write_err)?;
+        let sink: Sink = BufWriter::with_capacity(
+            128 * 1024,
+            HashWriter {
+                inner: enc,
+                hasher: Sha256::new(),
+            },
+        );
+        Ok(Walker {
+            mode,
+            opts,
+            tar: TarWriter::new(sink),
+            links: HashMap::new(),
+            warnings: Vec::new(),
+        })
+    }
+
+    /// Ends the tar stream and commits the blob.
+    fn finish(self) -> Result<LayerBlob, LayerError> {
+        let opts = self.opts;
+        let Walker { tar, warnings, .. } = self;
+        let sink = tar.finish().map_err(write_err)?;
+        let hashing = sink.into_inner().map_err(|e| write_err(e.into_error()))?;
+        let diff_id = format!("sha256:{}", hex::encode(hashing.hasher.finalize()));
+        let blob = hashing.inner.finish().map_err(write_err)?;
+        let (digest, size) = blob.commit(None)?;
+        Ok(LayerBlob {
+            digest,
+            diff_id,
+            size,
+            media_type: opts.compression.media_type().to_string(),
+            warnings,
+        })
+    }
+
     fn clamp(&self, t: i64) -> i64 {
         let t = t.max(0);
         match self.opts.source_date_epoch {

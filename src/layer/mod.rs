@@ -92,7 +92,10 @@ use std::path::{Path, PathBuf};
 
 pub use apply::apply_layer;
 pub use compress::{LayerCompression, MEDIA_TYPE_OCI_LAYER_ZSTD};
-pub use diff::{diff_upper_to_blob, dir_to_blob, is_empty_upper, recompress};
+pub use diff::{
+    ListedEntry, ListedKind, diff_upper_to_blob, dir_to_blob, entries_to_blob, is_empty_upper,
+    recompress,
+};
 pub use pargz::{
     BLOCK_SIZE as GZIP_BLOCK_SIZE, ParGzEncoder, default_threads as default_compression_threads,
 };

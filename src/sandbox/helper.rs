@@ -1282,7 +1282,7 @@ fn init(
 }
 
 /// Whether `id` exists in this process's user namespace (`map`: `uid_map` or `gid_map`).
-fn id_mapped(id: u32, map: &str) -> bool {
+pub fn id_mapped(id: u32, map: &str) -> bool {
     let Ok(text) = fs::read_to_string(format!("/proc/self/{map}")) else {
         return true;
     };

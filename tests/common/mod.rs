@@ -173,6 +173,11 @@ pub fn binary() -> &'static Path {
 
 /// Runs `shmocker --root STORE ARGS...` as `who`.
 pub fn shmocker(who: Who, store: &Path, args: &[&str]) -> Output {
+    shmocker_env(who, store, args, &[])
+}
+
+/// [`shmocker`] with environment variables set for it.
+pub fn shmocker_env(who: Who, store: &Path, args: &[&str], vars: &[(&str, &str)]) -> Output {
     let mut cmd = match who {
         Who::Root => Command::new(binary()),
         Who::User => {
@@ -185,6 +190,7 @@ pub fn shmocker(who: Who, store: &Path, args: &[&str]) -> Output {
     };
     cmd.arg("--root").arg(store).args(args).current_dir("/");
     cmd.env_remove("SHMOCKER_ROOT");
+    cmd.envs(vars.iter().copied());
     let out = cmd.output().expect("running shmocker");
     eprintln!(
         "--- shmocker {args:?} as {who:?}: {}\n{}",
