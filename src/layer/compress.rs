@@ -20,8 +20,10 @@ pub enum LayerCompression {
 }
 
 impl Default for LayerCompression {
+    /// gzip level 5: on real layers as small as level 6 to within 1 %, and on text up to 2.6x
+    /// faster (ADR 0012).
     fn default() -> Self {
-        LayerCompression::Gzip { level: 6 }
+        LayerCompression::Gzip { level: 5 }
     }
 }
 

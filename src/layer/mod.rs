@@ -39,7 +39,7 @@
 //! then compressed into a [`BlobWriter`](crate::store::BlobWriter) that hashes the compressed
 //! bytes (the digest). The compression ([`DiffOptions::compression`]) is gzip by default
 //! (`application/vnd.oci.image.layer.v1.tar+gzip`): block-parallel deterministic gzip (`pargz`:
-//! level 6, 128 KiB blocks each with the previous 32 KiB as dictionary, one member, header with
+//! level 5 unless told otherwise, 128 KiB blocks each with the previous 32 KiB as dictionary, one member, header with
 //! mtime 0, no file name, OS byte 255), or zstd (`...tar+zstd`, zstd's multi-threaded format).
 //! Either way the bytes depend on the tar and the level only, not on the number of threads.
 //!

@@ -1581,7 +1581,7 @@ fn recompress_keeps_the_diff_id_and_matches_a_direct_write() {
 fn layer_compression_names_and_levels() {
     assert_eq!(
         LayerCompression::parse("gzip", None).unwrap(),
-        LayerCompression::Gzip { level: 6 }
+        LayerCompression::Gzip { level: 5 }
     );
     assert_eq!(
         LayerCompression::parse("zstd", Some("19")).unwrap(),
