@@ -540,7 +540,7 @@ fn add_unpacks_local_archives_and_fetches_urls_with_checksums() {
 
 #[test]
 fn copy_flags_link_exclude_parents() {
-    let dockerfile = "ARG BASE\nFROM ${BASE}\nRUN ln -s /etc /linked\nCOPY --link a.txt /linked/a.txt\nCOPY --exclude=*.log logs/ /logs/\nCOPY --parents src/deep/one.txt /p/\nCOPY --chmod=u+x,go-r a.txt /sym.txt\n";
+    let dockerfile = "ARG BASE\nFROM ${BASE}\nRUN ln -s /etc /linked && mkdir -p /etc/myapp /app && ln -s /etc/myapp /app/config\nCOPY --link a.txt /linked/a.txt\nCOPY --exclude=*.log logs/ /logs/\nCOPY --parents src/deep/one.txt /p/\nCOPY --parents config/app.ini /app/\nCOPY --chmod=u+x,go-r a.txt /sym.txt\n";
     let store = scratch_dir(Who::User);
     let (_w, rootfs, _) = build_and_unpack(
         Who::User,
@@ -551,10 +551,17 @@ fn copy_flags_link_exclude_parents() {
             ("logs/keep.txt", "keep\n"),
             ("logs/drop.log", "drop\n"),
             ("src/deep/one.txt", "one\n"),
+            ("config/app.ini", "ini\n"),
         ],
         &[],
     );
     let t = tree(&rootfs);
+    // The image's absolute symlink /app/config leads to /etc/myapp, from the rootfs's `/`.
+    assert_eq!(
+        std::fs::read_to_string(rootfs.join("etc/myapp/app.ini")).unwrap(),
+        "ini\n"
+    );
+    assert!(!t.contains_key("/app/etc/myapp/app.ini"));
     // --link: the layer is made on its own, so /linked stays the symlink from the RUN below it
     // and the linked layer's /linked directory replaces it (as BuildKit's --link does).
     assert!(
@@ -1389,6 +1396,16 @@ fn direct_copy_context(dockerfile: &str) -> tempfile::TempDir {
     std::os::unix::fs::symlink("sub/b.sh", t.join("link")).unwrap();
     std::fs::create_dir(t.join("empty")).unwrap();
     run_cmd(Command::new("chmod").args(["-R", "a+r"]).arg(ctx.path()));
+    // Times before SOURCE_DATE_EPOCH, so that they reach the layer unclamped and are compared.
+    run_cmd(Command::new("find").arg(ctx.path()).args([
+        "-exec",
+        "touch",
+        "-h",
+        "-d",
+        "2001-02-03 04:05:06",
+        "{}",
+        "+",
+    ]));
     ctx
 }
 

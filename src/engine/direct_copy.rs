@@ -54,6 +54,9 @@ pub(super) fn plan(copy: &CopySpec, lowers: &[PathBuf], now: i64) -> Option<Vec<
         }
     };
     let dest = plain_components(Path::new(copy.dest.trim_start_matches('/')))?;
+    if dest.iter().any(|c| is_whiteout_name(c)) {
+        return None;
+    }
     let top = dest.first()?;
     let mut whiteout = b".wh.".to_vec();
     whiteout.extend_from_slice(top.as_bytes());
@@ -89,7 +92,12 @@ pub(super) fn plan(copy: &CopySpec, lowers: &[PathBuf], now: i64) -> Option<Vec<
     let mut seen: HashSet<PathBuf> = HashSet::new();
     let mut dirs: HashSet<PathBuf> = HashSet::new();
     for item in &copy.items {
-        let rel: PathBuf = plain_components(&item.rel)?.iter().collect();
+        let rel = plain_components(&item.rel)?;
+        // A name the layer format reserves for whiteouts: the usual way refuses it, saying so.
+        if rel.iter().any(|c| is_whiteout_name(c)) {
+            return None;
+        }
+        let rel: PathBuf = rel.iter().collect();
         let meta = fs::symlink_metadata(&item.src).ok()?;
         let ft = meta.file_type();
         if rel.as_os_str().is_empty() {
@@ -113,7 +121,6 @@ pub(super) fn plan(copy: &CopySpec, lowers: &[PathBuf], now: i64) -> Option<Vec<
         } else if ft.is_file() {
             ListedKind::File {
                 src: item.src.clone(),
-                size: meta.len(),
             }
         } else if ft.is_symlink() {
             ListedKind::Symlink {
@@ -140,6 +147,10 @@ pub(super) fn plan(copy: &CopySpec, lowers: &[PathBuf], now: i64) -> Option<Vec<
         return None;
     }
     Some(entries)
+}
+
+fn is_whiteout_name(name: &std::ffi::OsStr) -> bool {
+    name.as_bytes().starts_with(b".wh.")
 }
 
 /// `path`'s components if every one is a plain name (none for an empty path).
@@ -209,6 +220,10 @@ mod tests {
         assert!(plan(&spec(ctx.path(), "/etc/app/", &["d"]), &[], 7).is_some());
         // A missing snapshot cannot be looked into.
         assert!(plan(&ok, &[lower.path().join("missing")], 7).is_none());
+        // Names the layer format keeps for whiteouts, in the items or the destination.
+        fs::write(ctx.path().join("d/.wh.x"), "").unwrap();
+        assert!(plan(&spec(ctx.path(), "/data/", &["d", "d/.wh.x"]), &lowers, 7).is_none());
+        assert!(plan(&spec(ctx.path(), "/.wh.data/", &["d"]), &lowers, 7).is_none());
         // Two items with one path, a file without its directory, a name to look up.
         assert!(plan(&spec(ctx.path(), "/data/", &["d", "d"]), &lowers, 7).is_none());
         assert!(plan(&spec(ctx.path(), "/data/", &["d/f"]), &lowers, 7).is_none());

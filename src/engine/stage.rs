@@ -2103,7 +2103,14 @@ impl Builder<'_> {
         copy: &CopySpec,
         linked: bool,
     ) -> Result<Option<StepOutcome>, BuildError> {
+        // An export of the filesystem reads the files at once: the sandbox's copy is as cheap.
+        let exports_files = self
+            .opts
+            .exports
+            .iter()
+            .any(|e| matches!(e, super::Export::Local(_)));
         if !state.tree_unused_after
+            || exports_files
             || self.opts.chroot
             || self.in_place.is_some()
             || std::env::var_os("SHMOCKER_DIRECT_COPY").is_some_and(|v| v == "0")

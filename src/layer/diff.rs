@@ -117,11 +117,10 @@ pub struct ListedEntry {
 #[derive(Debug, Clone)]
 pub enum ListedKind {
     Dir,
-    /// A regular file whose bytes are read from `src` (opened without following a symlink),
-    /// which must still be `size` bytes long.
+    /// A regular file whose bytes are read from `src`: what it holds when it is opened
+    /// (without following a symlink); it must not change while it is read.
     File {
         src: PathBuf,
-        size: u64,
     },
     Symlink {
         target: PathBuf,
@@ -141,6 +140,13 @@ pub fn entries_to_blob(
     entries.sort_by(|a, b| a.path.cmp(&b.path));
     let mut walker = Walker::start(store, opts, Mode::Plain)?;
     for e in entries.iter() {
+        if let Some(name) = e.path.file_name()
+            && name.as_bytes().starts_with(b".wh.")
+        {
+            return Err(LayerError::WhiteoutName {
+                path: e.path.clone(),
+            });
+        }
         let mut name = e.path.as_os_str().as_bytes().to_vec();
         let mut h = EntryHeader {
             typeflag: tarfmt::TYPE_REG,
@@ -163,21 +169,29 @@ pub fn entries_to_blob(
                 h.linkname = target.as_os_str().as_bytes().to_vec();
                 walker.append(&e.path, &h, None)?;
             }
-            ListedKind::File { src, size } => {
-                h.name = name;
-                h.size = *size;
+            ListedKind::File { src } => {
+                // Non-blocking: a FIFO put in the file's place must not hang the build.
+                let flags = nix::fcntl::OFlag::O_NOFOLLOW | nix::fcntl::OFlag::O_NONBLOCK;
                 let mut file = File::options()
                     .read(true)
-                    .custom_flags(nix::fcntl::OFlag::O_NOFOLLOW.bits())
+                    .custom_flags(flags.bits())
                     .open(src)
                     .map_err(io_err("opening", src))?;
+                let md = file.metadata().map_err(io_err("fstat", src))?;
+                if !md.is_file() {
+                    return Err(io_err("reading", src)(io::Error::other(
+                        "no longer a regular file",
+                    )));
+                }
+                h.name = name;
+                h.size = md.len();
                 walker.append(src, &h, Some(&mut file))?;
                 let mut extra = [0u8; 1];
                 if file.read(&mut extra).map_err(io_err("reading", src))? != 0 {
                     return Err(LayerError::FileChanged {
                         path: src.clone(),
-                        expected: *size,
-                        actual: *size + 1,
+                        expected: h.size,
+                        actual: h.size + 1,
                     });
                 }
             }

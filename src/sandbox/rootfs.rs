@@ -293,17 +293,51 @@ pub fn copy_into(root: &Path, spec: &CopySpec) -> Result<(), SandboxError> {
     // touches a queued target, or a path below one, the queue is emptied: the result is the
     // same as copying one item after the other.
     let mut queue = FileQueue::default();
+    let copied = copy_items(
+        root,
+        spec,
+        owner,
+        dest_is_dir,
+        &base,
+        &mut queue,
+        &mut dir_times,
+    );
+    // Files queued before a failing item come first, as if copied one after the other.
+    queue.run(spec, owner)?;
+    copied?;
+    for (dir, meta) in dir_times.iter().rev() {
+        set_mtime(dir, meta)?;
+    }
+    Ok(())
+}
+
+/// The loop of [`copy_into`]: every item but the regular files, which go to `queue`.
+fn copy_items<'a>(
+    root: &Path,
+    spec: &'a CopySpec,
+    owner: (u32, u32),
+    dest_is_dir: bool,
+    base: &Path,
+    queue: &mut FileQueue<'a>,
+    dir_times: &mut Vec<(PathBuf, fs::Metadata)>,
+) -> Result<(), SandboxError> {
+    // An item's directory is resolved from the rootfs's `/`, as the container sees it: a
+    // symlink in the image below the destination (`/app/config -> /etc/app`) leads where it
+    // points, never out of the rootfs.
+    let base_in_root = Path::new("/").join(base.strip_prefix(root).unwrap_or(Path::new("")));
+    let resolve_dir =
+        |p: &Path| resolve_in_root(root, &base_in_root.join(p).to_string_lossy(), true);
     for item in &spec.items {
         let target = if !dest_is_dir || item.rel.as_os_str().is_empty() {
-            base.clone()
+            base.to_path_buf()
         } else {
             // `rel` comes from our own walk of the context: plain components only.
             let parent = match item.rel.parent() {
                 Some(p) if !p.as_os_str().is_empty() => {
-                    let mut dir = resolve_in_root(&base, &p.to_string_lossy(), true)?;
+                    let mut dir = resolve_dir(p)?;
                     if queue.touches(&dir, root) {
                         queue.run(spec, owner)?;
-                        dir = resolve_in_root(&base, &p.to_string_lossy(), true)?;
+                        dir = resolve_dir(p)?;
                     }
                     if !dir.exists() {
                         // `COPY --parents` names files whose directories are not items.
@@ -318,7 +352,7 @@ pub fn copy_into(root: &Path, spec: &CopySpec) -> Result<(), SandboxError> {
                     }
                     dir
                 }
-                _ => base.clone(),
+                _ => base.to_path_buf(),
             };
             parent.join(item.rel.file_name().unwrap_or(OsStr::new("")))
         };
@@ -375,10 +409,6 @@ pub fn copy_into(root: &Path, spec: &CopySpec) -> Result<(), SandboxError> {
         }
         set_mtime(&target, &meta)?;
     }
-    queue.run(spec, owner)?;
-    for (dir, meta) in dir_times.iter().rev() {
-        set_mtime(dir, meta)?;
-    }
     Ok(())
 }
 
@@ -410,8 +440,8 @@ impl<'a> FileQueue<'a> {
                 .any(|a| self.targets.contains(a))
     }
 
-    /// Copies every queued file, on up to four threads; the first failure in item order is
-    /// the one reported.
+    /// Copies every queued file, on up to four threads (this one included); the first failure
+    /// in item order is the one reported.
     fn run(&mut self, spec: &CopySpec, owner: (u32, u32)) -> Result<(), SandboxError> {
         let files = std::mem::take(&mut self.files);
         self.targets.clear();
@@ -426,38 +456,36 @@ impl<'a> FileQueue<'a> {
             }
             return Ok(());
         }
-        let next = std::sync::atomic::AtomicUsize::new(0);
-        let failed = std::sync::atomic::AtomicBool::new(false);
+        use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+        let (next, failed) = (AtomicUsize::new(0), AtomicBool::new(false));
+        // Each worker takes the next file until none is left or one failed.
+        let work = || {
+            while !failed.load(Ordering::Relaxed) {
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                let (src, target, meta) = files.get(i)?;
+                if let Err(e) = copy_file(src, target, meta, spec, owner) {
+                    failed.store(true, Ordering::Relaxed);
+                    return Some((i, e));
+                }
+            }
+            None
+        };
         let errors = std::thread::scope(|scope| {
-            let workers: Vec<_> = (0..threads)
-                .map(|_| {
-                    scope.spawn(|| {
-                        let mut first = None;
-                        while !failed.load(std::sync::atomic::Ordering::Relaxed) {
-                            let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                            let Some((src, target, meta)) = files.get(i) else {
-                                break;
-                            };
-                            if let Err(e) = copy_file(src, target, meta, spec, owner) {
-                                failed.store(true, std::sync::atomic::Ordering::Relaxed);
-                                first = Some((i, e));
-                                break;
-                            }
-                        }
-                        first
-                    })
-                })
+            // This thread works too; a thread that cannot be started (RLIMIT_NPROC) is
+            // simply not there.
+            let helpers: Vec<_> = (1..threads)
+                .filter_map(|_| std::thread::Builder::new().spawn_scoped(scope, work).ok())
                 .collect();
-            workers
-                .into_iter()
-                .filter_map(|w| match w.join() {
-                    Ok(e) => e,
-                    Err(_) => Some((
+            let mut errors: Vec<_> = work().into_iter().collect();
+            for h in helpers {
+                errors.extend(h.join().unwrap_or_else(|_| {
+                    Some((
                         usize::MAX,
                         SandboxError::Setup("a COPY worker thread panicked".into()),
-                    )),
-                })
-                .collect::<Vec<_>>()
+                    ))
+                }));
+            }
+            errors
         });
         match errors.into_iter().min_by_key(|(i, _)| *i) {
             Some((_, e)) => Err(e),
