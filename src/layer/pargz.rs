@@ -5,9 +5,10 @@
 //! dictionary, and ends with a sync flush (an empty stored block, so it stops on a byte
 //! boundary); the last block is finished instead. Noise inside a block (random or already
 //! compressed data, found by an integer test on 512-byte segments) is written as stored deflate
-//! blocks instead of being searched for matches (`compress_block`). The blocks, concatenated, make one deflate
-//! stream, wrapped in a single gzip member (header as flate2 writes it with mtime 0 and OS 255;
-//! trailer with the CRC32 combined from the blocks' CRCs and the length mod 2^32).
+//! blocks instead of being searched for matches (`compress_block`). The blocks, concatenated,
+//! make one deflate stream, wrapped in a single gzip member (header as flate2 writes it with
+//! mtime 0 and OS 255; trailer with the CRC32 combined from the blocks' CRCs and the length mod
+//! 2^32).
 //!
 //! Every block's bytes depend only on its own data, its dictionary and the level, so the whole
 //! output depends only on the input and the level: never on the number of threads, on how the
@@ -786,7 +787,7 @@ mod tests {
         let out = compress_block(6, &data, &[], false).unwrap();
         assert!(contains(&out, &rand[4096..8192]), "noise not stored");
         assert!(out.len() < rand.len() + 20_000, "{} bytes", out.len());
-        // Only noise: text, a tar header or a run of zeros in a segment keeps it deflated.
+        // Only noise: text is deflated.
         assert!(noise_runs(&words(BLOCK_SIZE, 3), &[]).is_empty());
         // A tar header (a name and zeros) between two random files is deflated.
         let mut header = [0u8; 512];
