@@ -960,6 +960,67 @@ mod tests {
         );
     }
 
+    /// Random mixes of noise, text, zeros and repeats of earlier bytes, in pieces of random
+    /// length, so that runs of noise start and end anywhere: at block edges, in the last block,
+    /// at the end of the stream.
+    fn pieces(len: usize, seed: u64) -> Vec<u8> {
+        let mut x = seed | 1;
+        let mut next = move || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x
+        };
+        let mut out = Vec::with_capacity(len + 40_000);
+        while out.len() < len {
+            let (kind, n) = (next() % 5, 1 + (next() % 40_000) as usize);
+            match kind {
+                0 | 1 => out.extend(noise(n, next())),
+                2 => out.extend(words(n, next())),
+                3 => out.extend(std::iter::repeat_n(0u8, n % 3000)),
+                _ => {
+                    // A copy of earlier bytes, from within deflate's reach or beyond it.
+                    let from = out.len().saturating_sub(1 + (next() % 50_000) as usize);
+                    let n = n.min(out.len() - from);
+                    out.extend_from_within(from..from + n);
+                }
+            }
+        }
+        out.truncate(len);
+        out
+    }
+
+    #[test]
+    fn random_mixes_round_trip_and_are_the_same_for_any_thread_count() {
+        // Blocks that are not noise as a whole but hold runs of it: what this test is about.
+        let mut mixed = 0;
+        for seed in 1..=24u64 {
+            let len = (seed as usize * 97_531) % (5 * BLOCK_SIZE) + seed as usize;
+            let data = pieces(len, seed);
+            for (i, block) in data.chunks(BLOCK_SIZE).enumerate() {
+                let dict = &data[(i * BLOCK_SIZE).saturating_sub(DICT_SIZE)..i * BLOCK_SIZE];
+                if !incompressible(block, dict) && !noise_runs(block, dict).is_empty() {
+                    mixed += 1;
+                }
+            }
+            let one = compress(&data, 1, 128 * 1024);
+            let (threads, chunk) = [(2, 3000), (3, 128 * 1024 + 1), (4, 65_536)][seed as usize % 3];
+            assert_eq!(
+                compress(&data, threads, chunk),
+                one,
+                "seed {seed}: {threads} threads, writes of {chunk}"
+            );
+            assert!(gunzip(&one) == data, "seed {seed}: round trip");
+            if seed % 6 == 0 {
+                assert!(
+                    run_tool("gzip", &["-dc"], &one) == data,
+                    "seed {seed}: gzip -dc"
+                );
+            }
+        }
+        assert!(mixed >= 20, "only {mixed} blocks with runs of noise");
+    }
+
     #[test]
     fn header_and_trailer_are_gzips() {
         let data = sample(3 * BLOCK_SIZE + 5);
