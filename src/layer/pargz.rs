@@ -108,9 +108,12 @@ fn compress_block(level: u32, data: &[u8], dict: &[u8], last: bool) -> io::Resul
 }
 
 /// The (up to) 32 KiB of input before `data[at]`: the end of `dict`, then `data` up to `at`.
-fn window<'a>(data: &'a [u8], dict: &[u8], at: usize) -> Cow<'a, [u8]> {
+fn window<'a>(data: &'a [u8], dict: &'a [u8], at: usize) -> Cow<'a, [u8]> {
     if at >= DICT_SIZE {
         return Cow::Borrowed(&data[at - DICT_SIZE..at]);
+    }
+    if at == 0 {
+        return Cow::Borrowed(&dict[dict.len().saturating_sub(DICT_SIZE)..]);
     }
     let from_dict = (DICT_SIZE - at).min(dict.len());
     Cow::Owned([&dict[dict.len() - from_dict..], &data[..at]].concat())
@@ -164,6 +167,8 @@ fn deflate_into(
 /// last one with BFINAL set if `last`. The stream must be on a byte boundary: at the start of a
 /// block, after a sync flush or after other stored blocks.
 fn store_into(out: &mut Vec<u8>, data: &[u8], last: bool) {
+    // Empty data would write no block at all, and so no BFINAL: runs are never empty.
+    debug_assert!(!data.is_empty(), "an empty stored run");
     let n = data.len().div_ceil(STORED_MAX);
     for (i, chunk) in data.chunks(STORED_MAX).enumerate() {
         // BFINAL (bit 0), BTYPE 00 (bits 1-2), then padding to the byte boundary.
@@ -180,8 +185,9 @@ const NOISE_MIN: usize = 16 * 1024;
 /// The byte histogram's chi-square against a uniform one stays below this for noise: about 255
 /// (the degrees of freedom) for random bytes, give or take 23 whatever the length; text and
 /// structured binary data are in the thousands even over 512 bytes (a tar header alone puts a
-/// segment far above it), and random 7-bit bytes, the flattest data Huffman coding still gains
-/// on (1/8), give about 512 over 512 bytes. Above it, Huffman coding alone would gain something.
+/// segment far above it), and random 7-bit bytes (which Huffman coding shrinks by 1/8) give
+/// about n + 255, 767 over 512 bytes. Data spread evenly over some 240 of the 256 values scores
+/// around 320 and is taken for noise, though Huffman coding would gain about 1 % on it.
 const NOISE_MAX_CHI2: u64 = 400;
 /// Inside a mixed block, noise is looked for in segments of this many bytes (the last segment
 /// takes the block's remainder too): tar's record size, and the shortest over which the
@@ -545,7 +551,11 @@ mod tests {
     }
 
     fn compress(data: &[u8], threads: usize, chunk: usize) -> Vec<u8> {
-        let mut enc = ParGzEncoder::new(Vec::new(), 6, threads);
+        compress_at(6, data, threads, chunk)
+    }
+
+    fn compress_at(level: u32, data: &[u8], threads: usize, chunk: usize) -> Vec<u8> {
+        let mut enc = ParGzEncoder::new(Vec::new(), level, threads);
         for c in data.chunks(chunk.max(1)) {
             enc.write_all(c).unwrap();
         }
@@ -1019,6 +1029,64 @@ mod tests {
             }
         }
         assert!(mixed >= 20, "only {mixed} blocks with runs of noise");
+    }
+
+    #[test]
+    fn every_level_writes_the_same_valid_stream_for_any_thread_count() {
+        // Levels 1 (deflate_quick), 2-3 (fast), 4-6 (medium) and 7-9 (slow) each write their
+        // own block headers before the stored runs.
+        for level in 1..=9 {
+            let data = pieces(3 * BLOCK_SIZE + 7_777, u64::from(level) * 5);
+            let one = compress_at(level, &data, 1, 128 * 1024);
+            assert_eq!(compress_at(level, &data, 3, 10_000), one, "level {level}");
+            assert!(gunzip(&one) == data, "level {level}: round trip");
+            assert!(
+                run_tool("gzip", &["-dc"], &one) == data,
+                "level {level}: gzip -dc"
+            );
+        }
+    }
+
+    #[test]
+    fn stored_runs_longer_than_a_stored_block_are_split() {
+        // A tar header, then a compressed file filling the block: the block as a whole is not
+        // flat (the header's zeros), so its noise is one run of 130,560 bytes: three stored
+        // blocks, the last one of the stream with BFINAL only.
+        let block = |seed| [vec![0u8; 512], noise(BLOCK_SIZE - 512, seed)].concat();
+        let cases = [
+            // In a middle block, then ending the stream, then followed by text.
+            [block(1), block(2), words(BLOCK_SIZE, 3)].concat(),
+            [words(BLOCK_SIZE, 4), block(5)].concat(),
+            [
+                block(6),
+                block(7)[..BLOCK_SIZE - 3_000].to_vec(),
+                words(3_000, 8),
+            ]
+            .concat(),
+        ];
+        for (i, data) in cases.iter().enumerate() {
+            // The block with the header and the compressed file, and the 32 KiB before it.
+            let at = if i == 1 { BLOCK_SIZE } else { 0 };
+            let (b, dict) = (
+                &data[at..at + BLOCK_SIZE],
+                &data[at.saturating_sub(DICT_SIZE)..at],
+            );
+            assert!(
+                !incompressible(b, dict),
+                "case {i}: the block as a whole is not noise"
+            );
+            assert!(
+                noise_runs(b, dict).iter().any(|(s, e)| e - s > STORED_MAX),
+                "case {i}: a run longer than one stored block"
+            );
+            let one = compress(data, 1, 128 * 1024);
+            assert_eq!(compress(data, 2, 4096), one, "case {i}");
+            assert!(gunzip(&one) == *data, "case {i}: round trip");
+            assert!(
+                run_tool("gzip", &["-dc"], &one) == *data,
+                "case {i}: gzip -dc"
+            );
+        }
     }
 
     #[test]
