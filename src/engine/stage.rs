@@ -30,6 +30,22 @@ pub(super) struct Layer {
     pub base: bool,
 }
 
+impl Layer {
+    /// A layer a step of this build made, with its snapshot's place (which may not exist).
+    fn made(blob: layer::LayerBlob, snapshot: PathBuf) -> Layer {
+        Layer {
+            blob: BlobRef {
+                digest: blob.digest,
+                size: blob.size,
+                media_type: blob.media_type,
+            },
+            diff_id: blob.diff_id,
+            snapshot,
+            base: false,
+        }
+    }
+}
+
 /// The image a stage is building, as it grows.
 #[derive(Debug, Clone)]
 pub(super) struct StageState {
@@ -1964,19 +1980,7 @@ impl Builder<'_> {
             if !ours && !snapshot.exists() {
                 return Err(format!("committing the layer to {}", snapshot.display()));
             }
-            Ok(Some((
-                Layer {
-                    blob: BlobRef {
-                        digest: blob.digest,
-                        size: blob.size,
-                        media_type: blob.media_type,
-                    },
-                    diff_id: blob.diff_id,
-                    snapshot,
-                    base: false,
-                },
-                ours,
-            )))
+            Ok(Some((Layer::made(blob, snapshot), ours)))
         })
         .await
         .map_err(|e| internal("diff task")(e.to_string()))?;
@@ -2146,16 +2150,7 @@ impl Builder<'_> {
             let snapshot = snapshots
                 .layer_dir(&blob.diff_id)
                 .map_err(|e| e.to_string())?;
-            Ok(Some(Layer {
-                blob: BlobRef {
-                    digest: blob.digest,
-                    size: blob.size,
-                    media_type: blob.media_type,
-                },
-                diff_id: blob.diff_id,
-                snapshot,
-                base: false,
-            }))
+            Ok(Some(Layer::made(blob, snapshot)))
         })
         .await
         .map_err(|e| internal("copy task")(e.to_string()))?;

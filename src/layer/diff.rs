@@ -229,6 +229,16 @@ pub fn recompress(
         };
         hashing.write_all(&buf[..n]).map_err(write_err)?;
     }
+    seal(hashing, to, vec![])
+}
+
+/// Ends a layer's stream: the diff ID from the tar's hash, the compressor finished, the blob
+/// committed to the store.
+fn seal(
+    hashing: HashWriter<Encoder<BlobWriter>>,
+    compression: LayerCompression,
+    warnings: Vec<String>,
+) -> Result<LayerBlob, LayerError> {
     let diff_id = format!("sha256:{}", hex::encode(hashing.hasher.finalize()));
     let blob = hashing.inner.finish().map_err(write_err)?;
     let (digest, size) = blob.commit(None)?;
@@ -236,8 +246,8 @@ pub fn recompress(
         digest,
         diff_id,
         size,
-        media_type: to.media_type().to_string(),
-        warnings: vec![],
+        media_type: compression.media_type().to_string(),
+        warnings,
     })
 }
 
@@ -332,16 +342,7 @@ impl<'a> Walker<'a> {
         let Walker { tar, warnings, .. } = self;
         let sink = tar.finish().map_err(write_err)?;
         let hashing = sink.into_inner().map_err(|e| write_err(e.into_error()))?;
-        let diff_id = format!("sha256:{}", hex::encode(hashing.hasher.finalize()));
-        let blob = hashing.inner.finish().map_err(write_err)?;
-        let (digest, size) = blob.commit(None)?;
-        Ok(LayerBlob {
-            digest,
-            diff_id,
-            size,
-            media_type: opts.compression.media_type().to_string(),
-            warnings,
-        })
+        seal(hashing, opts.compression, warnings)
     }
 
     fn clamp(&self, t: i64) -> i64 {
