@@ -1504,3 +1504,57 @@ fn a_step_after_a_cached_direct_copy_sees_its_files() {
         "the COPY's snapshot was unpacked for the RUN, which made one of its own"
     );
 }
+
+#[test]
+fn a_cached_build_unpacks_only_the_layers_a_running_step_reads() {
+    // Snapshots removed (as in a fresh runner with the cache imported): a fully cached build
+    // unpacks the base image only, and a step that runs unpacks what it reads, from its own
+    // stage and from the stage it mounts.
+    let dockerfile = |out: &str| {
+        format!(
+            "ARG BASE\nFROM ${{BASE}} AS build\nRUN mkdir /out && echo built > /out/x\n\nFROM ${{BASE}}\nCOPY --from=build /out /copied\nRUN --mount=type=bind,from=build,source=/out,target=/m cat /m/x /copied/x > /{out}\n"
+        )
+    };
+    let ctx = context(&[("Dockerfile", &dockerfile("seen"))]);
+    let store = scratch_dir(Who::User);
+    let base = format!("BASE={}", env().busybox());
+    let build = || {
+        shmocker_ok(
+            Who::User,
+            store.path(),
+            &["build", "--build-arg", &base, ctx.path().to_str().unwrap()],
+        )
+    };
+    let clear_snapshots = || {
+        for e in std::fs::read_dir(store.path().join("snapshots")).unwrap() {
+            let e = e.unwrap();
+            if e.file_name() != "empty" {
+                run_cmd(Command::new("rm").arg("-rf").arg(e.path()));
+            }
+        }
+    };
+    build();
+    clear_snapshots();
+    let out = build();
+    assert!(
+        stderr(&out).matches("CACHED").count() >= 3,
+        "{}",
+        stderr(&out)
+    );
+    assert_eq!(
+        snapshot_count(store.path()),
+        1,
+        "a fully cached build unpacked only the base image's layer"
+    );
+    std::fs::write(ctx.path().join("Dockerfile"), dockerfile("seen2")).unwrap();
+    let (_w, rootfs, _) = build_dir_and_unpack(Who::User, store.path(), ctx.path(), &[]);
+    assert_eq!(
+        std::fs::read_to_string(rootfs.join("seen2")).unwrap(),
+        "built\nbuilt\n"
+    );
+    assert_eq!(
+        snapshot_count(store.path()),
+        4,
+        "the RUN that ran unpacked the build stage's layer and the COPY's, and made its own"
+    );
+}

@@ -778,22 +778,23 @@ impl Builder<'_> {
                             user,
                         },
                         vec![],
+                        vec![],
                     )
                     .await?;
                 created_by = format!("WORKDIR {dir}");
             }
             "run" => {
-                let (spec, helper_env, key, shown) =
+                let (spec, helper_env, key, shown, reads) =
                     self.run_spec(node, state, stages, built).await?;
                 outcome = self
-                    .fs_step(node, state, step, key, Action::Run(spec), helper_env)
+                    .fs_step(node, state, step, key, Action::Run(spec), helper_env, reads)
                     .await?;
                 created_by = shown;
             }
             "copy" | "add" => {
-                let (spec, key) = self.copy_spec(node, state, stages, built).await?;
+                let (spec, key, reads) = self.copy_spec(node, state, stages, built).await?;
                 outcome = self
-                    .fs_step(node, state, step, key, Action::Copy(spec), vec![])
+                    .fs_step(node, state, step, key, Action::Copy(spec), vec![], reads)
                     .await?;
                 created_by = format!(
                     "{} {} # buildkit",
@@ -906,9 +907,11 @@ impl Builder<'_> {
             Vec<(String, String)>,
             serde_json::Value,
             String,
+            Vec<Layer>,
         ),
         BuildError,
     > {
+        let mut reads = Vec::new();
         let mut network = self.opts.network;
         let mut insecure = false;
         let mut mounts = Vec::new();
@@ -951,7 +954,16 @@ impl Builder<'_> {
                 };
             } else if let Some(v) = f.strip_prefix("--mount=") {
                 let (mount, key) = self
-                    .run_mount(node, state, v, stages, built, step, &mut helper_env)
+                    .run_mount(
+                        node,
+                        state,
+                        v,
+                        stages,
+                        built,
+                        step,
+                        &mut helper_env,
+                        &mut reads,
+                    )
                     .await?;
                 mounts.push(mount);
                 key_mounts.push(key);
@@ -1033,7 +1045,7 @@ impl Builder<'_> {
             format!("|{} {} ", kv.len(), kv.join(" "))
         };
         let shown = format!("RUN {prefix}{} # buildkit", args.join(" "));
-        Ok((spec, helper_env, key, shown))
+        Ok((spec, helper_env, key, shown, reads))
     }
 
     /// The command of a RUN: exec form as is; shell form through the stage's SHELL, with
@@ -1104,6 +1116,7 @@ impl Builder<'_> {
         built: &BTreeMap<usize, Arc<StageState>>,
         step: usize,
         helper_env: &mut Vec<(String, String)>,
+        reads: &mut Vec<Layer>,
     ) -> Result<(RunMount, serde_json::Value), BuildError> {
         let spec = self.expand(node, state, spec)?;
         let kv = parse_kv(&spec);
@@ -1253,7 +1266,7 @@ impl Builder<'_> {
                         let other = self
                             .state_of_from(node, state, from, stages, built, step)
                             .await?;
-                        self.ensure_trees(Some(node), &other.layers).await?;
+                        reads.extend(other.layers.iter().cloned());
                         let lower: Vec<PathBuf> = other
                             .layers
                             .iter()
@@ -1564,7 +1577,7 @@ impl Builder<'_> {
         state: &StageState,
         stages: &[StageDef<'_>],
         built: &BTreeMap<usize, Arc<StageState>>,
-    ) -> Result<(CopySpec, serde_json::Value), BuildError> {
+    ) -> Result<(CopySpec, serde_json::Value, Vec<Layer>), BuildError> {
         let mut chown = None;
         let mut chmod = None;
         let mut from = None;
@@ -1640,7 +1653,6 @@ impl Builder<'_> {
             let other = self
                 .state_of_from(node, state, &from, stages, built, step)
                 .await?;
-            self.ensure_trees(Some(node), &other.layers).await?;
             let lower: Vec<PathBuf> = other
                 .layers
                 .iter()
@@ -1664,6 +1676,7 @@ impl Builder<'_> {
                     archives: vec![],
                 },
                 key,
+                other.layers.clone(),
             ));
         }
 
@@ -1825,6 +1838,7 @@ impl Builder<'_> {
                 archives,
             },
             key,
+            vec![],
         ))
     }
 
@@ -1839,6 +1853,7 @@ impl Builder<'_> {
         key_material: serde_json::Value,
         action: Action,
         helper_env: Vec<(String, String)>,
+        reads: Vec<Layer>,
     ) -> Result<StepOutcome, BuildError> {
         let key = cache::step_key(&state.cache_key, &key_material);
         let filtered = state.stage_name.as_ref().is_some_and(|n| {
@@ -1859,6 +1874,8 @@ impl Builder<'_> {
         if !linked {
             self.ensure_trees(Some(node), &state.layers).await?;
         }
+        // Other stages' files the step reads (COPY --from, RUN --mount=from=).
+        self.ensure_trees(Some(node), &reads).await?;
         if let Action::Copy(copy) = &action
             && let Some(outcome) = self.direct_copy(node, state, &key, copy, linked).await?
         {
