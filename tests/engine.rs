@@ -1460,13 +1460,15 @@ fn a_last_copy_is_written_straight_from_the_context_and_gives_the_same_image() {
     assert_eq!(direct, sandboxed, "COPY --link: the same image either way");
     assert_eq!(direct_snapshots + 1, sandboxed_snapshots);
 
-    // Into a directory a layer below has, the COPY runs in the sandbox (same count).
-    let existing = "ARG BASE\nFROM ${BASE}\nCOPY tree/ /etc/app/\n";
+    // Into directories the image has, with their own owners, modes and old mtimes (which
+    // SOURCE_DATE_EPOCH leaves alone): as overlayfs copies them up, the deepest one with a new
+    // mtime. As the test user with subordinate IDs.
+    let existing = "ARG BASE\nFROM ${BASE}\nRUN mkdir -p /opt/a/b && chown 7:8 /opt/a && chmod 0751 /opt/a && touch -t 200101010000 /opt/a/b /opt/a /opt\nWORKDIR /opt/a/b\nCOPY tree/ ./\nRUN touch -t 200101010000 /opt/a/b\nCOPY tree/ src2/ ./\n";
     let ctx = direct_copy_context(existing);
-    let (direct, direct_snapshots) = build_direct_or_not(Who::Root, ctx.path(), true);
-    let (sandboxed, sandboxed_snapshots) = build_direct_or_not(Who::Root, ctx.path(), false);
-    assert_eq!(direct, sandboxed);
-    assert_eq!(direct_snapshots, sandboxed_snapshots);
+    let (direct, direct_snapshots) = build_direct_or_not(Who::User, ctx.path(), true);
+    let (sandboxed, sandboxed_snapshots) = build_direct_or_not(Who::User, ctx.path(), false);
+    assert_eq!(direct, sandboxed, "COPY into the image's directories");
+    assert_eq!(direct_snapshots + 1, sandboxed_snapshots);
 }
 
 #[test]
@@ -1556,5 +1558,49 @@ fn a_cached_build_unpacks_only_the_layers_a_running_step_reads() {
         snapshot_count(store.path()),
         4,
         "the RUN that ran unpacked the build stage's layer and the COPY's, and made its own"
+    );
+}
+
+#[test]
+fn an_image_can_have_the_same_layer_twice() {
+    // The second RUN makes the very layer the first made (the same directory, the same
+    // metadata): one snapshot, twice in the stack, which overlayfs refuses as a lower
+    // directory given twice (ELOOP) unless the lower copy is left out.
+    let dockerfile = "ARG BASE\nFROM ${BASE}\nRUN mkdir /x && touch -t 200101010000 /x\nRUN touch -t 200101010000 /x\nRUN ls -ld /x > /seen\n";
+    let ctx = context(&[("Dockerfile", dockerfile)]);
+    let store = scratch_dir(Who::User);
+    let out_dir = scratch_dir(Who::User);
+    let oci = out_dir.path().join("img.tar");
+    let base = format!("BASE={}", env().busybox());
+    let dest = format!("type=oci,dest={}", oci.display());
+    shmocker_ok(
+        Who::User,
+        store.path(),
+        &[
+            "build",
+            "--build-arg",
+            &base,
+            "--output",
+            &dest,
+            ctx.path().to_str().unwrap(),
+        ],
+    );
+    let config = Command::new("skopeo")
+        .args(["inspect", "--config"])
+        .arg(format!("oci-archive:{}", oci.display()))
+        .output()
+        .expect("skopeo");
+    assert!(config.status.success(), "{}", stderr(&config));
+    let config: serde_json::Value = serde_json::from_slice(&config.stdout).unwrap();
+    let ids = config["rootfs"]["diff_ids"].as_array().unwrap();
+    assert_eq!(ids.len(), 4, "{ids:?}");
+    assert_eq!(ids[1], ids[2], "the two RUNs made the same layer");
+    let work = scratch_dir(Who::Root);
+    let rootfs = unpack(&format!("oci-archive:{}", oci.display()), work.path());
+    assert!(
+        std::fs::read_to_string(rootfs.join("seen"))
+            .unwrap()
+            .contains(" /x"),
+        "the third RUN ran on the stack with the layer twice"
     );
 }

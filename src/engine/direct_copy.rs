@@ -8,14 +8,19 @@
 //! and `layer::entries_to_blob` writes them. If a later build does need the files, the snapshot
 //! is unpacked from the layer then.
 //!
-//! [`plan`] takes only COPYs whose result it can tell without looking at the image's files
-//! beyond one name: from the context (no `--from`, no archives to unpack), into a directory
-//! whose top-level name no layer below has (or `--link`), with numeric or no `--chown`, and
-//! items that cannot meet (no two with the same path, every parent an item of its own). The
-//! entries are what the sandbox's copy (`sandbox::rootfs::copy_into`) leaves in the upper
-//! directory: the destination and its missing parents as directories with mode 0755 owned by
-//! the `--chown` owner, then every item with its source's mode (or `--chmod`), that owner and
-//! its source's mtime. Anything else goes the usual way, which also gives the usual errors.
+//! [`plan`] takes only COPYs whose result it can tell from the context and a few lookups in the
+//! snapshots below: from the context (no `--from`, no archives to unpack), into a directory,
+//! with no or a numeric `--chown` that the user namespace maps, items that cannot meet (no two
+//! with the same path, every parent an item of its own, no `.wh.` name), and below it only
+//! plain directories of the image (no symlink, file, whiteout or opaque directory on the way;
+//! none at all in single-ID builds, whose owners live in an xattr). The entries are what the
+//! sandbox's copy (`sandbox::rootfs::copy_into`) leaves in overlayfs's upper directory: the
+//! destination's missing parents as directories with mode 0755 owned by the `--chown` owner,
+//! the ones the image has as copied up (their own metadata, their mtime kept, but the deepest,
+//! which gets new entries, now), then every item with its source's mode (or `--chmod`), that
+//! owner and its source's mtime. A file where the image has a directory is left to the
+//! sandbox, which refuses it. Anything else goes the usual way, which also gives the usual
+//! errors.
 
 use std::collections::HashSet;
 use std::fs;
@@ -29,10 +34,16 @@ use crate::sandbox::CopySpec;
 use crate::sandbox::helper::id_mapped;
 use crate::sandbox::rootfs::chmod_mode;
 
-/// The layer's entries for `copy` on top of `lowers` (snapshot directories, any order), or
+/// The layer's entries for `copy` on top of `lowers` (snapshot directories, bottom first), or
 /// `None` when the COPY is not of the kind described in the module doc. `now`: the mtime of
-/// the directories the COPY creates (seconds since the epoch).
-pub(super) fn plan(copy: &CopySpec, lowers: &[PathBuf], now: i64) -> Option<Vec<ListedEntry>> {
+/// the directories the COPY creates or adds to (seconds since the epoch). `recorded_owners`:
+/// the build keeps owners in an xattr (single-ID builds).
+pub(super) fn plan(
+    copy: &CopySpec,
+    lowers: &[PathBuf],
+    now: i64,
+    recorded_owners: bool,
+) -> Option<Vec<ListedEntry>> {
     if copy.from.is_some() || !copy.archives.is_empty() || !copy.dest_is_dir {
         return None;
     }
@@ -57,38 +68,52 @@ pub(super) fn plan(copy: &CopySpec, lowers: &[PathBuf], now: i64) -> Option<Vec<
     if dest.iter().any(|c| is_whiteout_name(c)) {
         return None;
     }
-    let top = dest.first()?;
-    let mut whiteout = b".wh.".to_vec();
-    whiteout.extend_from_slice(top.as_bytes());
-    let whiteout = std::ffi::OsStr::from_bytes(&whiteout);
-    for lower in lowers {
-        for name in [*top, whiteout] {
-            match fs::symlink_metadata(lower.join(name)) {
-                Err(e) if e.kind() == ErrorKind::NotFound => {}
-                _ => return None,
-            }
-        }
-        // A snapshot that is not there could hide the name: the usual way unpacks it.
-        if !lower.is_dir() {
-            return None;
-        }
-    }
+    // The layers below, topmost first; one that is not unpacked could hide anything.
+    let view = Lowers::new(lowers)?;
     let dest_path: PathBuf = dest.iter().collect();
-    let mut entries: Vec<ListedEntry> = dest
-        .iter()
-        .scan(PathBuf::new(), |path, c| {
-            path.push(c);
-            Some(path.clone())
-        })
-        .map(|path| ListedEntry {
-            path,
-            kind: ListedKind::Dir,
-            mode: 0o755,
-            uid,
-            gid,
-            mtime: now,
-        })
-        .collect();
+    // The destination and its parents, as the sandbox's copy leaves them in the upper
+    // directory: a missing one made (0755, the owner); one the image has copied up with its
+    // own metadata, its mtime kept (overlayfs restores a parent's times after a copy-up),
+    // except the deepest, which gets new entries now.
+    let mut existing = Vec::new();
+    let mut prefix = PathBuf::new();
+    for c in &dest {
+        prefix.push(c);
+        existing.push(match view.kind(&prefix)? {
+            Seen::Absent => None,
+            Seen::Dir(m) if existing.last().is_none_or(Option::is_some) => Some(m),
+            _ => return None,
+        });
+    }
+    if recorded_owners && existing.iter().any(Option::is_some) {
+        // Single-ID builds keep owners in an xattr; not worth reading here.
+        return None;
+    }
+    let deepest = existing.iter().rposition(Option::is_some);
+    let mut entries = Vec::new();
+    let mut prefix = PathBuf::new();
+    for (k, (c, found)) in dest.iter().zip(&existing).enumerate() {
+        prefix.push(c);
+        entries.push(match found {
+            Some(m) => ListedEntry {
+                path: prefix.clone(),
+                kind: ListedKind::Dir,
+                mode: m.mode() & 0o7777,
+                uid: m.uid(),
+                gid: m.gid(),
+                mtime: if Some(k) == deepest { now } else { m.mtime() },
+            },
+            None => ListedEntry {
+                path: prefix.clone(),
+                kind: ListedKind::Dir,
+                mode: 0o755,
+                uid,
+                gid,
+                mtime: now,
+            },
+        });
+    }
+    let base_exists = existing.last().is_some_and(Option::is_some);
     let mut seen: HashSet<PathBuf> = HashSet::new();
     let mut dirs: HashSet<PathBuf> = HashSet::new();
     for item in &copy.items {
@@ -115,6 +140,14 @@ pub(super) fn plan(copy: &CopySpec, lowers: &[PathBuf], now: i64) -> Option<Vec<
             Some(c) if !ft.is_symlink() => chmod_mode(c, src_mode, ft.is_dir()).ok()?,
             _ => src_mode,
         };
+        // What the image has there is replaced, but a directory only by a directory (the
+        // sandbox refuses the rest).
+        if base_exists {
+            match view.kind(&dest_path.join(&rel))? {
+                Seen::Dir(_) if !ft.is_dir() => return None,
+                _ => {}
+            }
+        }
         let kind = if ft.is_dir() {
             dirs.insert(rel.clone());
             ListedKind::Dir
@@ -147,6 +180,70 @@ pub(super) fn plan(copy: &CopySpec, lowers: &[PathBuf], now: i64) -> Option<Vec<
         return None;
     }
     Some(entries)
+}
+
+/// The image's files below the COPY, looked up the way overlayfs merges the snapshots.
+struct Lowers<'a> {
+    /// Topmost first.
+    layers: Vec<&'a Path>,
+}
+
+/// What the image has at a path.
+enum Seen {
+    Absent,
+    /// A directory, with the metadata of its topmost copy.
+    Dir(fs::Metadata),
+    /// Anything else: a file, a symlink, a whiteout.
+    Other,
+}
+
+impl<'a> Lowers<'a> {
+    fn new(lowers: &'a [PathBuf]) -> Option<Self> {
+        if lowers.iter().any(|l| !l.is_dir()) {
+            return None;
+        }
+        Some(Lowers {
+            layers: lowers.iter().rev().map(PathBuf::as_path).collect(),
+        })
+    }
+
+    /// What the topmost layer that has `path` (relative, plain names) has there; `None` for
+    /// what this module does not take on: a `.wh.` whiteout file, or an opaque directory (the
+    /// layers below it would be hidden), anywhere in the stack.
+    fn kind(&self, path: &Path) -> Option<Seen> {
+        let mut whiteout = b".wh.".to_vec();
+        whiteout.extend_from_slice(path.file_name()?.as_bytes());
+        let whiteout = path.with_file_name(std::ffi::OsStr::from_bytes(&whiteout));
+        let mut seen = Seen::Absent;
+        for layer in &self.layers {
+            match fs::symlink_metadata(layer.join(&whiteout)) {
+                Err(e) if e.kind() == ErrorKind::NotFound => {}
+                _ => return None,
+            }
+            let m = match fs::symlink_metadata(layer.join(path)) {
+                Ok(m) => m,
+                Err(e) if e.kind() == ErrorKind::NotFound => continue,
+                Err(_) => return None,
+            };
+            if m.is_dir() && is_opaque(&layer.join(path)) {
+                return None;
+            }
+            if matches!(seen, Seen::Absent) {
+                seen = if m.is_dir() {
+                    Seen::Dir(m)
+                } else {
+                    Seen::Other
+                };
+            }
+        }
+        Some(seen)
+    }
+}
+
+fn is_opaque(dir: &Path) -> bool {
+    ["user.overlay.opaque", "trusted.overlay.opaque"]
+        .iter()
+        .any(|name| xattr::get(dir, name).ok().flatten().is_some())
 }
 
 fn is_whiteout_name(name: &std::ffi::OsStr) -> bool {
@@ -199,7 +296,7 @@ mod tests {
         let lowers = [lower.path().to_path_buf()];
 
         let ok = spec(ctx.path(), "/data/sub/", &["", "d", "d/f", "d/l"]);
-        let entries = plan(&ok, &lowers, 7).expect("a plain COPY is planned");
+        let entries = plan(&ok, &lowers, 7, false).expect("a plain COPY is planned");
         let listed: Vec<String> = entries
             .iter()
             .map(|e| format!("{} {:o} {}", e.path.display(), e.mode, e.mtime == 7))
@@ -213,30 +310,63 @@ mod tests {
             matches!(&entries[4].kind, ListedKind::Symlink { target } if target == Path::new("f"))
         );
 
-        // The destination's top-level name is in a layer below, or whited out there.
-        assert!(plan(&spec(ctx.path(), "/etc/app/", &["d"]), &lowers, 7).is_none());
-        assert!(plan(&spec(ctx.path(), "/gone/", &["d"]), &lowers, 7).is_none());
-        // ... unless the COPY is --link (no layers below).
-        assert!(plan(&spec(ctx.path(), "/etc/app/", &["d"]), &[], 7).is_some());
+        // Into a directory of the image: it is listed with its own metadata and a new mtime.
+        let into = plan(&spec(ctx.path(), "/etc/app/", &["d"]), &lowers, 7, false).unwrap();
+        let etc = fs::metadata(lower.path().join("etc")).unwrap();
+        assert_eq!(
+            (
+                into[0].path.as_path(),
+                into[0].mode,
+                into[0].uid,
+                into[0].mtime
+            ),
+            (Path::new("etc"), etc.mode() & 0o7777, etc.uid(), 7)
+        );
+        // ... but not in a single-ID build, nor below a whiteout, a file or an opaque directory.
+        assert!(plan(&spec(ctx.path(), "/etc/app/", &["d"]), &lowers, 7, true).is_none());
+        assert!(plan(&spec(ctx.path(), "/gone/", &["d"]), &lowers, 7, false).is_none());
+        fs::write(lower.path().join("file"), "").unwrap();
+        assert!(plan(&spec(ctx.path(), "/file/x/", &["d"]), &lowers, 7, false).is_none());
+        fs::create_dir(lower.path().join("opq")).unwrap();
+        xattr::set(lower.path().join("opq"), "user.overlay.opaque", b"y").unwrap();
+        assert!(plan(&spec(ctx.path(), "/opq/x/", &["d"]), &lowers, 7, false).is_none());
+        // A file of the COPY where the image has a directory (the sandbox's error); where the
+        // image has a file, the file is replaced.
+        fs::create_dir_all(lower.path().join("etc/app/f")).unwrap();
+        fs::write(lower.path().join("etc/app/g"), "old").unwrap();
+        fs::write(ctx.path().join("f"), "").unwrap();
+        fs::write(ctx.path().join("g"), "").unwrap();
+        assert!(plan(&spec(ctx.path(), "/etc/app/", &["f"]), &lowers, 7, false).is_none());
+        assert!(plan(&spec(ctx.path(), "/etc/app/", &["g"]), &lowers, 7, false).is_some());
+        // --link: no layers below.
+        assert!(plan(&spec(ctx.path(), "/gone/", &["d"]), &[], 7, false).is_some());
         // A missing snapshot cannot be looked into.
-        assert!(plan(&ok, &[lower.path().join("missing")], 7).is_none());
+        assert!(plan(&ok, &[lower.path().join("missing")], 7, false).is_none());
         // Names the layer format keeps for whiteouts, in the items or the destination.
         fs::write(ctx.path().join("d/.wh.x"), "").unwrap();
-        assert!(plan(&spec(ctx.path(), "/data/", &["d", "d/.wh.x"]), &lowers, 7).is_none());
-        assert!(plan(&spec(ctx.path(), "/.wh.data/", &["d"]), &lowers, 7).is_none());
+        assert!(
+            plan(
+                &spec(ctx.path(), "/data/", &["d", "d/.wh.x"]),
+                &lowers,
+                7,
+                false
+            )
+            .is_none()
+        );
+        assert!(plan(&spec(ctx.path(), "/.wh.data/", &["d"]), &lowers, 7, false).is_none());
         // Two items with one path, a file without its directory, a name to look up.
-        assert!(plan(&spec(ctx.path(), "/data/", &["d", "d"]), &lowers, 7).is_none());
-        assert!(plan(&spec(ctx.path(), "/data/", &["d/f"]), &lowers, 7).is_none());
+        assert!(plan(&spec(ctx.path(), "/data/", &["d", "d"]), &lowers, 7, false).is_none());
+        assert!(plan(&spec(ctx.path(), "/data/", &["d/f"]), &lowers, 7, false).is_none());
         let mut named = spec(ctx.path(), "/data/", &["d"]);
         named.chown = Some("app".into());
-        assert!(plan(&named, &lowers, 7).is_none());
+        assert!(plan(&named, &lowers, 7, false).is_none());
         let mut numeric = spec(ctx.path(), "/data/", &["d", "d/f"]);
         numeric.chown = Some("0:0".into());
         numeric.chmod = Some("0640".into());
-        let e = plan(&numeric, &lowers, 7).unwrap();
+        let e = plan(&numeric, &lowers, 7, false).unwrap();
         assert_eq!(e.last().unwrap().mode, 0o640);
         let mut single = spec(ctx.path(), "/data/x", &["d/f"]);
         single.dest_is_dir = false;
-        assert!(plan(&single, &lowers, 7).is_none());
+        assert!(plan(&single, &lowers, 7, false).is_none());
     }
 }

@@ -2144,14 +2144,16 @@ impl Builder<'_> {
             state.layers.iter().map(|l| l.snapshot.clone()).collect()
         };
         let copy = copy.clone();
+        let recorded_owners = !self.opts.mapping.has_many_ids();
         let now = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_secs() as i64)
             .unwrap_or(0);
-        let Some(mut entries) =
-            tokio::task::spawn_blocking(move || super::direct_copy::plan(&copy, &lowers, now))
-                .await
-                .map_err(|e| internal("copy task")(e.to_string()))?
+        let Some(mut entries) = tokio::task::spawn_blocking(move || {
+            super::direct_copy::plan(&copy, &lowers, now, recorded_owners)
+        })
+        .await
+        .map_err(|e| internal("copy task")(e.to_string()))?
         else {
             return Ok(None);
         };

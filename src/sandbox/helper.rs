@@ -535,8 +535,18 @@ fn lower_dirs(spec: &StepSpec) -> Vec<PathBuf> {
     if spec.lower.is_empty() {
         vec![spec.empty_dir.clone()]
     } else {
-        spec.lower.clone()
+        topmost_once(&spec.lower)
     }
+}
+
+/// `lower` (topmost first) with every snapshot after its first, topmost, appearance left out.
+/// Two layers of an image can be the same (a step that changes a directory back to what an
+/// earlier step made it), and so the same snapshot; overlayfs refuses a directory that is
+/// twice among its lower ones (ELOOP). The stack shows the same files without the lower copy:
+/// everything it has, the topmost copy has above it, whiteouts and opaque directories included.
+fn topmost_once(lower: &[PathBuf]) -> Vec<PathBuf> {
+    let mut seen = std::collections::HashSet::new();
+    lower.iter().filter(|p| seen.insert(*p)).cloned().collect()
 }
 
 fn unmount_rootfs(root: &Path) -> Result<(), SandboxError> {
@@ -681,7 +691,7 @@ fn mount_fuse_overlay(spec: &StepSpec) -> Result<(), SandboxError> {
 /// image that `COPY --from` and `RUN --mount=from=` read.
 fn mount_view(lower: &[PathBuf], empty: &Path, target: &Path) -> Result<(), SandboxError> {
     // Without an upper dir overlayfs needs at least two lower dirs.
-    let mut dirs: Vec<PathBuf> = lower.to_vec();
+    let mut dirs: Vec<PathBuf> = topmost_once(lower);
     dirs.push(empty.to_path_buf());
     if dirs.len() < 2 {
         dirs.push(empty.to_path_buf());
