@@ -508,10 +508,7 @@ impl Builder<'_> {
         diff_id: &str,
         snapshot: &Path,
     ) -> Result<(), BuildError> {
-        let at = |message: String| match node {
-            Some(node) => self.err(node, message),
-            None => BuildError::Input(message),
-        };
+        let at = |message: String| self.err_at(node, message);
         let compression = Compression::from_media_type(&blob.media_type)
             .map_err(|e| at(format!("layer {}: {e}", blob.digest)))?;
         let tmp = self.store.temp_path("unpack");
@@ -2066,6 +2063,14 @@ impl Builder<'_> {
         })
     }
 
+    /// An error at `node`'s line, or one of the build's input without it.
+    fn err_at(&self, node: Option<&Node>, message: String) -> BuildError {
+        match node {
+            Some(node) => self.err(node, message),
+            None => BuildError::Input(message),
+        }
+    }
+
     fn diff_options(&self) -> DiffOptions {
         DiffOptions {
             source_date_epoch: self.opts.source_date_epoch,
@@ -2091,18 +2096,12 @@ impl Builder<'_> {
                     l.blob.digest,
                     self.store.root().display()
                 );
-                return Err(match node {
-                    Some(node) => self.err(node, message),
-                    None => BuildError::Input(message),
-                });
+                return Err(self.err_at(node, message));
             }
             let path = self
                 .store
                 .blob_path(&l.blob.digest)
-                .map_err(|e| match node {
-                    Some(node) => self.err(node, e.to_string()),
-                    None => BuildError::Input(e.to_string()),
-                })?;
+                .map_err(|e| self.err_at(node, e.to_string()))?;
             self.unpack(node, &path, &l.blob, &l.diff_id, &l.snapshot)
                 .await?;
         }
