@@ -1389,6 +1389,7 @@ fn direct_copy_context(dockerfile: &str) -> tempfile::TempDir {
         ("tree/sub/b.sh", "#!/bin/sh\necho b\n"),
         ("tree/sub/deeper/big.txt", &big),
         ("src2/other.txt", "other\n"),
+        ("conf/conf.d/site.conf", "site\n"),
     ]);
     let t = ctx.path().join("tree");
     std::fs::set_permissions(t.join("sub/b.sh"), std::fs::Permissions::from_mode(0o755)).unwrap();
@@ -1469,6 +1470,15 @@ fn a_last_copy_is_written_straight_from_the_context_and_gives_the_same_image() {
     let (sandboxed, sandboxed_snapshots) = build_direct_or_not(Who::User, ctx.path(), false);
     assert_eq!(direct, sandboxed, "COPY into the image's directories");
     assert_eq!(direct_snapshots + 1, sandboxed_snapshots);
+
+    // Into an existing directory where only a directory it has gets new entries: its own
+    // mtime (2001) stays, as with overlayfs's copy-up.
+    let nested = "ARG BASE\nFROM ${BASE}\nRUN mkdir -p /etc/nginx/conf.d && touch -t 200101010000 /etc/nginx/conf.d /etc/nginx\nCOPY conf/ /etc/nginx/\n";
+    let ctx = direct_copy_context(nested);
+    let (direct, direct_snapshots) = build_direct_or_not(Who::Root, ctx.path(), true);
+    let (sandboxed, sandboxed_snapshots) = build_direct_or_not(Who::Root, ctx.path(), false);
+    assert_eq!(direct, sandboxed, "COPY of a directory the image has");
+    assert_eq!(direct_snapshots + 1, sandboxed_snapshots);
 }
 
 #[test]
@@ -1510,11 +1520,11 @@ fn a_step_after_a_cached_direct_copy_sees_its_files() {
 #[test]
 fn a_cached_build_unpacks_only_the_layers_a_running_step_reads() {
     // Snapshots removed (as in a fresh runner with the cache imported): a fully cached build
-    // unpacks the base image only, and a step that runs unpacks what it reads, from its own
-    // stage and from the stage it mounts.
+    // unpacks the base image only, and steps that run unpack what they read: the COPY --from
+    // and the RUN's mount the build stage, the RUN its own stage.
     let dockerfile = |out: &str| {
         format!(
-            "ARG BASE\nFROM ${{BASE}} AS build\nRUN mkdir /out && echo built > /out/x\n\nFROM ${{BASE}}\nCOPY --from=build /out /copied\nRUN --mount=type=bind,from=build,source=/out,target=/m cat /m/x /copied/x > /{out}\n"
+            "ARG BASE\nFROM ${{BASE}} AS build\nRUN mkdir /out && echo built > /out/x\n\nFROM ${{BASE}}\nCOPY --from=build /out /{out}-copied\nRUN --mount=type=bind,from=build,source=/out,target=/m cat /m/x /{out}-copied/x > /{out}\n"
         )
     };
     let ctx = context(&[("Dockerfile", &dockerfile("seen"))]);
@@ -1557,7 +1567,7 @@ fn a_cached_build_unpacks_only_the_layers_a_running_step_reads() {
     assert_eq!(
         snapshot_count(store.path()),
         4,
-        "the RUN that ran unpacked the build stage's layer and the COPY's, and made its own"
+        "the COPY --from and the RUN that ran unpacked the build stage's layer and made their own"
     );
 }
 
@@ -1602,5 +1612,20 @@ fn an_image_can_have_the_same_layer_twice() {
             .unwrap()
             .contains(" /x"),
         "the third RUN ran on the stack with the layer twice"
+    );
+}
+
+#[test]
+fn an_empty_stage_can_be_mounted() {
+    // A stage without layers (FROM scratch): the read-only view of it has only empty
+    // directories, which overlayfs takes only if they are not the same one twice.
+    let dockerfile = "ARG BASE\nFROM scratch AS empty\n\nFROM ${BASE}\nRUN --mount=type=bind,from=empty,target=/e ls -A /e > /listed && echo ok >> /listed\n";
+    let store = scratch_dir(Who::User);
+    let (_w, rootfs, err) =
+        build_and_unpack(Who::User, store.path(), &[("Dockerfile", dockerfile)], &[]);
+    assert_eq!(
+        std::fs::read_to_string(rootfs.join("listed")).unwrap(),
+        "ok\n",
+        "{err}"
     );
 }

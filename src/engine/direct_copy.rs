@@ -24,7 +24,6 @@
 
 use std::collections::HashSet;
 use std::fs;
-use std::io::ErrorKind;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Component, Path, PathBuf};
@@ -85,7 +84,9 @@ pub(super) fn plan(
             _ => return None,
         });
     }
-    if recorded_owners && existing.iter().any(Option::is_some) {
+    // `/` is there too, though never an entry of a layer.
+    let base_exists = dest.is_empty() || existing.last().is_some_and(Option::is_some);
+    if recorded_owners && (dest.is_empty() || existing.iter().any(Option::is_some)) {
         // Single-ID builds keep owners in an xattr; not worth reading here.
         return None;
     }
@@ -113,7 +114,11 @@ pub(super) fn plan(
             },
         });
     }
-    let base_exists = existing.last().is_some_and(Option::is_some);
+    // Whether the COPY creates or replaces something right in an existing destination: only
+    // then does the destination get a new mtime (a changed entry below it, or its own owner
+    // and mode, leave it alone: overlayfs restores a parent's times after a copy-up).
+    let mut base_touched = false;
+    let mut listed_items = 0;
     let mut seen: HashSet<PathBuf> = HashSet::new();
     let mut dirs: HashSet<PathBuf> = HashSet::new();
     for item in &copy.items {
@@ -141,13 +146,20 @@ pub(super) fn plan(
             _ => src_mode,
         };
         // What the image has there is replaced, but a directory only by a directory (the
-        // sandbox refuses the rest).
+        // sandbox refuses the rest), and not by a directory (the sandbox's upper directory
+        // then gets an opaque one).
         if base_exists {
-            match view.kind(&dest_path.join(&rel))? {
+            let seen = view.kind(&dest_path.join(&rel))?;
+            match seen {
                 Seen::Dir(_) if !ft.is_dir() => return None,
+                Seen::Other if ft.is_dir() => return None,
                 _ => {}
             }
+            if rel.components().count() == 1 && !matches!(seen, Seen::Dir(_)) {
+                base_touched = true;
+            }
         }
+        listed_items += 1;
         let kind = if ft.is_dir() {
             dirs.insert(rel.clone());
             ListedKind::Dir
@@ -179,13 +191,21 @@ pub(super) fn plan(
     if orphan {
         return None;
     }
+    if base_exists && !dest.is_empty() {
+        if listed_items == 0 {
+            return None; // nothing to copy: the sandbox makes no layer
+        }
+        if !base_touched && let Some(Some(m)) = existing.last() {
+            entries[dest.len() - 1].mtime = m.mtime();
+        }
+    }
     Some(entries)
 }
 
 /// The image's files below the COPY, looked up the way overlayfs merges the snapshots.
 struct Lowers<'a> {
-    /// Topmost first.
-    layers: Vec<&'a Path>,
+    /// The snapshot directories, topmost first, each with an open descriptor.
+    layers: Vec<(&'a Path, fs::File)>,
 }
 
 /// What the image has at a path.
@@ -199,44 +219,79 @@ enum Seen {
 
 impl<'a> Lowers<'a> {
     fn new(lowers: &'a [PathBuf]) -> Option<Self> {
-        if lowers.iter().any(|l| !l.is_dir()) {
-            return None;
-        }
-        Some(Lowers {
-            layers: lowers.iter().rev().map(PathBuf::as_path).collect(),
-        })
+        let layers = lowers
+            .iter()
+            .rev()
+            .map(|l| fs::File::open(l).ok().map(|dir| (l.as_path(), dir)))
+            .collect::<Option<Vec<_>>>()?;
+        Some(Lowers { layers })
     }
 
-    /// What the topmost layer that has `path` (relative, plain names) has there; `None` for
-    /// what this module does not take on: a `.wh.` whiteout file, or an opaque directory (the
-    /// layers below it would be hidden), anywhere in the stack.
+    /// What the image shows at `path` (relative, plain names), as overlayfs looks it up: the
+    /// topmost layer's entry there, where a layer with anything but a directory there, or on
+    /// the way there, hides the layers below it. `None` for what this module does not take on:
+    /// a `.wh.` whiteout file, or an opaque directory (the layers below it hidden).
     fn kind(&self, path: &Path) -> Option<Seen> {
         let mut whiteout = b".wh.".to_vec();
         whiteout.extend_from_slice(path.file_name()?.as_bytes());
         let whiteout = path.with_file_name(std::ffi::OsStr::from_bytes(&whiteout));
         let mut seen = Seen::Absent;
-        for layer in &self.layers {
-            match fs::symlink_metadata(layer.join(&whiteout)) {
-                Err(e) if e.kind() == ErrorKind::NotFound => {}
-                _ => return None,
+        for (root, dir) in &self.layers {
+            match entry(dir, &whiteout) {
+                Entry::Absent | Entry::Hidden => {}
+                Entry::Found(_) | Entry::Unknown => return None,
             }
-            let m = match fs::symlink_metadata(layer.join(path)) {
-                Ok(m) => m,
-                Err(e) if e.kind() == ErrorKind::NotFound => continue,
-                Err(_) => return None,
+            let m = match entry(dir, path) {
+                Entry::Found(m) => m,
+                Entry::Absent => continue,
+                // A file or symlink on the way: nothing of `path` in this layer or below.
+                Entry::Hidden => break,
+                Entry::Unknown => return None,
             };
-            if m.is_dir() && is_opaque(&layer.join(path)) {
+            if m.is_dir() && is_opaque(&root.join(path)) {
                 return None;
             }
+            if !m.is_dir() {
+                if matches!(seen, Seen::Absent) {
+                    seen = Seen::Other;
+                }
+                break;
+            }
             if matches!(seen, Seen::Absent) {
-                seen = if m.is_dir() {
-                    Seen::Dir(m)
-                } else {
-                    Seen::Other
-                };
+                seen = Seen::Dir(m);
             }
         }
         Some(seen)
+    }
+}
+
+enum Entry {
+    Found(fs::Metadata),
+    Absent,
+    /// Something on the way is not a directory.
+    Hidden,
+    Unknown,
+}
+
+/// `path` below the layer directory `dir`, looked up without following any symlink (one in the
+/// layer leads nowhere in the image, and must not lead into the host): the entry itself, as
+/// lstat(2) sees it.
+fn entry(dir: &fs::File, path: &Path) -> Entry {
+    use nix::fcntl::{OFlag, OpenHow, ResolveFlag, openat2};
+    let how = OpenHow::new()
+        .flags(OFlag::O_PATH | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC)
+        .resolve(ResolveFlag::RESOLVE_NO_SYMLINKS | ResolveFlag::RESOLVE_BENEATH);
+    match openat2(dir, path, how) {
+        Ok(fd) => {
+            let file = fs::File::from(fd);
+            match file.metadata() {
+                Ok(m) => Entry::Found(m),
+                Err(_) => Entry::Unknown,
+            }
+        }
+        Err(nix::errno::Errno::ENOENT) => Entry::Absent,
+        Err(nix::errno::Errno::ENOTDIR | nix::errno::Errno::ELOOP) => Entry::Hidden,
+        Err(_) => Entry::Unknown,
     }
 }
 
@@ -338,6 +393,29 @@ mod tests {
         fs::write(ctx.path().join("g"), "").unwrap();
         assert!(plan(&spec(ctx.path(), "/etc/app/", &["f"]), &lowers, 7, false).is_none());
         assert!(plan(&spec(ctx.path(), "/etc/app/", &["g"]), &lowers, 7, false).is_some());
+        // Into `/`, the same checks (a file over the image's /etc is refused).
+        fs::write(ctx.path().join("etc"), "").unwrap();
+        assert!(plan(&spec(ctx.path(), "/", &["etc"]), &lowers, 7, false).is_none());
+        assert!(plan(&spec(ctx.path(), "/", &["g"]), &lowers, 7, true).is_none());
+        // A directory over the image's file (the sandbox's would be opaque).
+        let files = tempfile::tempdir().unwrap();
+        fs::write(files.path().join("d"), "").unwrap();
+        let with_file = [files.path().to_path_buf()];
+        assert!(plan(&spec(ctx.path(), "/", &["d", "d/f"]), &with_file, 7, false).is_none());
+        assert!(plan(&spec(ctx.path(), "/", &["g"]), &with_file, 7, false).is_some());
+        // Only existing directories changed in an existing destination: its mtime stays.
+        fs::create_dir_all(lower.path().join("srv/d")).unwrap();
+        let srv = fs::metadata(lower.path().join("srv")).unwrap().mtime();
+        let kept = plan(&spec(ctx.path(), "/srv/", &["d"]), &lowers, 7, false).unwrap();
+        assert_eq!(
+            (kept[0].path.as_path(), kept[0].mtime),
+            (Path::new("srv"), srv)
+        );
+        // ... and nothing to copy makes no layer.
+        assert!(plan(&spec(ctx.path(), "/srv/", &[""]), &lowers, 7, false).is_none());
+        // A symlink in a layer is never followed: /lnk/x is not there.
+        std::os::unix::fs::symlink("/etc", lower.path().join("lnk")).unwrap();
+        assert!(plan(&spec(ctx.path(), "/lnk/x/", &["d"]), &lowers, 7, false).is_none());
         // --link: no layers below.
         assert!(plan(&spec(ctx.path(), "/gone/", &["d"]), &[], 7, false).is_some());
         // A missing snapshot cannot be looked into.

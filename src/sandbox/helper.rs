@@ -694,7 +694,10 @@ fn mount_view(lower: &[PathBuf], empty: &Path, target: &Path) -> Result<(), Sand
     let mut dirs: Vec<PathBuf> = topmost_once(lower);
     dirs.push(empty.to_path_buf());
     if dirs.len() < 2 {
-        dirs.push(empty.to_path_buf());
+        // An image without layers: two empty directories, since overlayfs refuses one twice.
+        let second = target.with_extension("empty");
+        fs::create_dir_all(&second).map_err(|e| SandboxError::io(&second, e))?;
+        dirs.push(second);
     }
     let links = target.with_extension("lowers");
     mount_overlayfs(&dirs, ",userxattr", &links, target, MsFlags::MS_RDONLY).map_err(|(e, _)| {
