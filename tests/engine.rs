@@ -1439,46 +1439,49 @@ fn build_direct_or_not(who: Who, ctx: &std::path::Path, direct: bool) -> (String
 #[test]
 fn a_last_copy_is_written_straight_from_the_context_and_gives_the_same_image() {
     // As the test user: the COPY is the target stage's last step that touches files.
-    let dockerfile = "ARG BASE\nFROM ${BASE}\nRUN echo hi > /hi\nCOPY --chown=1000:1000 tree/ src2/ /data/sub/\nENV X=1\nCMD [\"sh\"]\n";
+    same_image_either_way(
+        Who::User,
+        "ARG BASE\nFROM ${BASE}\nRUN echo hi > /hi\nCOPY --chown=1000:1000 tree/ src2/ /data/sub/\nENV X=1\nCMD [\"sh\"]\n",
+        "into a new directory",
+    );
+    // As root, COPY --link into a directory the image has: --link needs nothing below.
+    same_image_either_way(
+        Who::Root,
+        "ARG BASE\nFROM ${BASE}\nCOPY --link --chmod=0640 tree/ /etc/linked/\nLABEL x=y\n",
+        "COPY --link",
+    );
+    // Into directories the image has, with their own owners, modes and old mtimes (which
+    // SOURCE_DATE_EPOCH leaves alone): as overlayfs copies them up, the deepest one with a new
+    // mtime. As the test user with subordinate IDs.
+    same_image_either_way(
+        Who::User,
+        "ARG BASE\nFROM ${BASE}\nRUN mkdir -p /opt/a/b && chown 7:8 /opt/a && chmod 0751 /opt/a && touch -t 200101010000 /opt/a/b /opt/a /opt\nWORKDIR /opt/a/b\nCOPY tree/ ./\nRUN touch -t 200101010000 /opt/a/b\nCOPY tree/ src2/ ./\n",
+        "into the image's directories",
+    );
+    // Into an existing directory where only a directory it has gets new entries: its own
+    // mtime (2001) stays, as with overlayfs's copy-up.
+    same_image_either_way(
+        Who::Root,
+        "ARG BASE\nFROM ${BASE}\nRUN mkdir -p /etc/nginx/conf.d && touch -t 200101010000 /etc/nginx/conf.d /etc/nginx\nCOPY conf/ /etc/nginx/\n",
+        "a directory the image has",
+    );
+}
+
+/// Builds `dockerfile` with the direct COPY and without: the same image, and one snapshot less
+/// with it (the direct COPY's files were never copied).
+fn same_image_either_way(who: Who, dockerfile: &str, what: &str) {
     let ctx = direct_copy_context(dockerfile);
-    let (direct, direct_snapshots) = build_direct_or_not(Who::User, ctx.path(), true);
-    let (sandboxed, sandboxed_snapshots) = build_direct_or_not(Who::User, ctx.path(), false);
+    let (direct, direct_snapshots) = build_direct_or_not(who, ctx.path(), true);
+    let (sandboxed, sandboxed_snapshots) = build_direct_or_not(who, ctx.path(), false);
     assert_eq!(
         direct, sandboxed,
-        "the layer written from the context is the one the sandbox's copy gives"
+        "{what}: the layer written from the context is the one the sandbox's copy gives"
     );
     assert_eq!(
         direct_snapshots + 1,
         sandboxed_snapshots,
-        "the direct COPY left no snapshot (its files were never copied)"
+        "{what}: the direct COPY left no snapshot"
     );
-
-    // As root, COPY --link into a directory the image has: --link needs nothing below.
-    let linked = "ARG BASE\nFROM ${BASE}\nCOPY --link --chmod=0640 tree/ /etc/linked/\nLABEL x=y\n";
-    let ctx = direct_copy_context(linked);
-    let (direct, direct_snapshots) = build_direct_or_not(Who::Root, ctx.path(), true);
-    let (sandboxed, sandboxed_snapshots) = build_direct_or_not(Who::Root, ctx.path(), false);
-    assert_eq!(direct, sandboxed, "COPY --link: the same image either way");
-    assert_eq!(direct_snapshots + 1, sandboxed_snapshots);
-
-    // Into directories the image has, with their own owners, modes and old mtimes (which
-    // SOURCE_DATE_EPOCH leaves alone): as overlayfs copies them up, the deepest one with a new
-    // mtime. As the test user with subordinate IDs.
-    let existing = "ARG BASE\nFROM ${BASE}\nRUN mkdir -p /opt/a/b && chown 7:8 /opt/a && chmod 0751 /opt/a && touch -t 200101010000 /opt/a/b /opt/a /opt\nWORKDIR /opt/a/b\nCOPY tree/ ./\nRUN touch -t 200101010000 /opt/a/b\nCOPY tree/ src2/ ./\n";
-    let ctx = direct_copy_context(existing);
-    let (direct, direct_snapshots) = build_direct_or_not(Who::User, ctx.path(), true);
-    let (sandboxed, sandboxed_snapshots) = build_direct_or_not(Who::User, ctx.path(), false);
-    assert_eq!(direct, sandboxed, "COPY into the image's directories");
-    assert_eq!(direct_snapshots + 1, sandboxed_snapshots);
-
-    // Into an existing directory where only a directory it has gets new entries: its own
-    // mtime (2001) stays, as with overlayfs's copy-up.
-    let nested = "ARG BASE\nFROM ${BASE}\nRUN mkdir -p /etc/nginx/conf.d && touch -t 200101010000 /etc/nginx/conf.d /etc/nginx\nCOPY conf/ /etc/nginx/\n";
-    let ctx = direct_copy_context(nested);
-    let (direct, direct_snapshots) = build_direct_or_not(Who::Root, ctx.path(), true);
-    let (sandboxed, sandboxed_snapshots) = build_direct_or_not(Who::Root, ctx.path(), false);
-    assert_eq!(direct, sandboxed, "COPY of a directory the image has");
-    assert_eq!(direct_snapshots + 1, sandboxed_snapshots);
 }
 
 #[test]
