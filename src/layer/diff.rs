@@ -185,15 +185,7 @@ pub fn entries_to_blob(
                 }
                 h.name = name;
                 h.size = md.len();
-                walker.append(src, &h, Some(&mut file))?;
-                let mut extra = [0u8; 1];
-                if file.read(&mut extra).map_err(io_err("reading", src))? != 0 {
-                    return Err(LayerError::FileChanged {
-                        path: src.clone(),
-                        expected: h.size,
-                        actual: h.size + 1,
-                    });
-                }
+                walker.append_file(src, &h, &mut file)?;
             }
         }
     }
@@ -415,6 +407,26 @@ impl<'a> Walker<'a> {
         })
     }
 
+    /// Appends a regular file of `h.size` bytes read from `file`. A file that grew while it
+    /// was read would not match its header either: that is an error too.
+    fn append_file(
+        &mut self,
+        path: &Path,
+        h: &EntryHeader,
+        file: &mut File,
+    ) -> Result<(), LayerError> {
+        self.append(path, h, Some(file))?;
+        let mut extra = [0u8; 1];
+        if file.read(&mut extra).map_err(io_err("reading", path))? != 0 {
+            return Err(LayerError::FileChanged {
+                path: path.to_path_buf(),
+                expected: h.size,
+                actual: h.size + 1,
+            });
+        }
+        Ok(())
+    }
+
     fn walk_dir(&mut self, dir: &Path, rel: &[u8]) -> Result<(), LayerError> {
         let mut names: Vec<OsString> = fs::read_dir(dir)
             .map_err(io_err("listing", dir))?
@@ -486,16 +498,7 @@ impl<'a> Walker<'a> {
                     .custom_flags(nix::fcntl::OFlag::O_NOFOLLOW.bits())
                     .open(&path)
                     .map_err(io_err("opening", &path))?;
-                self.append(&path, &h, Some(&mut file))?;
-                // A file that grew while it was read would not match its header either.
-                let mut extra = [0u8; 1];
-                if file.read(&mut extra).map_err(io_err("reading", &path))? != 0 {
-                    return Err(LayerError::FileChanged {
-                        path,
-                        expected: h.size,
-                        actual: h.size + 1,
-                    });
-                }
+                self.append_file(&path, &h, &mut file)?;
             } else if ft.is_symlink() {
                 let target = fs::read_link(&path).map_err(io_err("readlink", &path))?;
                 let mut h = self.header(rel_child, tarfmt::TYPE_SYMLINK, &md);
