@@ -71,9 +71,9 @@ pub(super) fn plan(
     let view = Lowers::new(lowers)?;
     let dest_path: PathBuf = dest.iter().collect();
     // The destination and its parents, as the sandbox's copy leaves them in the upper
-    // directory: a missing one made (0755, the owner); one the image has copied up with its
-    // own metadata, its mtime kept (overlayfs restores a parent's times after a copy-up),
-    // except the deepest, which gets new entries now.
+    // directory: a missing one made (0755, the owner, now); one the image has copied up with
+    // its own metadata, its mtime kept (overlayfs restores a parent's times after a copy-up)
+    // unless an entry right in it is made (below).
     let mut existing = Vec::new();
     let mut prefix = PathBuf::new();
     for c in &dest {
@@ -90,10 +90,9 @@ pub(super) fn plan(
         // Single-ID builds keep owners in an xattr; not worth reading here.
         return None;
     }
-    let deepest = existing.iter().rposition(Option::is_some);
     let mut entries = Vec::new();
     let mut prefix = PathBuf::new();
-    for (k, (c, found)) in dest.iter().zip(&existing).enumerate() {
+    for (c, found) in dest.iter().zip(&existing) {
         prefix.push(c);
         entries.push(match found {
             Some(m) => ListedEntry {
@@ -102,7 +101,7 @@ pub(super) fn plan(
                 mode: m.mode() & 0o7777,
                 uid: m.uid(),
                 gid: m.gid(),
-                mtime: if Some(k) == deepest { now } else { m.mtime() },
+                mtime: m.mtime(),
             },
             None => ListedEntry {
                 path: prefix.clone(),
@@ -116,9 +115,8 @@ pub(super) fn plan(
     }
     // Whether the COPY creates or replaces something right in an existing destination: only
     // then does the destination get a new mtime (a changed entry below it, or its own owner
-    // and mode, leave it alone: overlayfs restores a parent's times after a copy-up).
+    // and mode, leave it alone).
     let mut base_touched = false;
-    let mut listed_items = 0;
     let mut seen: HashSet<PathBuf> = HashSet::new();
     let mut dirs: HashSet<PathBuf> = HashSet::new();
     for item in &copy.items {
@@ -146,20 +144,19 @@ pub(super) fn plan(
             _ => src_mode,
         };
         // What the image has there is replaced, but a directory only by a directory (the
-        // sandbox refuses the rest), and not by a directory (the sandbox's upper directory
-        // then gets an opaque one).
+        // sandbox refuses the rest), and a file or symlink by a directory only in the sandbox
+        // (whose upper directory then gets an opaque one).
         if base_exists {
-            let seen = view.kind(&dest_path.join(&rel))?;
-            match seen {
+            let there = view.kind(&dest_path.join(&rel))?;
+            match there {
                 Seen::Dir(_) if !ft.is_dir() => return None,
                 Seen::Other if ft.is_dir() => return None,
                 _ => {}
             }
-            if rel.components().count() == 1 && !matches!(seen, Seen::Dir(_)) {
+            if rel.components().count() == 1 && !matches!(there, Seen::Dir(_)) {
                 base_touched = true;
             }
         }
-        listed_items += 1;
         let kind = if ft.is_dir() {
             dirs.insert(rel.clone());
             ListedKind::Dir
@@ -191,13 +188,15 @@ pub(super) fn plan(
     if orphan {
         return None;
     }
-    if base_exists && !dest.is_empty() {
-        if listed_items == 0 {
-            return None; // nothing to copy: the sandbox makes no layer
-        }
-        if !base_touched && let Some(Some(m)) = existing.last() {
-            entries[dest.len() - 1].mtime = m.mtime();
-        }
+    if base_exists && !dest.is_empty() && seen.is_empty() {
+        return None; // nothing to copy: the sandbox makes no layer
+    }
+    // The deepest directory the image has gets an entry made right in it: the destination's
+    // first missing part, or, if the destination exists, what the COPY touched there.
+    if let Some(deepest) = existing.iter().rposition(Option::is_some)
+        && (deepest + 1 < dest.len() || base_touched)
+    {
+        entries[deepest].mtime = now;
     }
     Some(entries)
 }
